@@ -1,0 +1,51 @@
+"""Stage-1 bar: MiniLM fine-tuned on ../shared/data/imdb/train.jsonl, scored on all 12,500 test reviews.
+
+Bar: test accuracy >= 0.85 within 10 minutes (training and the full test evaluation) on a 2-core
+CPU, peak memory under 3 GB. Prints one JSON object. Extra arguments are passed to train-classifier.
+Run from the repository root: `.venv/bin/python benchmarks/classifier_imdb.py`.
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMDB = ROOT.parent / "shared" / "data" / "imdb"
+
+
+def main() -> int:
+    if not (IMDB / "train.jsonl").is_file():
+        print(json.dumps({"error": f"{IMDB} not found; this benchmark needs ../shared/data/imdb"}))
+        return 1
+    out = ROOT / "runs" / f"bench-classifier-imdb-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "minirlhf", "train-classifier",
+           "--data", str(IMDB / "train.jsonl"), f"--data.test_source={IMDB / 'test.jsonl'}",
+           "--data.val_fraction=0.08", "--data.max_train=6000", "--train.epochs=2",
+           "--out", str(out), *sys.argv[1:]]
+    t0 = time.time()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    wall = time.time() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if proc.returncode != 0:
+        print(json.dumps({"error": f"train-classifier exited {proc.returncode}", "output": proc.stdout[-2000:]}))
+        return 1
+    res = json.loads((out / "results.json").read_text())
+    report = {
+        "benchmark": "classifier_imdb",
+        "run_dir": str(out.relative_to(ROOT)),
+        "train_examples": 6000, "test_examples": 12500,
+        "test_accuracy": round(res["test_accuracy"], 4), "test_f1": round(res["test_f1"], 4),
+        "best_val_accuracy": round(res["best_val_accuracy"], 4),
+        "trainable_params": res["trainable_params"], "total_params": res["total_params"],
+        "train_seconds": res["train_seconds"], "wall_seconds": round(wall, 1), "peak_memory_mb": round(peak_mb),
+        "bar": {"accuracy>=0.85": res["test_accuracy"] >= 0.85, "wall<=600s": wall <= 600, "peak<3GB": peak_mb < 3072},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from minirlhf.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""The `minirlhf` command: one sub-command per stage, plus doctor, generate, classify and the demo.
+
+Training commands take `--config FILE.yaml`, `--data SOURCE`, `--out RUN_DIR`, `--device`, `--seed` and
+any config key as a dotted override (`--train.lr=3e-5`); `--help` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from minirlhf import UserError, __version__
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    """`--a.b=v` and `--a.b v` both become `--a.b=v`; anything else is an error."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise UserError(f"unexpected argument {item!r}; options look like --section.key=value")
+        if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            item, i = f"{item}={extra[i + 1]}", i + 1
+        elif "=" not in item:
+            raise UserError(f"option {item} needs a value; write {item}=VALUE")
+        out.append(item)
+        i += 1
+    return out
+
+
+def _stage_config(cls, args, extra):
+    import dataclasses
+
+    from minirlhf.config import load_config
+
+    data_key = "data.source" if dataclasses.is_dataclass(cls().data) else "data"
+    cli = [f"--{key}={value}" for key, value in
+           ((data_key, args.data), ("out", args.out), ("device", args.device), ("seed", args.seed))
+           if value is not None]
+    return load_config(cls, args.config, _overrides(extra) + cli)
+
+
+def _config_help(cls) -> str:
+    from minirlhf.config import describe
+
+    rows = describe(cls())
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"  --{k:<{width}}  {doc} (default: {v!r})" for k, v, doc in rows]
+    return "config keys (set with --KEY=VALUE or in the --config YAML file):\n" + "\n".join(lines)
+
+
+def _add_stage(sub, name: str, cls, help: str, run):
+    p = sub.add_parser(name, help=help, description=help, epilog=_config_help(cls),
+                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--config", help="YAML file of config values (overrides then apply on top)")
+    p.add_argument("--data", help="corpus name (tweets, imdb), aclImdb folder, or .jsonl/.csv file")
+    p.add_argument("--out", help="run directory (default: a new folder under runs/)")
+    p.add_argument("--device", help="auto, cpu, cuda or mps")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra)), stage=True)
+
+
+def _train_classifier(cfg) -> int:
+    from minirlhf.algorithms.classifier import train
+
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}  (plots: loss.png, accuracy.png; model: model/)")
+    return 0
+
+
+def _train_generator(cfg) -> int:
+    from minirlhf.algorithms.generator import train
+
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}  (plots: loss.png, perplexity.png; samples: samples.md)")
+    return 0
+
+
+def _demo(cfg) -> int:
+    from minirlhf.pipeline import run_demo
+
+    run_demo(cfg)
+    return 0
+
+
+def _classify(args, extra) -> int:
+    from minirlhf.models.classifier import SentimentClassifier
+    from minirlhf.runtime import pick_device
+
+    clf = SentimentClassifier.from_run(args.run_dir, pick_device(args.device)[0])
+    probs, logits = clf.score(args.texts)
+    for text, p, z in zip(args.texts, probs.tolist(), logits.tolist()):
+        print(json.dumps({"text": text, "p_positive": round(p, 4), "positive_logit": round(z, 4)}, ensure_ascii=False))
+    return 0
+
+
+def _eval_classifier(args, extra) -> int:
+    import torch
+
+    from minirlhf.algorithms.classifier import binary_scores
+    from minirlhf.data.sentiment import read_source
+    from minirlhf.models.classifier import SentimentClassifier
+    from minirlhf.runtime import pick_device
+
+    parts = read_source(args.data)
+    rows = parts.get("all") or parts["test"]
+    clf = SentimentClassifier.from_run(args.run_dir, pick_device(args.device)[0])
+    logits = clf.logits([t for t, _ in rows], batch_size=args.batch_size, show_progress=True)
+    scores = binary_scores(logits, torch.tensor([y for _, y in rows]))
+    print(json.dumps({"data": args.data, "n": len(rows), "accuracy": round(scores["accuracy"], 4),
+                      "f1": round(scores["f1"], 4)}))
+    return 0
+
+
+def _generate(args, extra) -> int:
+    from minirlhf.algorithms.generator import generate_texts, load_generator
+    from minirlhf.runtime import pick_device, seed_everything
+
+    seed_everything(args.seed)
+    model, vocab = load_generator(args.run_dir, pick_device(args.device)[0])
+    rows = generate_texts(model, vocab, args.prompt or [""], args.n, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, seed=args.seed)
+    for prompt, text in rows:
+        print(f"{prompt} {text}".strip())
+    return 0
+
+
+def _doctor(args, extra) -> int:
+    from minirlhf.doctor import run
+
+    return run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minirlhf.algorithms.classifier import ClassifierConfig
+    from minirlhf.algorithms.generator import GeneratorConfig
+    from minirlhf.pipeline import DemoConfig
+
+    parser = argparse.ArgumentParser(prog="minirlhf", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"minirlhf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("doctor", help="check the environment: versions, device, offline models and data")
+    p.set_defaults(func=_doctor)
+    _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo)
+    _add_stage(sub, "train-classifier", ClassifierConfig, "stage 1: fine-tune an encoder as sentiment classifier", _train_classifier)
+    _add_stage(sub, "train-generator", GeneratorConfig, "stage 3: train the word-level LSTM language model", _train_generator)
+
+    p = sub.add_parser("classify", help="P(positive) and positive logit of texts under a classifier run")
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_classify)
+
+    p = sub.add_parser("eval-classifier", help="accuracy and F1 (JSON) of a classifier run on labelled data")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True, help="labelled .jsonl/.csv file, aclImdb folder or corpus name")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval_classifier)
+
+    p = sub.add_parser("generate", help="sample continuations from a generator run")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
+    p.add_argument("-n", type=int, default=5, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def _check_sampling(args) -> None:
+    if getattr(args, "n", 1) < 1 or getattr(args, "max_new_tokens", 1) < 1:
+        raise UserError("-n and --max-new-tokens must be at least 1")
+    if getattr(args, "temperature", 1.0) <= 0:
+        raise UserError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < getattr(args, "top_p", 1.0) <= 1 or getattr(args, "top_k", 0) < 0:
+        raise UserError("--top-p must be in (0, 1] and --top-k >= 0")
+    if getattr(args, "batch_size", 1) < 1:
+        raise UserError("--batch-size must be at least 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "stage", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        _check_sampling(args)
+        return args.func(args, extra)
+    except UserError as e:
+        print(f"minirlhf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minirlhf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

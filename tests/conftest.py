@@ -1,0 +1,45 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m minirlhf ARGS` in a real subprocess, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "minirlhf", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    return lambda *args, **kw: run_cli(*args, cwd=tmp_path, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A classifier run trained for a few steps on the offline tweets (shared by several tests)."""
+    from minirlhf.algorithms.classifier import ClassifierConfig, train
+    from minirlhf.config import load_config
+
+    out = tmp_path_factory.mktemp("clf") / "run"
+    cfg = load_config(ClassifierConfig, overrides=[
+        "--data.max_train=96", "--data.max_eval=64", "--train.epochs=1", "--train.batch_size=32",
+        "--model.max_length=48", f"--out={out}", "--device=cpu"])
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory) -> Path:
+    from minirlhf.algorithms.generator import GeneratorConfig, train
+    from minirlhf.config import load_config
+
+    out = tmp_path_factory.mktemp("gen") / "run"
+    cfg = load_config(GeneratorConfig, overrides=[
+        "--data.max_train=400", "--data.max_eval=100", "--train.epochs=1", "--vocab.max_size=500",
+        "--model.emb_dim=32", "--model.hidden_dim=32", f"--out={out}", "--device=cpu"])
+    return train(cfg)

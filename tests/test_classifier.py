@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from minirlhf import UserError
+from minirlhf.algorithms.classifier import binary_scores
+from minirlhf.models.classifier import (DEFAULT_ENCODER, SentimentClassifier, Truncator, freeze_lower, load_pretrained,
+                                        lower_hidden, pad_batch, start_at_layer)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    torch.manual_seed(0)
+    model, tok = load_pretrained(DEFAULT_ENCODER)
+    return model.eval(), tok
+
+
+def test_freezing_counts_trainable_parameters(minilm):
+    model, _ = minilm
+    total = sum(p.numel() for p in model.parameters())
+    trainable = freeze_lower(model, 4)
+    frozen = sum(p.numel() for p in model.base_model.embeddings.parameters())
+    frozen += sum(p.numel() for layer in model.base_model.encoder.layer[:4] for p in layer.parameters())
+    assert trainable == total - frozen
+    with pytest.raises(UserError, match="only 6 layers"):
+        freeze_lower(model, 7)
+    model.requires_grad_(True)
+
+
+@pytest.mark.parametrize("n", [1, 4, 6])
+def test_cached_lower_layers_give_the_full_models_logits(minilm, n):
+    model, tok = minilm
+    seqs = Truncator(tok, 32, "head")(["a wonderful, moving film", "dull", "I would not watch it again, ever."])
+    ids, mask = pad_batch(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        hidden = lower_hidden(model, ids, mask, n)
+        with start_at_layer(model, n, hidden):
+            upper = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(full, upper, atol=1e-5)
+    assert len(model.base_model.encoder.layer) == 6  # restored
+
+
+def test_truncation_keeps_head_or_head_and_tail(minilm):
+    _, tok = minilm
+    text = " ".join(f"w{i}" for i in range(200))
+    head = Truncator(tok, 20, "head")([text])[0]
+    both = Truncator(tok, 20, "head_tail")([text])[0]
+    full = tok(text)["input_ids"]
+    assert len(head) == len(both) == 20
+    assert head[0] == both[0] == tok.cls_token_id and head[-1] == both[-1] == tok.sep_token_id
+    assert head[1:-1] == full[1:19]
+    assert both[1:5] == full[1:5] and both[5:-1] == full[-15:-1]
+    assert Truncator(tok, 20, "head_tail")(["short"])[0] == tok("short")["input_ids"]
+
+
+def test_binary_scores_against_hand_counts():
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])  # predicts 1, 0, 1, 0
+    labels = torch.tensor([1, 1, 0, 0])
+    s = binary_scores(logits, labels)
+    assert s["accuracy"] == 0.5
+    assert s["f1"] == pytest.approx(0.5)  # tp=1, fp=1, fn=1
+
+
+def test_training_two_epochs_changes_only_trainable_layers(tiny_classifier):
+    from transformers import AutoModelForSequenceClassification
+
+    trained = AutoModelForSequenceClassification.from_pretrained(tiny_classifier / "model")
+    base, _ = load_pretrained(DEFAULT_ENCODER)
+    t, b = trained.state_dict(), base.state_dict()
+    assert torch.equal(t["bert.encoder.layer.0.attention.self.query.weight"], b["bert.encoder.layer.0.attention.self.query.weight"])
+    assert torch.equal(t["bert.embeddings.word_embeddings.weight"], b["bert.embeddings.word_embeddings.weight"])
+    assert not torch.equal(t["bert.encoder.layer.5.output.dense.weight"], b["bert.encoder.layer.5.output.dense.weight"])
+    rows = [json.loads(line) for line in (tiny_classifier / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r] + [r["val/loss"] for r in rows if "val/loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "accuracy.png", "results.json"):
+        assert (tiny_classifier / name).is_file(), name
+
+
+def test_trained_run_scores_texts(tiny_classifier):
+    clf = SentimentClassifier.from_run(tiny_classifier)
+    probs, logits = clf.score(["I love this so much", "worst day ever"])
+    assert probs.shape == logits.shape == (2,)
+    assert torch.all((probs > 0) & (probs < 1))
+    assert torch.allclose(probs, clf.logits(["I love this so much", "worst day ever"]).softmax(-1)[:, 1])
+
+
+def test_missing_run_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="config.yaml is missing"):
+        SentimentClassifier.from_run(tmp_path)

@@ -1,0 +1,93 @@
+"""The command line, run in real subprocesses."""
+
+import json
+
+import pytest
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minirlhf: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0]
+
+
+def test_help_lists_config_keys_with_docs(cli):
+    proc = cli("train-classifier", "--help")
+    assert proc.returncode == 0
+    assert "--train.lr" in proc.stdout and "peak AdamW learning rate" in proc.stdout
+    assert "--model.freeze_layers" in proc.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--train.lr=-1"], ["train.lr must be > 0"]),
+    (["--train.epochs=two"], ["train.epochs must be int"]),
+    (["--train.nope=1"], ["unknown config key 'train.nope'"]),
+    (["--device", "tpu"], ["device must be {auto,cpu,cuda,mps}"]),
+    (["--config", "missing.yaml"], ["missing.yaml does not exist"]),
+    (["--data", "nowhere.jsonl"], ["neither a corpus name"]),
+])
+def test_bad_config_is_one_line_exit_2(cli, args, fragments):
+    assert_one_line_error(cli("train-classifier", *args), *fragments)
+
+
+def test_imdb_without_the_hub_names_the_alternatives(cli):
+    proc = cli("train-classifier", "--data", "imdb", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, "cannot load 'imdb' from the Hugging Face hub", "aclImdb folder", ".jsonl/.csv file")
+
+
+def test_bad_data_file_is_one_line_exit_2_and_leaves_other_files_alone(cli, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "oops", "label": "meh"}\n')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("precious")
+    proc = cli("train-generator", "--data", "d.jsonl", "--out", "run")
+    assert_one_line_error(proc, "d.jsonl:2: label 'meh'")
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+
+
+def test_generator_commands_end_to_end(cli, tmp_path):
+    proc = cli("train-generator", "--data.max_train=300", "--data.max_eval=50", "--train.epochs=1",
+               "--vocab.max_size=300", "--model.emb_dim=16", "--model.hidden_dim=16", "--out", "gen")
+    assert proc.returncode == 0, proc.stderr
+    assert "run directory: gen" in proc.stdout and "unigram" in proc.stdout
+    proc = cli("generate", "gen", "--prompt", "i love", "-n", "3", "--top-k", "20", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("i love") for line in lines)
+    assert_one_line_error(cli("generate", "gen", "--temperature", "0"), "--temperature must be > 0")
+    assert_one_line_error(cli("generate", "nowhere"), "not a generator run")
+
+
+def test_classifier_commands_end_to_end(cli, tmp_path, tiny_classifier):
+    proc = cli("classify", str(tiny_classifier), "what a lovely day", "this is awful")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["text"] for r in rows] == ["what a lovely day", "this is awful"]
+    assert all(0 < r["p_positive"] < 1 and isinstance(r["positive_logit"], float) for r in rows)
+
+    (tmp_path / "labelled.csv").write_text("text,label\nI love it,positive\nI hate it,negative\nbest ever,1\n")
+    proc = cli("eval-classifier", str(tiny_classifier), "--data", "labelled.csv")
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert scores["n"] == 3 and 0 <= scores["accuracy"] <= 1 and 0 <= scores["f1"] <= 1
+    assert_one_line_error(cli("eval-classifier", str(tiny_classifier), "--data", "missing.csv"), "neither a corpus name")
+
+
+def test_train_classifier_cli_writes_a_complete_run(cli, tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  max_train: 40\n  max_eval: 20\ntrain:\n  epochs: 1\nmodel:\n  max_length: 32\n")
+    proc = cli("train-classifier", "--config", "c.yaml", "--model.freeze_layers=5", "--out", "clf")
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable parameters" in proc.stdout and "run directory: clf" in proc.stdout
+    cfg = (tmp_path / "clf" / "config.yaml").read_text()
+    assert "freeze_layers: 5" in cfg and "max_train: 40" in cfg
+    for name in ("metrics.jsonl", "loss.png", "accuracy.png", "model/config.json", "model/model.safetensors"):
+        assert (tmp_path / "clf" / name).is_file(), name
+
+
+def test_doctor_is_green(cli):
+    proc = cli("doctor")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for what in ("torch", "transformers", "device", "MiniLM forward", "SmolLM2 forward", "all good"):
+        assert what in proc.stdout

@@ -1,0 +1,76 @@
+import json
+import math
+
+import pytest
+import torch
+
+from minirlhf import UserError
+from minirlhf.algorithms.generator import generate_texts, load_generator, perplexity, unigram_perplexity
+from minirlhf.data.vocab import Vocab
+from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel
+
+
+def test_perplexity_matches_a_naive_loop():
+    torch.manual_seed(0)
+    m = LSTMLanguageModel(LSTMConfig(emb_dim=8, hidden_dim=8), vocab_size=12).eval()
+    seqs = [[2, 5, 6, 3], [2, 7, 3], [2, 4, 4, 4, 8, 3]]
+    nll, n = 0.0, 0
+    for s in seqs:
+        logp = m(torch.tensor([s[:-1]]))[0][0].log_softmax(-1)
+        nll -= sum(logp[t, s[t + 1]].item() for t in range(len(s) - 1))
+        n += len(s) - 1
+    assert perplexity(m, seqs, pad_id=0, device="cpu", batch_size=2) == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_unigram_perplexity_is_add_one_smoothed_frequency():
+    v = Vocab(["<pad>", "<unk>", "<bos>", "<eos>", "a", "b"])
+    train = [[2, 4, 4, 3], [2, 5, 3]]  # targets: a a eos b eos -> counts a2 b1 eos2 unk0
+    val = [[2, 4, 3]]
+    total = 5 + 4  # 5 targets + 4 symbols that can be predicted (a, b, eos, unk)
+    expected = math.exp(-(math.log(3 / total) + math.log(3 / total)) / 2)
+    assert unigram_perplexity(train, val, v) == pytest.approx(expected)
+
+
+def test_training_writes_checkpoint_plots_and_beats_unigram(tiny_generator):
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "perplexity.png", "samples.md",
+                 "model.safetensors", "vocab.json", "checkpoint.json", "results.json"):
+        assert (tiny_generator / name).is_file(), name
+    meta = json.loads((tiny_generator / "checkpoint.json").read_text())
+    assert meta["step"] > 0 and meta["vocab_size"] <= 500
+    results = json.loads((tiny_generator / "results.json").read_text())
+    assert math.isfinite(results["val_perplexity"]) and results["val_perplexity"] < results["unigram_perplexity"] * 1.5
+
+
+def test_generation_from_a_saved_run_is_seeded(tiny_generator):
+    model, vocab = load_generator(tiny_generator)
+    a = generate_texts(model, vocab, ["i think", "this"], n=2, max_new_tokens=8, top_p=0.9, seed=1)
+    b = generate_texts(model, vocab, ["i think", "this"], n=2, max_new_tokens=8, top_p=0.9, seed=1)
+    assert a == b and len(a) == 4 and a[0][0] == "i think"
+    assert all(len(text.split()) <= 8 for _, text in a)
+
+
+def test_damaged_checkpoints_are_user_errors(tiny_generator, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_generator, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_generator(broken)
+    (broken / "checkpoint.json").write_text("{")
+    with pytest.raises(UserError, match="corrupt"):
+        load_generator(broken)
+    with pytest.raises(UserError, match="not a generator run"):
+        load_generator(tmp_path)
+
+
+@pytest.mark.slow
+def test_default_model_learns_the_tweets(tmp_path):
+    """Learning test: one epoch of the default LSTM on 6,000 tweets halves the unigram perplexity."""
+    from minirlhf.algorithms.generator import GeneratorConfig, train
+    from minirlhf.config import load_config
+
+    cfg = load_config(GeneratorConfig, overrides=["--data.max_train=6000", "--data.max_eval=1000",
+                                                   "--train.epochs=2", f"--out={tmp_path}", "--device=cpu"])
+    results = json.loads((train(cfg) / "results.json").read_text())
+    assert results["val_perplexity"] <= 0.6 * results["unigram_perplexity"], results
