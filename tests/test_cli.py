@@ -91,3 +91,15 @@ def test_doctor_is_green(cli):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for what in ("torch", "transformers", "device", "MiniLM forward", "SmolLM2 forward", "all good"):
         assert what in proc.stdout
+
+
+def test_demo_runs_every_stage_end_to_end(cli, tmp_path):
+    proc = cli("demo", "--out", "demo", "--classifier.data.max_train=64", "--classifier.data.max_eval=32",
+               "--classifier.train.epochs=1", "--generator.data.max_train=300", "--generator.data.max_eval=50",
+               "--generator.train.epochs=1", "--generator.vocab.max_size=300", "--generator.model.hidden_dim=32",
+               "--generator.samples.n=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "run directory: demo" in proc.stdout and "mean P(positive)" in proc.stdout
+    for name in ("config.yaml", "classifier/model/config.json", "classifier/accuracy.png",
+                 "generator/perplexity.png", "generator/samples.md"):
+        assert (tmp_path / "demo" / name).is_file(), name

@@ -91,3 +91,9 @@ def test_test_source_replaces_the_carved_test_split(tmp_path):
     s = load_splits(DataConfig(source=str(f), test_source=str(g), val_fraction=0.2))
     assert len(s.test) == 30 and len(s.train) == 40 and len(s.val) == 10
     assert all(t.startswith("u") for t, _ in s.test)
+
+
+def test_a_split_left_empty_is_a_user_error(tmp_path):
+    f = write(tmp_path / "two.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
+    with pytest.raises(UserError, match="none for validation"):
+        load_splits(DataConfig(source=str(f), val_fraction=0.1, test_fraction=0.1))

@@ -74,3 +74,14 @@ def test_default_model_learns_the_tweets(tmp_path):
                                                    "--train.epochs=2", f"--out={tmp_path}", "--device=cpu"])
     results = json.loads((train(cfg) / "results.json").read_text())
     assert results["val_perplexity"] <= 0.6 * results["unigram_perplexity"], results
+
+
+def test_training_moved_every_parameter_from_its_initial_value(tiny_generator):
+    from minirlhf.runtime import seed_everything
+
+    trained, vocab = load_generator(tiny_generator)
+    seed_everything(0)  # train() builds the model right after seeding, with no random draws between
+    initial = LSTMLanguageModel(trained.cfg, len(vocab))
+    for (name, a), (_, b) in zip(trained.named_parameters(), initial.named_parameters()):
+        assert torch.isfinite(a).all(), name
+        assert not torch.equal(a, b), f"{name} did not change"

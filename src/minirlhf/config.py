@@ -45,11 +45,34 @@ class DataConfig:
     """seed of the deterministic shuffle that makes the splits"""
 
     checks: ClassVar[dict] = {
-        "val_fraction": "[0, 0.5]",
+        "val_fraction": "(0, 0.5]",
         "test_fraction": "[0, 0.5]",
         "max_train": ">= 1",
         "max_eval": ">= 1",
     }
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and decay, gradient clipping: what every supervised stage shares."""
+
+    epochs: int = 3
+    """passes over the training split"""
+    batch_size: int = 32
+    """texts per optimizer step"""
+    lr: float = 1e-4
+    """peak AdamW learning rate"""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay"""
+    warmup_ratio: float = 0.1
+    """fraction of steps with linear warm-up; the rest decays linearly to zero"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    log_every: int = 20
+    """write the training loss to metrics.jsonl every this many steps"""
+
+    checks: ClassVar[dict] = {"epochs": ">= 1", "batch_size": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
+                              "warmup_ratio": "[0, 1]", "max_grad_norm": "> 0", "log_every": ">= 1"}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -209,13 +232,16 @@ def describe(cfg, prefix: str = "") -> list[tuple[str, Any, str]]:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """Read the docstring under each field from the class source."""
+    """Read the docstring under each field from the class source (base classes first)."""
+    docs = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(_field_docs(base))
     try:
         tree = ast.parse(inspect.getsource(cls).lstrip())
     except (OSError, TypeError, SyntaxError):
-        return {}
+        return docs
     body = tree.body[0].body
-    docs = {}
     for stmt, nxt in zip(body, body[1:]):
         if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)

@@ -31,6 +31,27 @@ def warmup_linear_decay(total_steps: int, warmup_ratio: float):
     return lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
 
 
+def make_optimizer(params: list, cfg, total_steps: int):
+    """AdamW over `params` and its warm-up/decay schedule, from an OptimConfig."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps, cfg.warmup_ratio))
+    return optimizer, scheduler
+
+
+def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Backward, clip the global gradient norm, step; returns the norm before clipping."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return grad_norm.item()
+
+
 def progress(iterable, desc: str, **kwargs):
     """A tqdm bar on stderr; in logs (no terminal) it prints a line every 30 s instead of redrawing."""
     from tqdm import tqdm

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -12,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf.checkpoint import atomic_dir, save_json
-from minirlhf.config import DataConfig, save_config
+from minirlhf.config import DataConfig, OptimConfig, save_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.metrics import MetricsWriter
 from minirlhf.models.classifier import (DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained, lower_hidden,
                                         pad_batch, start_at_layer)
 from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb, pick_device, seed_everything
-from minirlhf.training import length_grouped_batches, length_sorted_batches, progress, warmup_linear_decay
+from minirlhf.training import length_grouped_batches, length_sorted_batches, make_optimizer, optimizer_step, progress
 
 
 @dataclass
@@ -38,26 +37,13 @@ class ClassifierModelConfig:
 
 
 @dataclass
-class ClassifierTrainConfig:
+class ClassifierTrainConfig(OptimConfig):
     epochs: int = 3
-    """passes over the training split"""
-    batch_size: int = 32
-    """texts per optimizer step"""
     lr: float = 1e-4
-    """peak AdamW learning rate"""
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay"""
-    warmup_ratio: float = 0.1
-    """fraction of steps with linear warm-up; the rest decays linearly to zero"""
-    max_grad_norm: float = 1.0
-    """clip the global gradient norm to this"""
     eval_batch_size: int = 64
-    """texts per forward pass when evaluating"""
-    log_every: int = 20
-    """write the training loss to metrics.jsonl every this many steps"""
+    """texts per forward pass when evaluating and caching"""
 
-    checks = {"epochs": ">= 1", "batch_size": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
-              "warmup_ratio": "[0, 1]", "max_grad_norm": "> 0", "eval_batch_size": ">= 1", "log_every": ">= 1"}
+    checks = {**OptimConfig.checks, "eval_batch_size": ">= 1"}
 
 
 @dataclass
@@ -86,25 +72,37 @@ def binary_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
             "loss": F.cross_entropy(logits, labels).item()}
 
 
-def _cache_lower(model, seqs, pad_id, n, batch_size, device) -> list[torch.Tensor]:
-    """Frozen-layer outputs, one (T_i, D) fp16 tensor per text (fp16 halves the cache's memory)."""
-    cache: list = [None] * len(seqs)
-    model.eval()
-    for idx in progress(length_sorted_batches([len(s) for s in seqs], batch_size), desc=f"caching layers 0-{n - 1}", unit="batch"):
-        ids, mask = pad_batch([seqs[i] for i in idx], pad_id, device)
-        hidden = lower_hidden(model, ids, mask, n)  # (B, T, D)
-        for row, i in enumerate(idx):
-            cache[i] = hidden[row, : len(seqs[i])].to(torch.float16).cpu()
-    return cache
+class FrozenCache:
+    """The frozen layers' outputs for a list of texts, packed into one (total_tokens, D) fp16 tensor.
+
+    One allocation instead of one per text: no allocator fragmentation, and fp16 halves the memory.
+    """
+
+    def __init__(self, model, seqs: list[list[int]], pad_id: int, n: int, batch_size: int, device):
+        self.lengths = [len(s) for s in seqs]
+        self.offsets = [0]
+        for length in self.lengths:
+            self.offsets.append(self.offsets[-1] + length)
+        self.data = torch.empty(self.offsets[-1], model.config.hidden_size, dtype=torch.float16)  # (sum T_i, D)
+        model.eval()
+        for idx in progress(length_sorted_batches(self.lengths, batch_size), desc=f"caching layers 0-{n - 1}", unit="batch"):
+            ids, mask = pad_batch([seqs[i] for i in idx], pad_id, device)
+            hidden = lower_hidden(model, ids, mask, n)  # (B, T, D)
+            for row, i in enumerate(idx):
+                self.data[self.offsets[i]: self.offsets[i + 1]] = hidden[row, : self.lengths[i]].cpu()
+
+    def batch(self, idx: list[int], device) -> torch.Tensor:
+        """Right-padded hidden states of texts idx, (B, T, D) in fp32."""
+        rows = [self.data[self.offsets[i]: self.offsets[i + 1]] for i in idx]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, torch.float32)
 
 
-def _forward(model, idx, seqs, cache, n, pad_id, device) -> torch.Tensor:
+def _forward(model, idx, seqs, cache: FrozenCache | None, n, pad_id, device) -> torch.Tensor:
     """Logits (B, 2) for texts idx, from the cache (upper layers only) or the full model."""
     ids, mask = pad_batch([seqs[i] for i in idx], pad_id, device)
     if cache is None:
         return model(input_ids=ids, attention_mask=mask).logits
-    hidden = torch.nn.utils.rnn.pad_sequence([cache[i] for i in idx], batch_first=True).to(device, torch.float32)
-    with start_at_layer(model, n, hidden):
+    with start_at_layer(model, n, cache.batch(idx, device)):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
@@ -144,15 +142,14 @@ def train(cfg: ClassifierConfig) -> Path:
               (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     use_cache = cfg.model.cache_frozen and n > 0
     t_cache = time.time()
-    cache = {k: _cache_lower(model, seqs[k], pad_id, n, cfg.train.eval_batch_size, device) if use_cache else None
+    cache = {k: FrozenCache(model, seqs[k], pad_id, n, cfg.train.eval_batch_size, device) if use_cache else None
              for k in ("train", "val")}
     cache_seconds = time.time() - t_cache
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    rng = random.Random(cfg.seed)
     steps_per_epoch = -(-len(seqs["train"]) // cfg.train.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(cfg.train.epochs * steps_per_epoch, cfg.train.warmup_ratio))
+    optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.epochs * steps_per_epoch)
+    rng = random.Random(cfg.seed)
     metrics = MetricsWriter(run_dir)
     train_y = torch.tensor(labels["train"])
     best, step = -1.0, 0
@@ -164,15 +161,11 @@ def train(cfg: ClassifierConfig) -> Path:
         for idx in bar:
             logits = _forward(model, idx, seqs["train"], cache["train"], n, pad_id, device)
             loss = F.cross_entropy(logits, train_y[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = optimizer_step(loss, params, optimizer, scheduler, cfg.train.max_grad_norm)
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if step % cfg.train.log_every == 0:
-                metrics.log(step, **{"train/loss": loss.item(), "train/grad_norm": grad_norm.item(),
+                metrics.log(step, **{"train/loss": loss.item(), "train/grad_norm": grad_norm,
                                      "train/lr": scheduler.get_last_lr()[0]})
         val = _evaluate(model, seqs["val"], labels["val"], cache["val"], n, pad_id, cfg.train.eval_batch_size, device)
         metrics.log(step, epoch=epoch, **{f"val/{k}": v for k, v in val.items()}, **{"time/epoch_s": time.time() - t_epoch})
@@ -193,7 +186,7 @@ def train(cfg: ClassifierConfig) -> Path:
     metrics.close()
     metrics.plot(run_dir / "loss.png", ["train/loss", "val/loss"], "classifier loss")
     metrics.plot(run_dir / "accuracy.png", ["val/accuracy", "val/f1"], "classifier validation accuracy")
-    results = {"best_val_accuracy": best, **{f"test_{k}": v for k, v in test.items()},
+    results = {"train_examples": len(seqs["train"]), "test_examples": len(seqs["test"]), "best_val_accuracy": best, **{f"test_{k}": v for k, v in test.items()},
                "trainable_params": trainable, "total_params": total, "cache_seconds": round(cache_seconds, 1), "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.time() - t0, 1), "peak_memory_mb": round(peak_memory_mb())}
     save_json(results, run_dir / "results.json")

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 from minirlhf import UserError
 from minirlhf.checkpoint import load_json, load_weights, save_json, save_weights
-from minirlhf.config import DataConfig, save_config
+from minirlhf.config import DataConfig, OptimConfig, save_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
 from minirlhf.metrics import MetricsWriter
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, lm_loss, sample
 from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb, pick_device, seed_everything
-from minirlhf.training import length_grouped_batches, length_sorted_batches, progress, warmup_linear_decay
+from minirlhf.training import length_grouped_batches, length_sorted_batches, make_optimizer, optimizer_step, progress
 
 
 @dataclass
@@ -35,26 +35,16 @@ class VocabConfig:
 
 
 @dataclass
-class GeneratorTrainConfig:
+class GeneratorTrainConfig(OptimConfig):
     epochs: int = 4
-    """passes over the training texts"""
     batch_size: int = 64
-    """texts per optimizer step"""
     lr: float = 3e-3
-    """peak AdamW learning rate"""
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay"""
     warmup_ratio: float = 0.05
-    """fraction of steps with linear warm-up, then linear decay to zero"""
-    max_grad_norm: float = 1.0
-    """clip the global gradient norm to this"""
+    log_every: int = 50
     max_tokens: int = 40
     """words per text used for training (longer texts are cut)"""
-    log_every: int = 50
-    """write the training loss to metrics.jsonl every this many steps"""
 
-    checks = {"epochs": ">= 1", "batch_size": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
-              "warmup_ratio": "[0, 1]", "max_grad_norm": "> 0", "max_tokens": ">= 2", "log_every": ">= 1"}
+    checks = {**OptimConfig.checks, "max_tokens": ">= 2"}
 
 
 @dataclass
@@ -142,7 +132,6 @@ def load_generator(run_dir: str | Path, device="cpu") -> tuple[LSTMLanguageModel
     vocab = Vocab.load(run_dir / "vocab.json")
     model = LSTMLanguageModel(LSTMConfig(**meta["model"]), meta["vocab_size"])
     state = load_weights(run_dir / "model.safetensors")
-    state.setdefault("head.weight", state["embed.weight"]) if model.cfg.tie_weights else None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -186,9 +175,8 @@ def train(cfg: GeneratorConfig) -> Path:
     unigram = unigram_perplexity(seqs["train"], seqs["val"], vocab)
     print(f"vocabulary {len(vocab)} words; LSTM {model.num_params():,} parameters; unigram val perplexity {unigram:.1f}")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps = cfg.train.epochs * -(-len(seqs["train"]) // cfg.train.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(steps, cfg.train.warmup_ratio))
+    params = list(model.parameters())
+    optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.epochs * -(-len(seqs["train"]) // cfg.train.batch_size))
     metrics = MetricsWriter(run_dir)
     rng = random.Random(cfg.seed)
     best, step = math.inf, 0
@@ -200,16 +188,12 @@ def train(cfg: GeneratorConfig) -> Path:
             inputs, targets = _batch(seqs["train"], idx, vocab.pad_id, device)
             logits, _, _ = model(inputs)
             loss = lm_loss(logits, targets, vocab.pad_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = optimizer_step(loss, params, optimizer, scheduler, cfg.train.max_grad_norm)
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             if step % cfg.train.log_every == 0:
                 metrics.log(step, **{"train/loss": loss.item(), "train/perplexity": math.exp(loss.item()),
-                                     "train/grad_norm": grad_norm.item()})
+                                     "train/grad_norm": grad_norm})
         val_ppl = perplexity(model, seqs["val"], vocab.pad_id, device)
         metrics.log(step, epoch=epoch, **{"val/perplexity": val_ppl, "val/unigram_perplexity": unigram})
         print(f"epoch {epoch}: val perplexity {val_ppl:.1f} (unigram {unigram:.1f})")

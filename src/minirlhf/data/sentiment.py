@@ -52,8 +52,9 @@ def load_splits(cfg: DataConfig) -> Splits:
     else:
         test = _shuffled(test, f"{cfg.split_seed}-test")
     val, train = pool[:n_val], pool[n_val:]
-    if not train:
-        raise UserError(f"data {cfg.source}: no texts left for training; lower val_fraction/test_fraction")
+    if not train or not val:
+        raise UserError(f"data {cfg.source}: {len(pool)} texts leave none for {'validation' if train else 'training'}; "
+                        "use more data or change data.val_fraction / data.test_fraction")
     return Splits(
         source=cfg.source,
         train=train[: cfg.max_train],

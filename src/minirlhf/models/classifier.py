@@ -78,11 +78,23 @@ def freeze_lower(model: nn.Module, n: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@contextmanager
+def only_layers(model: nn.Module, keep: slice):
+    """Inside the block the encoder has only the layers `keep` (e.g. slice(0, 4) for the lowest four)."""
+    _, owner, attr = trunk(model)
+    layers = getattr(owner, attr)
+    setattr(owner, attr, nn.ModuleList(list(layers)[keep]))
+    try:
+        yield
+    finally:
+        setattr(owner, attr, layers)
+
+
 @torch.no_grad()
 def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Hidden states after the embeddings and n layers: (B, T, D)."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    return out.hidden_states[n]
+    """Hidden states after the embeddings and the lowest n layers, (B, T, D); the upper layers never run."""
+    with only_layers(model, slice(0, n)):
+        return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 @contextmanager
@@ -93,14 +105,12 @@ def start_at_layer(model: nn.Module, n: int, hidden: torch.Tensor):
     The model's own forward still builds the attention mask and applies its head, so this works
     for any encoder `trunk` knows; input_ids need only have the right shape.
     """
-    embeddings, owner, attr = trunk(model)
-    layers = getattr(owner, attr)
+    embeddings, _, _ = trunk(model)
     handle = embeddings.register_forward_hook(lambda module, args, output: hidden)
-    setattr(owner, attr, nn.ModuleList(list(layers)[n:]))
     try:
-        yield
+        with only_layers(model, slice(n, None)):
+            yield
     finally:
-        setattr(owner, attr, layers)
         handle.remove()
 
 
