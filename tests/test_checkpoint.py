@@ -43,3 +43,16 @@ def test_corrupt_files_are_user_errors(tmp_path):
         load_json(tmp_path / "x.json")
     with pytest.raises(UserError, match="missing"):
         load_weights(tmp_path / "none.safetensors")
+
+
+def test_a_non_finite_loss_stops_before_the_weights_change():
+    from minirlhf.training import make_optimizer, optimizer_step
+    from minirlhf.config import OptimConfig
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt, sched = make_optimizer([w], OptimConfig(), total_steps=10)
+    with pytest.raises(UserError, match="loss became nan"):
+        optimizer_step((w * float("nan")).sum(), [w], opt, sched, 1.0)
+    assert torch.equal(w.detach(), torch.ones(3))
+    optimizer_step((w * 2).sum(), [w], opt, sched, 1.0)
+    assert not torch.equal(w.detach(), torch.ones(3))

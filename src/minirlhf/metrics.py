@@ -54,7 +54,8 @@ def plot_curves(rows: list[dict], path: Path, names: list[str], title: str, x: s
     ax.set_xlabel(x)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minirlhf.algorithms.classifier import ClassifierConfig, ClassifierModelConfig, ClassifierTrainConfig
-from minirlhf.algorithms.generator import GeneratorConfig, GeneratorTrainConfig
+from minirlhf.algorithms.generator import GeneratorConfig
 from minirlhf.config import DataConfig, save_config
 from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb
 
@@ -19,18 +19,14 @@ def _demo_classifier() -> ClassifierConfig:
                             train=ClassifierTrainConfig(epochs=2))
 
 
-def _demo_generator() -> GeneratorConfig:
-    return GeneratorConfig(train=GeneratorTrainConfig(epochs=2))
-
-
 @dataclass
 class DemoConfig:
     data: str = "tweets"
     """corpus for every stage (name, folder or file; see --data)"""
     classifier: ClassifierConfig = field(default_factory=_demo_classifier)
     """stage 1, with quicker defaults than train-classifier's"""
-    generator: GeneratorConfig = field(default_factory=_demo_generator)
-    """stage 3, with quicker defaults than train-generator's"""
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    """stage 3, as train-generator's defaults"""
     out: str | None = None
     """run directory; each stage writes a subfolder (default: a new folder under runs/)"""
     device: str = "auto"

@@ -41,9 +41,17 @@ def make_optimizer(params: list, cfg, total_steps: int):
 
 
 def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Backward, clip the global gradient norm, step; returns the norm before clipping."""
+    """Backward, clip the global gradient norm, step; returns the norm before clipping.
+
+    A non-finite loss stops the run before it can touch the weights; checkpoints already saved stay.
+    """
     import torch
 
+    from minirlhf import UserError
+
+    if not torch.isfinite(loss):
+        raise UserError(f"the training loss became {loss.item()}; lower train.lr or raise train.warmup_ratio "
+                        "(checkpoints saved so far are intact)")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

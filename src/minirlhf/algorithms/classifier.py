@@ -152,7 +152,7 @@ def train(cfg: ClassifierConfig) -> Path:
     rng = random.Random(cfg.seed)
     metrics = MetricsWriter(run_dir)
     train_y = torch.tensor(labels["train"])
-    best, step = -1.0, 0
+    best, step, recent = -1.0, 0, []
     for epoch in range(1, cfg.train.epochs + 1):
         t_epoch = time.time()
         model.train()
@@ -163,9 +163,11 @@ def train(cfg: ClassifierConfig) -> Path:
             loss = F.cross_entropy(logits, train_y[idx].to(device))
             grad_norm = optimizer_step(loss, params, optimizer, scheduler, cfg.train.max_grad_norm)
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            recent.append(loss.item())
+            bar.set_postfix(loss=f"{recent[-1]:.3f}", refresh=False)
             if step % cfg.train.log_every == 0:
-                metrics.log(step, **{"train/loss": loss.item(), "train/grad_norm": grad_norm,
+                mean_loss, recent = sum(recent) / len(recent), []  # mean since the last log: a readable curve
+                metrics.log(step, **{"train/loss": mean_loss, "train/grad_norm": grad_norm,
                                      "train/lr": scheduler.get_last_lr()[0]})
         val = _evaluate(model, seqs["val"], labels["val"], cache["val"], n, pad_id, cfg.train.eval_batch_size, device)
         metrics.log(step, epoch=epoch, **{f"val/{k}": v for k, v in val.items()}, **{"time/epoch_s": time.time() - t_epoch})

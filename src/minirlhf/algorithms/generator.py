@@ -36,7 +36,7 @@ class VocabConfig:
 
 @dataclass
 class GeneratorTrainConfig(OptimConfig):
-    epochs: int = 4
+    epochs: int = 2
     batch_size: int = 64
     lr: float = 3e-3
     warmup_ratio: float = 0.05
@@ -179,7 +179,7 @@ def train(cfg: GeneratorConfig) -> Path:
     optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.epochs * -(-len(seqs["train"]) // cfg.train.batch_size))
     metrics = MetricsWriter(run_dir)
     rng = random.Random(cfg.seed)
-    best, step = math.inf, 0
+    best, step, recent = math.inf, 0, []
     for epoch in range(1, cfg.train.epochs + 1):
         model.train()
         bar = progress(length_grouped_batches([len(s) for s in seqs["train"]], cfg.train.batch_size, rng),
@@ -190,9 +190,11 @@ def train(cfg: GeneratorConfig) -> Path:
             loss = lm_loss(logits, targets, vocab.pad_id)
             grad_norm = optimizer_step(loss, params, optimizer, scheduler, cfg.train.max_grad_norm)
             step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            recent.append(loss.item())
+            bar.set_postfix(loss=f"{recent[-1]:.3f}", refresh=False)
             if step % cfg.train.log_every == 0:
-                metrics.log(step, **{"train/loss": loss.item(), "train/perplexity": math.exp(loss.item()),
+                mean_loss, recent = sum(recent) / len(recent), []  # mean since the last log: a readable curve
+                metrics.log(step, **{"train/loss": mean_loss, "train/perplexity": math.exp(mean_loss),
                                      "train/grad_norm": grad_norm})
         val_ppl = perplexity(model, seqs["val"], vocab.pad_id, device)
         metrics.log(step, epoch=epoch, **{"val/perplexity": val_ppl, "val/unigram_perplexity": unigram})

@@ -17,8 +17,8 @@ _URL = re.compile(r"https?://\S+|www\.\S+")
 _USER = re.compile(r"@\w+")
 _HTML = re.compile(r"<br\s*/?>|<[^>]{1,20}>")
 # words (with inner apostrophes: don't, it's), numbers, placeholders, or single ASCII punctuation
-# marks; anything else (emoji, mis-decoded bytes) is dropped, which keeps a small vocabulary clean
-_TOKEN = re.compile(r"<url>|@user|[a-z0-9]+(?:'[a-z]+)?|[!-/:-@\[-`{-~]")
+# marks but "_"; anything else (emoji, mis-decoded bytes) is dropped, which keeps a small vocabulary clean
+_TOKEN = re.compile(r"<url>|@user|[a-z0-9]+(?:'[a-z]+)?|[!-/:-@\[-^`{-~]")
 
 
 def tokenize(text: str) -> list[str]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 class LSTMConfig:
     emb_dim: int = 256
     """word embedding size (also the output projection size when weights are tied)"""
-    hidden_dim: int = 256
+    hidden_dim: int = 448
     """LSTM state size"""
     n_layers: int = 2
     """stacked LSTM layers"""
