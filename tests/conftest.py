@@ -43,3 +43,16 @@ def tiny_generator(tmp_path_factory) -> Path:
         "--data.max_train=400", "--data.max_eval=100", "--train.epochs=1", "--vocab.max_size=500",
         "--model.emb_dim=32", "--model.hidden_dim=32", f"--out={out}", "--device=cpu"])
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def learned_classifier(tmp_path_factory) -> Path:
+    """A classifier that has really learned (2,000 tweets, one epoch): for the learning tests."""
+    from minirlhf.algorithms.classifier import ClassifierConfig, train
+    from minirlhf.config import load_config
+
+    out = tmp_path_factory.mktemp("clf-learned") / "run"
+    cfg = load_config(ClassifierConfig, overrides=[
+        "--data.max_train=2000", "--data.max_eval=500", "--train.epochs=1", "--model.max_length=48",
+        f"--out={out}", "--device=cpu"])
+    return train(cfg)

@@ -93,15 +93,10 @@ def test_missing_run_is_a_user_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_classifier_learns_tweet_sentiment(tmp_path):
+def test_classifier_learns_tweet_sentiment(learned_classifier):
     """Learning test: 2,000 tweets, one epoch, beats the majority-class baseline clearly."""
-    from minirlhf.algorithms.classifier import ClassifierConfig, train
-    from minirlhf.config import load_config
-
-    cfg = load_config(ClassifierConfig, overrides=["--data.max_train=2000", "--data.max_eval=500", "--train.epochs=1",
-                                                   "--model.max_length=48", f"--out={tmp_path}", "--device=cpu"])
-    results = json.loads((train(cfg) / "results.json").read_text())
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((learned_classifier / "results.json").read_text())
+    rows = [json.loads(line) for line in (learned_classifier / "metrics.jsonl").read_text().splitlines()]
     majority = 0.70  # about 70% of the tweets are negative
     assert results["test_accuracy"] >= majority + 0.08, results
     train_losses = [r["train/loss"] for r in rows if "train/loss" in r]

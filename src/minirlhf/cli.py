@@ -77,6 +77,14 @@ def _train_generator(cfg) -> int:
     return 0
 
 
+def _ppo(cfg) -> int:
+    from minirlhf.algorithms.ppo import train
+
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}  (plots: reward.png, kl.png; results.json; `minirlhf generate {run_dir}`)")
+    return 0
+
+
 def _demo(cfg) -> int:
     from minirlhf.pipeline import run_demo
 
@@ -135,6 +143,7 @@ def _doctor(args, extra) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from minirlhf.algorithms.classifier import ClassifierConfig
     from minirlhf.algorithms.generator import GeneratorConfig
+    from minirlhf.algorithms.ppo import PPOConfig
     from minirlhf.pipeline import DemoConfig
 
     parser = argparse.ArgumentParser(prog="minirlhf", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -146,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo)
     _add_stage(sub, "train-classifier", ClassifierConfig, "stage 1: fine-tune an encoder as sentiment classifier", _train_classifier)
     _add_stage(sub, "train-generator", GeneratorConfig, "stage 3: train the word-level LSTM language model", _train_generator)
+    _add_stage(sub, "ppo", PPOConfig, "RLHF: PPO on a generator run against a classifier run's reward "
+               "(--policy=RUN --reward=RUN)", _ppo)
 
     p = sub.add_parser("classify", help="P(positive) and positive logit of texts under a classifier run")
     p.add_argument("run_dir")

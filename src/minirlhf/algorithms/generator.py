@@ -115,11 +115,11 @@ def unigram_perplexity(train: list[list[int]], val: list[list[int]], vocab: Voca
     return math.exp(nll / max(len(targets), 1))
 
 
-def save_generator(run_dir: Path, model: LSTMLanguageModel, vocab: Vocab, cfg: GeneratorConfig, step: int, extra: dict) -> None:
+def save_generator(run_dir: Path, model: LSTMLanguageModel, vocab: Vocab, step: int, extra: dict) -> None:
     """The checkpoint: weights (safetensors), vocabulary and model config + step (JSON)."""
     save_weights(model.state_dict(), run_dir / "model.safetensors")
     vocab.save(run_dir / "vocab.json")
-    save_json({"model": dataclasses.asdict(cfg.model), "vocab_size": len(vocab), "step": step, **extra},
+    save_json({"model": dataclasses.asdict(model.cfg), "vocab_size": len(vocab), "step": step, **extra},
               run_dir / "checkpoint.json")
 
 
@@ -201,7 +201,7 @@ def train(cfg: GeneratorConfig) -> Path:
         print(f"epoch {epoch}: val perplexity {val_ppl:.1f} (unigram {unigram:.1f})")
         if val_ppl < best:
             best = val_ppl
-            save_generator(run_dir, model, vocab, cfg, step, {"epoch": epoch, "val_perplexity": val_ppl})
+            save_generator(run_dir, model, vocab, step, {"epoch": epoch, "val_perplexity": val_ppl})
     train_seconds = time.time() - t0
 
     model, vocab = load_generator(run_dir, device)
