@@ -97,9 +97,9 @@ def test_demo_runs_every_stage_end_to_end(cli, tmp_path):
     proc = cli("demo", "--out", "demo", "--classifier.data.max_train=64", "--classifier.data.max_eval=32",
                "--classifier.train.epochs=1", "--generator.data.max_train=300", "--generator.data.max_eval=50",
                "--generator.train.epochs=1", "--generator.vocab.max_size=300", "--generator.model.hidden_dim=32",
-               "--generator.samples.n=1")
+               "--generator.samples.n=1", "--ppo.steps=2", "--ppo.batch_size=8", "--ppo.minibatch_size=4")
     assert proc.returncode == 0, proc.stderr
-    assert "run directory: demo" in proc.stdout and "mean P(positive)" in proc.stdout
+    assert "run directory: demo" in proc.stdout and "win rate" in proc.stdout
     for name in ("config.yaml", "classifier/model/config.json", "classifier/accuracy.png",
-                 "generator/perplexity.png", "generator/samples.md"):
+                 "generator/perplexity.png", "generator/samples.md", "ppo/reward.png", "ppo/results.json"):
         assert (tmp_path / "demo" / name).is_file(), name

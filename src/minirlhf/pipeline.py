@@ -9,6 +9,7 @@ from pathlib import Path
 
 from minirlhf.algorithms.classifier import ClassifierConfig, ClassifierModelConfig, ClassifierTrainConfig
 from minirlhf.algorithms.generator import GeneratorConfig
+from minirlhf.algorithms.ppo import PPOConfig
 from minirlhf.config import DataConfig, save_config
 from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb
 
@@ -27,6 +28,8 @@ class DemoConfig:
     """stage 1, with quicker defaults than train-classifier's"""
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     """stage 3, as train-generator's defaults"""
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=30))
+    """RLHF on the generator against the classifier (policy and reward are filled in by the demo)"""
     out: str | None = None
     """run directory; each stage writes a subfolder (default: a new folder under runs/)"""
     device: str = "auto"
@@ -43,8 +46,8 @@ def _stage(cfg, demo: DemoConfig, out: Path):
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    from minirlhf.algorithms import classifier, generator
-    from minirlhf.models.classifier import SentimentClassifier
+    from minirlhf.algorithms import classifier, generator, ppo
+    from minirlhf.checkpoint import load_json
 
     t0 = time.time()
     run_dir = make_run_dir(cfg.out, "demo")
@@ -53,17 +56,18 @@ def run_demo(cfg: DemoConfig) -> Path:
     clf_dir = classifier.train(_stage(cfg.classifier, cfg, run_dir / "classifier"))
     print(f"== 2/3 LSTM generator -> {run_dir / 'generator'}")
     gen_dir = generator.train(_stage(cfg.generator, cfg, run_dir / "generator"))
+    print(f"== 3/3 PPO: the generator learns to write what the classifier scores as positive -> {run_dir / 'ppo'}")
+    ppo_cfg = dataclasses.replace(_stage(cfg.ppo, cfg, run_dir / "ppo"), policy=str(gen_dir), reward=str(clf_dir))
+    ppo_dir = ppo.train(ppo_cfg)
 
-    print("== 3/3 the classifier scores the generator's samples (the reward RLHF will raise)")
-    model, vocab = generator.load_generator(gen_dir)
-    s = cfg.generator.samples
-    rows = generator.generate_texts(model, vocab, s.prompts, s.n, s.max_new_tokens, s.temperature, s.top_k, s.top_p, seed=cfg.seed)
-    probs, logits = SentimentClassifier.from_run(clf_dir).score([f"{p} {c}" for p, c in rows])
-    for (p, c), prob in zip(rows, probs.tolist()):
-        print(f"  P(positive)={prob:.2f}  {p} {c}")
-    print(f"mean P(positive) of samples {probs.mean():.3f}, mean positive logit {logits.mean():.3f}")
+    after = load_json(ppo_dir / "results.json")["after"]
+    print("\nheld-out prompts, after PPO (reward = the classifier's positive logit):")
+    print(f"  reference {after['reward_reference']:+.2f}  policy {after['reward_policy']:+.2f}  "
+          f"win rate {after['win_rate']:.2f}  KL {after['kl']:.2f} nats per response")
+    for row in after["samples"][:6]:
+        print(f"  {row['prompt']!r}: reference {row['reference']!r} | policy {row['policy']!r}")
     print(f"\ndemo finished in {time.time() - t0:.0f}s, peak memory {peak_memory_mb():.0f} MB")
     print(f"run directory: {run_dir}")
-    print(f"  plots:   {clf_dir / 'loss.png'}, {clf_dir / 'accuracy.png'}, {gen_dir / 'perplexity.png'}")
-    print(f"  samples: {gen_dir / 'samples.md'}")
+    print(f"  plots:   {clf_dir / 'accuracy.png'}, {gen_dir / 'perplexity.png'}, {ppo_dir / 'reward.png'}, {ppo_dir / 'kl.png'}")
+    print(f"  samples: {gen_dir / 'samples.md'}, {ppo_dir / 'results.json'}")
     return run_dir

@@ -7,7 +7,6 @@ The shared math (GAE, whitening, KL estimators) is in ops.py.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
