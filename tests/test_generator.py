@@ -87,3 +87,17 @@ def test_training_moved_every_parameter_from_its_initial_value(tiny_generator):
     for (name, a), (_, b) in zip(trained.named_parameters(), initial.named_parameters()):
         assert torch.isfinite(a).all(), name
         assert not torch.equal(a, b), f"{name} did not change"
+
+
+def test_the_seed_makes_cpu_runs_repeatable(tmp_path):
+    from minirlhf.algorithms.generator import GeneratorConfig, train
+    from minirlhf.config import load_config
+
+    weights = []
+    for name in ("a", "b"):
+        cfg = load_config(GeneratorConfig, overrides=[
+            "--data.max_train=200", "--data.max_eval=40", "--train.epochs=1", "--vocab.max_size=300",
+            "--model.emb_dim=16", "--model.hidden_dim=16", f"--out={tmp_path / name}", "--device=cpu", "--seed=3"])
+        model, _ = load_generator(train(cfg))
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -41,7 +41,7 @@ def make_optimizer(params: list, cfg, total_steps: int):
 
 
 def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Backward, clip the global gradient norm, step; returns the norm before clipping.
+    """Backward, clip the global gradient norm, step (and the LR schedule, if any); returns the norm before clipping.
 
     A non-finite loss stops the run before it can touch the weights; checkpoints already saved stay.
     """
@@ -50,13 +50,14 @@ def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: floa
     from minirlhf import UserError
 
     if not torch.isfinite(loss):
-        raise UserError(f"the training loss became {loss.item()}; lower train.lr or raise train.warmup_ratio "
+        raise UserError(f"the training loss became {loss.item()}; lower the learning rate or raise the warm-up "
                         "(checkpoints saved so far are intact)")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     return grad_norm.item()
 
 

@@ -21,7 +21,7 @@ from minirlhf.data.sentiment import load_splits
 from minirlhf.metrics import MetricsWriter
 from minirlhf.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten, token_rewards
 from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb, pick_device, seed_everything
-from minirlhf.training import progress
+from minirlhf.training import optimizer_step, progress
 
 
 @dataclass
@@ -135,7 +135,7 @@ def explained_variance(values, returns, mask) -> float:
 
 def _update(policy, optimizer, rollout, old_logprobs, old_values, advantages, returns, cfg, rng) -> dict:
     """PPO epochs over minibatches; stops early when the policy moves too far from the rollout policy."""
-    mask = rollout.response_mask
+    mask = rollout.response_mask.to(old_logprobs.device)
     params = [p for p in policy.parameters() if p.requires_grad]
     stats: list[dict] = []
     for _ in range(cfg.ppo_epochs):
@@ -146,14 +146,8 @@ def _update(policy, optimizer, rollout, old_logprobs, old_values, advantages, re
             logprobs, values, entropy = policy(rollout.select(idx))
             pg, s = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask[idx], cfg.clip_eps)
             vf = value_loss(values, old_values[idx], returns[idx], mask[idx], cfg.clip_value)
-            loss = pg + cfg.vf_coef * vf
-            if not torch.isfinite(loss):
-                raise UserError(f"the PPO loss became {loss.item()}; lower lr (checkpoints saved so far are intact)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            stats.append({**s, "value/loss": vf.item(), "policy/loss": pg.item()})
+            grad_norm = optimizer_step(pg + cfg.vf_coef * vf, params, optimizer, None, cfg.max_grad_norm)
+            stats.append({**s, "value/loss": vf.item(), "policy/loss": pg.item(), "policy/grad_norm": grad_norm})
         if stats[-1]["policy/approx_kl"] > 1.5 * cfg.target_kl:
             break
     return {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]} | {
@@ -163,13 +157,13 @@ def _update(policy, optimizer, rollout, old_logprobs, old_values, advantages, re
 @torch.no_grad()
 def compare_to_reference(policy, ref, scorer, prompts: list[str], cfg: PPOConfig, seed: int) -> dict:
     """Held-out prompts: mean reward of policy and reference, win rate, KL(policy || ref) per response."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
     ours, theirs = policy.sample(prompts, cfg.response_len, gen), ref.sample(prompts, cfg.response_len, gen)
     r_ours = scorer([f"{p} {t}" for p, t in zip(prompts, ours.texts)])
     r_ref = scorer([f"{p} {t}" for p, t in zip(prompts, theirs.texts)])
     logprobs, _, _ = policy(ours)
     ref_logprobs, _, _ = ref(ours)
-    kl = (kl_estimate(logprobs, ref_logprobs, "k1") * ours.response_mask).sum(1).mean().item()
+    kl = (kl_estimate(logprobs, ref_logprobs, "k1") * ours.response_mask.to(logprobs.device)).sum(1).mean().item()
     wins = (r_ours > r_ref).float().mean().item() + 0.5 * (r_ours == r_ref).float().mean().item()
     return {"reward_policy": r_ours.mean().item(), "reward_reference": r_ref.mean().item(), "win_rate": wins,
             "kl": kl, "samples": [{"prompt": p, "policy": a, "reference": b} for p, a, b in
