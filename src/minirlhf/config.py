@@ -52,6 +52,23 @@ class DataConfig:
     }
 
 
+DEVICES = "{auto,cpu,cuda,mps}"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """What every stage's top-level config has: where the run goes, on what device, with what seed."""
+
+    out: str | None = None
+    """run directory (default: a new folder under runs/)"""
+    device: str = "auto"
+    """auto (CUDA, then MPS, then CPU), cpu, cuda or mps"""
+    seed: int = 0
+    """seed of every random choice: initialisation, dropout, data order, sampling"""
+
+    checks: ClassVar[dict] = {"device": DEVICES}
+
+
 @dataclasses.dataclass
 class OptimConfig:
     """AdamW with linear warm-up and decay, gradient clipping: what every supervised stage shares."""

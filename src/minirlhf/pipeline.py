@@ -10,8 +10,8 @@ from pathlib import Path
 from minirlhf.algorithms.classifier import ClassifierConfig, ClassifierModelConfig, ClassifierTrainConfig
 from minirlhf.algorithms.generator import GeneratorConfig
 from minirlhf.algorithms.ppo import PPOConfig
-from minirlhf.config import DataConfig, save_config
-from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb
+from minirlhf.config import DataConfig, RunConfig, save_config
+from minirlhf.runtime import make_run_dir, peak_memory_mb
 
 
 def _demo_classifier() -> ClassifierConfig:
@@ -21,7 +21,7 @@ def _demo_classifier() -> ClassifierConfig:
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(RunConfig):
     data: str = "tweets"
     """corpus for every stage (name, folder or file; see --data)"""
     classifier: ClassifierConfig = field(default_factory=_demo_classifier)
@@ -30,14 +30,6 @@ class DemoConfig:
     """stage 3, as train-generator's defaults"""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=30))
     """RLHF on the generator against the classifier (policy and reward are filled in by the demo)"""
-    out: str | None = None
-    """run directory; each stage writes a subfolder (default: a new folder under runs/)"""
-    device: str = "auto"
-    """auto (CUDA, then MPS, then CPU), cpu, cuda or mps"""
-    seed: int = 0
-    """seed of every stage"""
-
-    checks = {"device": DEVICES}
 
 
 def _stage(cfg, demo: DemoConfig, out: Path):

@@ -11,9 +11,6 @@ import torch
 
 from minirlhf import UserError
 
-DEVICES = "{auto,cpu,cuda,mps}"
-
-
 def pick_device(preference: str = "auto") -> tuple[torch.device, str]:
     """Return the device to use and a sentence saying why."""
     cuda = torch.cuda.is_available()

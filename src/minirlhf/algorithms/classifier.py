@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf.checkpoint import atomic_dir, save_json
-from minirlhf.config import DataConfig, OptimConfig, save_config
+from minirlhf.config import DataConfig, OptimConfig, RunConfig, save_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.metrics import MetricsWriter
 from minirlhf.models.classifier import (DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained, lower_hidden,
                                         pad_batch, start_at_layer)
-from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb, pick_device, seed_everything
+from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import length_grouped_batches, length_sorted_batches, make_optimizer, optimizer_step, progress
 
 
@@ -47,18 +47,10 @@ class ClassifierTrainConfig(OptimConfig):
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
-    out: str | None = None
-    """run directory (default: a new folder under runs/)"""
-    device: str = "auto"
-    """auto (CUDA, then MPS, then CPU), cpu, cuda or mps"""
-    seed: int = 0
-    """seed of initialisation, dropout and batch order"""
-
-    checks = {"device": DEVICES}
 
 
 def binary_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 
 from minirlhf import UserError
 from minirlhf.checkpoint import load_json, load_weights, save_json, save_weights
-from minirlhf.config import DataConfig, OptimConfig, save_config
+from minirlhf.config import DataConfig, OptimConfig, RunConfig, save_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
 from minirlhf.metrics import MetricsWriter
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, lm_loss, sample
-from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb, pick_device, seed_everything
+from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import length_grouped_batches, length_sorted_batches, make_optimizer, optimizer_step, progress
 
 
@@ -66,20 +66,12 @@ class SampleConfig:
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     vocab: VocabConfig = field(default_factory=VocabConfig)
     model: LSTMConfig = field(default_factory=LSTMConfig)
     train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
-    out: str | None = None
-    """run directory (default: a new folder under runs/)"""
-    device: str = "auto"
-    """auto (CUDA, then MPS, then CPU), cpu, cuda or mps"""
-    seed: int = 0
-    """seed of initialisation, dropout, batch order and sampling"""
-
-    checks = {"device": DEVICES}
 
 
 def _batch(seqs: list[list[int]], idx: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,16 +16,16 @@ import torch
 
 from minirlhf import UserError
 from minirlhf.checkpoint import save_json, save_weights
-from minirlhf.config import DataConfig, save_config
+from minirlhf.config import DataConfig, RunConfig, save_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.metrics import MetricsWriter
 from minirlhf.ops import gae, kl_estimate, masked_mean, masked_var, masked_whiten, token_rewards
-from minirlhf.runtime import DEVICES, make_run_dir, peak_memory_mb, pick_device, seed_everything
+from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import optimizer_step, progress
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RunConfig):
     policy: str = ""
     """run directory of a trained LSTM generator (`minirlhf train-generator`)"""
     reward: str = ""
@@ -70,18 +70,12 @@ class PPOConfig:
     """stop a step's epochs early once the approximate KL to the rollout policy exceeds 1.5 x this"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
-    out: str | None = None
-    """run directory (default: a new folder under runs/)"""
-    device: str = "auto"
-    """auto (CUDA, then MPS, then CPU), cpu, cuda or mps"""
-    seed: int = 0
-    """seed of prompts, sampling and minibatch order"""
 
-    checks = {"prompt_words": ">= 1", "steps": ">= 1", "batch_size": ">= 1", "response_len": ">= 1",
+    checks = {**RunConfig.checks, "prompt_words": ">= 1", "steps": ">= 1", "batch_size": ">= 1", "response_len": ">= 1",
               "ppo_epochs": ">= 1", "minibatch_size": ">= 1", "lr": "> 0", "clip_eps": "> 0", "vf_coef": ">= 0",
               "clip_value": "> 0", "gamma": "[0, 1]", "gae_lambda": "[0, 1]", "kl_coef": ">= 0",
               "kl_estimator": "{k1,k3}", "kl_target": "> 0", "kl_horizon": ">= 1", "target_kl": "> 0",
-              "max_grad_norm": "> 0", "device": DEVICES}
+              "max_grad_norm": "> 0"}
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float) -> tuple[torch.Tensor, dict]:
