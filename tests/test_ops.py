@@ -91,3 +91,5 @@ def test_entropy_from_logits():
     h = entropy_from_logits(logits)
     assert h[0].item() == pytest.approx(math.log(2))
     assert h[1].item() == pytest.approx(0.0, abs=1e-6)
+    masked = entropy_from_logits(torch.tensor([[0.0, 0.0, float("-inf")]]))
+    assert masked[0].item() == pytest.approx(math.log(2))

@@ -34,10 +34,6 @@ def _plain(v):
     return v
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def plot_curves(rows: list[dict], path: Path, names: list[str], title: str, x: str = "step") -> Path:
     """One PNG with a line per metric name (each drawn where present and finite)."""
     import matplotlib

@@ -79,6 +79,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position: logits (..., V) -> (...)."""
+    """Entropy of the categorical distribution at each position: logits (..., V) -> (...).
+    Tokens masked out with -inf logits count as probability 0 (not 0 * -inf = nan)."""
     logp = logits.log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+    return -(logp.exp() * logp.masked_fill(logp.isinf(), 0)).sum(-1)

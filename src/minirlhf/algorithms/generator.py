@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import UserError
-from minirlhf.checkpoint import load_json, load_weights, save_json, save_weights
+from minirlhf.checkpoint import atomic_write_text, load_json, load_weights, save_json, save_weights
 from minirlhf.config import DataConfig, OptimConfig, RunConfig, save_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
@@ -143,8 +143,6 @@ def generate_texts(model, vocab: Vocab, prompts: list[str], n: int, max_new_toke
 
 
 def _write_samples(path: Path, rows: list[tuple[str, str]]) -> None:
-    from minirlhf.checkpoint import atomic_write_text
-
     lines = ["| prompt | continuation |", "| --- | --- |"]
     lines += [f"| {p} | {c.replace('|', '/')} |" for p, c in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -61,11 +61,6 @@ def trunk(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
                     "use a BERT-, RoBERTa- or DistilBERT-style encoder, or --model.freeze_layers=0")
 
 
-def num_layers(model: nn.Module) -> int:
-    _, owner, attr = trunk(model)
-    return len(getattr(owner, attr))
-
-
 def freeze_lower(model: nn.Module, n: int) -> int:
     """Freeze the embeddings and the lowest n layers; return the number of trainable parameters."""
     if n > 0:

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import LSTMLanguageModel, sample
+from minirlhf.ops import entropy_from_logits
 
 
 @dataclass
@@ -84,6 +85,6 @@ class LSTMPolicy(nn.Module):
         # padding holds <pad>, whose log-prob is -inf: look up <eos> there instead, then zero it
         ids = rollout.response_ids.to(device).masked_fill(mask == 0, self.vocab.eos_id)
         logprobs = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask  # (B, T)
-        entropy = -(logp_all.exp() * logp_all.masked_fill(logp_all.isinf(), 0)).sum(-1) * mask  # (B, T)
+        entropy = entropy_from_logits(logits) * mask  # (B, T)
         values = self.value_head(hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))).squeeze(-1)
         return logprobs, values, entropy
