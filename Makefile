@@ -26,6 +26,8 @@ $(STAMP): requirements.txt requirements-offline.txt pyproject.toml
 bench: $(STAMP)
 	$(PY) benchmarks/classifier_imdb.py
 	$(PY) benchmarks/generator_tweets.py
+	$(PY) benchmarks/rlhf_demo.py
+	$(PY) benchmarks/smollm2_sentiment.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,13 +6,10 @@ Run from the repository root: `.venv/bin/python benchmarks/classifier_imdb.py`.
 """
 
 import json
-import resource
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, failed, new_run_dir, run_minirlhf
+
 IMDB = ROOT.parent / "shared" / "data" / "imdb"
 
 
@@ -20,16 +17,12 @@ def main() -> int:
     if not (IMDB / "train.jsonl").is_file():
         print(json.dumps({"error": f"{IMDB} not found; this benchmark needs ../shared/data/imdb"}))
         return 1
-    out = ROOT / "runs" / f"bench-classifier-imdb-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "-m", "minirlhf", "train-classifier",
-           "--data", str(IMDB / "train.jsonl"), f"--data.test_source={IMDB / 'test.jsonl'}",
-           "--config", str(ROOT / "configs" / "imdb_classifier.yaml"), "--out", str(out), *sys.argv[1:]]
-    t0 = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    wall = time.time() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if proc.returncode != 0:
-        print(json.dumps({"error": f"train-classifier exited {proc.returncode}", "output": proc.stdout[-2000:]}))
+    out = new_run_dir("classifier-imdb")
+    proc, wall, peak_mb = run_minirlhf(["train-classifier", "--data", str(IMDB / "train.jsonl"),
+                                        f"--data.test_source={IMDB / 'test.jsonl'}",
+                                        "--config", str(ROOT / "configs" / "imdb_classifier.yaml"), "--out", str(out),
+                                        *sys.argv[1:]])
+    if failed(proc):
         return 1
     res = json.loads((out / "results.json").read_text())
     report = {

@@ -6,24 +6,15 @@ Run from the repository root: `.venv/bin/python benchmarks/generator_tweets.py`.
 """
 
 import json
-import resource
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, failed, new_run_dir, run_minirlhf
 
 
 def main() -> int:
-    out = ROOT / "runs" / f"bench-generator-tweets-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "-m", "minirlhf", "train-generator", "--out", str(out), *sys.argv[1:]]
-    t0 = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    wall = time.time() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if proc.returncode != 0:
-        print(json.dumps({"error": f"train-generator exited {proc.returncode}", "output": proc.stdout[-2000:]}))
+    out = new_run_dir("generator-tweets")
+    proc, wall, peak_mb = run_minirlhf(["train-generator", "--out", str(out), *sys.argv[1:]])
+    if failed(proc):
         return 1
     res = json.loads((out / "results.json").read_text())
     samples = [line for line in proc.stdout.splitlines() if line.startswith("  ")]

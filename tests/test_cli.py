@@ -57,7 +57,7 @@ def test_generator_commands_end_to_end(cli, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("i love") for line in lines)
     assert_one_line_error(cli("generate", "gen", "--temperature", "0"), "--temperature must be > 0")
-    assert_one_line_error(cli("generate", "nowhere"), "not a generator run")
+    assert_one_line_error(cli("generate", "nowhere", env={"HF_HUB_OFFLINE": "1"}), "'nowhere' is not a run directory")
 
 
 def test_classifier_commands_end_to_end(cli, tmp_path, tiny_classifier):
@@ -101,5 +101,41 @@ def test_demo_runs_every_stage_end_to_end(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "run directory: demo" in proc.stdout and "win rate" in proc.stdout
     for name in ("config.yaml", "classifier/model/config.json", "classifier/accuracy.png",
-                 "generator/perplexity.png", "generator/samples.md", "ppo/reward.png", "ppo/results.json"):
+                 "generator/perplexity.png", "generator/samples.md", "ppo/reward.png", "ppo/results.json",
+                 "ppo/report.md", "ppo/samples.md", "ppo/policy/model.safetensors"):
         assert (tmp_path / "demo" / name).is_file(), name
+
+
+def test_rl_commands_train_evaluate_and_generate(cli, tmp_path, tiny_generator, tiny_classifier):
+    proc = cli("ppo", "--policy", str(tiny_generator), "--reward", str(tiny_classifier), "--steps=2", "--batch_size=8",
+               "--minibatch_size=4", "--data.max_train=300", "--data.max_eval=60", "--prompts.max_eval=8", "--out", "ppo")
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out reward" in proc.stdout and "run directory: ppo" in proc.stdout
+    proc = cli("evaluate", "ppo", "-n", "6", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "ppo" / "eval.json").read_text())
+    assert results["prompts"] == 6 and 0 <= results["win_rate"] <= 1
+    for side in ("policy", "reference"):
+        assert 0 < results[side]["distinct_1"] <= 1 and results[side]["ref_perplexity"] > 1
+    report = (tmp_path / "ppo" / "report.md").read_text()
+    assert "| mean reward |" in report and "![reward](reward.png)" in report and "## Samples" in report
+    proc = cli("generate", "ppo", "--prompt", "i love", "-n", "2", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert [line.startswith("i love") for line in proc.stdout.strip().splitlines()] == [True, True]
+
+
+def test_rl_commands_reject_bad_input_in_one_line(cli, tmp_path, tiny_generator):
+    assert_one_line_error(cli("ppo", "--steps=1"), "ppo needs --policy")
+    assert_one_line_error(cli("ppo", "--policy", str(tiny_generator), "--reward", "nowhere"),
+                          "reward classifier nowhere is not a trained classifier run")
+    assert_one_line_error(cli("grpo", "--policy", str(tiny_generator), "--batch_size=6"), "multiple of group_size=4")
+    assert_one_line_error(cli("ppo", "--critic=shared"), "critic must be {head,separate}")
+    assert_one_line_error(cli("evaluate", str(tiny_generator)), "is not a finished RL run")
+    proc = cli("grpo", "--help")
+    assert proc.returncode == 0 and "--group_size" in proc.stdout and "--reward.unended_weight" in proc.stdout
+
+
+def test_generate_works_on_a_causal_lm_by_name(cli):
+    proc = cli("generate", "smollm2", "--prompt", "Say hello.", "-n", "2", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()

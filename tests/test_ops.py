@@ -93,3 +93,31 @@ def test_entropy_from_logits():
     assert h[1].item() == pytest.approx(0.0, abs=1e-6)
     masked = entropy_from_logits(torch.tensor([[0.0, 0.0, float("-inf")]]))
     assert masked[0].item() == pytest.approx(math.log(2))
+
+
+def test_group_whiten_matches_naive_loop():
+    from minirlhf.ops import group_whiten
+
+    torch.manual_seed(0)
+    scores = torch.randn(12)
+    out = group_whiten(scores, 4)
+    for g in range(3):
+        vals = scores[4 * g: 4 * g + 4].tolist()
+        mean = sum(vals) / 4
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / 3)
+        for i in range(4):
+            assert out[4 * g + i].item() == pytest.approx((vals[i] - mean) / (std + 1e-4), rel=1e-5)
+
+
+def test_leave_one_out_matches_naive_loop():
+    from minirlhf.ops import leave_one_out
+
+    torch.manual_seed(0)
+    scores = torch.randn(9)
+    out = leave_one_out(scores, 3)
+    for i in range(9):
+        g = i // 3
+        others = [scores[j].item() for j in range(3 * g, 3 * g + 3) if j != i]
+        assert out[i].item() == pytest.approx(scores[i].item() - sum(others) / 2, abs=1e-6)
+    with pytest.raises(ValueError):
+        leave_one_out(scores, 1)

@@ -36,7 +36,8 @@ def _stage_config(cls, args, extra):
 
     data_key = "data.source" if dataclasses.is_dataclass(cls().data) else "data"
     cli = [f"--{key}={value}" for key, value in
-           ((data_key, args.data), ("out", args.out), ("device", args.device), ("seed", args.seed))
+           ((data_key, args.data), ("out", args.out), ("device", args.device), ("seed", args.seed),
+            ("reward.classifier", getattr(args, "reward", None)))
            if value is not None]
     return load_config(cls, args.config, _overrides(extra) + cli)
 
@@ -50,7 +51,7 @@ def _config_help(cls) -> str:
     return "config keys (set with --KEY=VALUE or in the --config YAML file):\n" + "\n".join(lines)
 
 
-def _add_stage(sub, name: str, cls, help: str, run):
+def _add_stage(sub, name: str, cls, help: str, run, rl: bool = False):
     p = sub.add_parser(name, help=help, description=help, epilog=_config_help(cls),
                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", help="YAML file of config values (overrides then apply on top)")
@@ -58,6 +59,8 @@ def _add_stage(sub, name: str, cls, help: str, run):
     p.add_argument("--out", help="run directory (default: a new folder under runs/)")
     p.add_argument("--device", help="auto, cpu, cuda or mps")
     p.add_argument("--seed", type=int)
+    if rl:
+        p.add_argument("--reward", metavar="CLASSIFIER_RUN", help="the reward classifier run (sets reward.classifier)")
     p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra)), stage=True)
 
 
@@ -77,11 +80,12 @@ def _train_generator(cfg) -> int:
     return 0
 
 
-def _ppo(cfg) -> int:
-    from minirlhf.algorithms.ppo import train
+def _rl(cfg) -> int:
+    from minirlhf.algorithms.rl import train
 
     run_dir = train(cfg)
-    print(f"run directory: {run_dir}  (plots: reward.png, kl.png; results.json; `minirlhf generate {run_dir}`)")
+    print(f"run directory: {run_dir}  (report.md, results.json, samples.md, plots; policy/: "
+          f"`minirlhf generate {run_dir}`, `minirlhf evaluate {run_dir}`)")
     return 0
 
 
@@ -122,15 +126,26 @@ def _eval_classifier(args, extra) -> int:
 
 
 def _generate(args, extra) -> int:
-    from minirlhf.algorithms.generator import generate_texts, load_generator
+    import torch
+
+    from minirlhf.models.policy import load_policy
     from minirlhf.runtime import pick_device, seed_everything
 
     seed_everything(args.seed)
-    model, vocab = load_generator(args.run_dir, pick_device(args.device)[0])
-    rows = generate_texts(model, vocab, args.prompt or [""], args.n, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, seed=args.seed)
-    for prompt, text in rows:
-        print(f"{prompt} {text}".strip())
+    device = pick_device(args.device)[0]
+    policy = load_policy(args.run_dir, device, value_head=False)
+    prompts = [p for p in args.prompt or [""] for _ in range(args.n)]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    rollout = policy.sample(prompts, args.max_new_tokens, gen, args.temperature, args.top_k, args.top_p)
+    for prompt, text in zip(prompts, rollout.texts):
+        print(policy.as_text(prompt, text))
+    return 0
+
+
+def _evaluate(args, extra) -> int:
+    from minirlhf.evaluate import evaluate_run
+
+    evaluate_run(args.run_dir, args.prompts, args.n, args.seed, args.device)
     return 0
 
 
@@ -143,7 +158,9 @@ def _doctor(args, extra) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from minirlhf.algorithms.classifier import ClassifierConfig
     from minirlhf.algorithms.generator import GeneratorConfig
-    from minirlhf.algorithms.ppo import PPOConfig
+    from minirlhf.algorithms.grpo import GRPOConfig
+    from minirlhf.algorithms.ppo import A2CConfig, PPOConfig
+    from minirlhf.algorithms.rloo import RLOOConfig
     from minirlhf.pipeline import DemoConfig
 
     parser = argparse.ArgumentParser(prog="minirlhf", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -155,8 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo)
     _add_stage(sub, "train-classifier", ClassifierConfig, "stage 1: fine-tune an encoder as sentiment classifier", _train_classifier)
     _add_stage(sub, "train-generator", GeneratorConfig, "stage 3: train the word-level LSTM language model", _train_generator)
-    _add_stage(sub, "ppo", PPOConfig, "RLHF: PPO on a generator run against a classifier run's reward "
-               "(--policy=RUN --reward=RUN)", _ppo)
+    for name, cls, what in (("ppo", PPOConfig, "PPO with a value head, GAE and adaptive KL"),
+                            ("grpo", GRPOConfig, "GRPO: group-standardised rewards, no critic"),
+                            ("rloo", RLOOConfig, "RLOO: leave-one-out baselines, no critic"),
+                            ("a2c", A2CConfig, "A2C: one unclipped policy-gradient step per rollout")):
+        _add_stage(sub, name, cls, f"RLHF with {what} (--policy GENERATOR_RUN|smollm2|MODEL --reward CLASSIFIER_RUN)",
+                   _rl, rl=True)
+
+    p = sub.add_parser("evaluate", help="an RL run's policy vs its reference on held-out prompts: JSON and report.md")
+    p.add_argument("run_dir")
+    p.add_argument("--prompts", help="held-out prompts, a .jsonl file of {\"prompt\": ...} (default: the run's own)")
+    p.add_argument("-n", type=int, help="use at most this many held-out prompts (default: the run's prompts.max_eval)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("classify", help="P(positive) and positive logit of texts under a classifier run")
     p.add_argument("run_dir")
@@ -171,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval_classifier)
 
-    p = sub.add_parser("generate", help="sample continuations from a generator run")
+    p = sub.add_parser("generate", help="sample responses from a generator run, an RL run, or a causal LM")
     p.add_argument("run_dir")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     p.add_argument("-n", type=int, default=5, help="samples per prompt")
@@ -186,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_sampling(args) -> None:
-    if getattr(args, "n", 1) < 1 or getattr(args, "max_new_tokens", 1) < 1:
+    n = getattr(args, "n", 1)
+    if (n is not None and n < 1) or getattr(args, "max_new_tokens", 1) < 1:
         raise UserError("-n and --max-new-tokens must be at least 1")
     if getattr(args, "temperature", 1.0) <= 0:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")

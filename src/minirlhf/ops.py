@@ -83,3 +83,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     Tokens masked out with -inf logits count as probability 0 (not 0 * -inf = nan)."""
     logp = logits.log_softmax(-1)
     return -(logp.exp() * logp.masked_fill(logp.isinf(), 0)).sum(-1)
+
+
+def group_whiten(scores: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage (Shao et al., 2024, sec. 4.1.2): each score standardised within its group.
+    scores (B,) with groups of `group_size` consecutive samples of one prompt -> (B,)."""
+    groups = scores.view(-1, group_size)  # (B / G, G)
+    std = groups.std(1, keepdim=True) if group_size > 1 else torch.ones_like(groups[:, :1])
+    return ((groups - groups.mean(1, keepdim=True)) / (std + eps)).view(-1)
+
+
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage (Kool et al., 2019; Ahmadian et al., 2024): each score minus the mean of the
+    other samples of its prompt. scores (B,) in groups of `group_size` consecutive samples -> (B,)."""
+    if group_size < 2:
+        raise ValueError("leave-one-out needs at least two samples per prompt")
+    groups = scores.view(-1, group_size)  # (B / G, G)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).view(-1)

@@ -167,8 +167,9 @@ def _check_text(value, where: str) -> str:
     return value
 
 
-def read_jsonl(path: Path) -> list[tuple[str, int]]:
-    text = _read_text(path)
+def jsonl_objects(path: Path, required: tuple[str, ...], what: str) -> list[tuple[str, dict]]:
+    """(`file:line`, object) for each non-blank line of a JSON Lines file; each object must have `required`."""
+    text = _read_text(Path(path))
     rows = []
     for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 etc.
         if not line.strip():
@@ -179,14 +180,19 @@ def read_jsonl(path: Path) -> list[tuple[str, int]]:
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: not valid JSON ({e.msg}); write one object per line") from None
         if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected a JSON object with text and label, got {type(obj).__name__}")
-        for field in ("text", "label"):
+            raise UserError(f"{where}: expected a JSON object with {what}, got {type(obj).__name__}")
+        for field in required:
             if field not in obj:
-                raise UserError(f"{where}: missing field {field!r}; each line needs text and label")
-        rows.append((_check_text(obj["text"], where), parse_label(obj["label"], where)))
+                raise UserError(f"{where}: missing field {field!r}; each line needs {what}")
+        rows.append((where, obj))
     if not rows:
-        raise UserError(f"{path}: the file is empty; it needs one {{\"text\", \"label\"}} object per line")
+        raise UserError(f"{path}: the file is empty; it needs one object with {what} per line")
     return rows
+
+
+def read_jsonl(path: Path) -> list[tuple[str, int]]:
+    return [(_check_text(obj["text"], where), parse_label(obj["label"], where))
+            for where, obj in jsonl_objects(path, ("text", "label"), "text and label")]
 
 
 def read_csv(path: Path) -> list[tuple[str, int]]:

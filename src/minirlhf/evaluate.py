@@ -1,0 +1,148 @@
+"""`minirlhf evaluate RUN_DIR`: the trained policy against its reference on held-out prompts.
+
+Both answer every prompt (same seed); the reward model scores both. Reported: mean reward of each, the
+policy's win rate, KL(policy || reference) per response, distinct-1/2 (lexical diversity), and the
+perplexity of the responses under the reference (how far from the reference's language they drift).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from minirlhf import UserError
+from minirlhf.checkpoint import atomic_write_text, load_json, save_json
+from minirlhf.data.vocab import tokenize
+from minirlhf.ops import kl_estimate
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over all texts, by words (Li et al., 2016)."""
+    grams = [tuple(w[i: i + n]) for w in map(tokenize, texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def _answer(policy, ref, reward, prompts: list[str], response_len: int, gen) -> dict:
+    """Sample from `policy`; score the responses; their log-probs under the reference."""
+    rollout = policy.sample(prompts, response_len, gen)
+    total, _ = reward(policy, rollout)
+    ref_logprobs, _, _ = ref(rollout)
+    mask = rollout.response_mask
+    return {"texts": rollout.texts, "reward": total.cpu(), "tokens": mask.sum(1).cpu(),
+            "kl": (kl_estimate(rollout.logprobs, ref_logprobs, "k1") * mask).sum(1).cpu(),
+            "ref_nll": -(ref_logprobs * mask).sum(1).cpu()}
+
+
+def _gather(chunks: list[dict]) -> dict:
+    return {k: sum((c[k] for c in chunks), []) if isinstance(chunks[0][k], list) else torch.cat([c[k] for c in chunks])
+            for k in chunks[0]}
+
+
+def _summary(side: dict) -> dict:
+    return {"reward": side["reward"].mean().item(), "distinct_1": distinct_n(side["texts"], 1),
+            "distinct_2": distinct_n(side["texts"], 2), "mean_tokens": side["tokens"].float().mean().item(),
+            "ref_perplexity": torch.exp(side["ref_nll"].sum() / side["tokens"].sum().clamp(min=1)).item()}
+
+
+def evaluate_policy(policy, ref, reward, prompts: list[str], cfg, seed: int = 0, n_samples: int = 8) -> dict:
+    """Policy vs reference on `prompts`, in batches of cfg.batch_size; a dict of figures plus samples."""
+    device = next(policy.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ours, theirs = [], []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start: start + cfg.batch_size]
+        ours.append(_answer(policy, ref, reward, chunk, cfg.response_len, gen))
+        theirs.append(_answer(ref, ref, reward, chunk, cfg.response_len, gen))
+    ours, theirs = _gather(ours), _gather(theirs)
+    win = (ours["reward"] > theirs["reward"]).float() + 0.5 * (ours["reward"] == theirs["reward"]).float()
+    policy_side, reference_side = _summary(ours), _summary(theirs)
+    return {"prompts": len(prompts), "reward_policy": policy_side["reward"], "reward_reference": reference_side["reward"],
+            "win_rate": win.mean().item(), "kl": ours["kl"].mean().item(), "policy": policy_side,
+            "reference": reference_side,
+            "samples": [{"prompt": p, "reference": t, "reference_reward": round(tr, 3), "policy": o,
+                         "policy_reward": round(orew, 3)}
+                        for p, t, tr, o, orew in zip(prompts, theirs["texts"], theirs["reward"].tolist(),
+                                                     ours["texts"], ours["reward"].tolist())][:n_samples]}
+
+
+def md_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|") or " "
+
+
+def write_report(run_dir: Path, results: dict, cfg) -> Path:
+    """report.md: the figures, the training plots, and samples before (reference) and after (policy)."""
+    p, r = results["policy"], results["reference"]
+    lines = [f"# {cfg.algorithm.upper()} run `{run_dir}`", "",
+             f"Policy `{cfg.policy}`, reward: {_reward_text(cfg)}; {results['prompts']} held-out prompts.", "",
+             "| | reference (before) | policy (after) |", "| --- | --- | --- |",
+             f"| mean reward | {r['reward']:+.3f} | {p['reward']:+.3f} |",
+             f"| win rate of the policy | | {results['win_rate']:.3f} |",
+             f"| KL(policy \\|\\| reference) per response, nats | 0 | {results['kl']:.3f} |",
+             f"| distinct-1 / distinct-2 | {r['distinct_1']:.3f} / {r['distinct_2']:.3f} | "
+             f"{p['distinct_1']:.3f} / {p['distinct_2']:.3f} |",
+             f"| perplexity under the reference | {r['ref_perplexity']:.2f} | {p['ref_perplexity']:.2f} |",
+             f"| mean response tokens | {r['mean_tokens']:.1f} | {p['mean_tokens']:.1f} |", ""]
+    lines += [f"![{name}]({name}.png)" for name in ("reward", "kl", "policy", "value") if (run_dir / f"{name}.png").is_file()]
+    lines += ["", "## Samples", "", "| prompt | reference (before) | reward | policy (after) | reward |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['reference'])} | {s['reference_reward']:+.2f} | "
+              f"{md_cell(s['policy'])} | {s['policy_reward']:+.2f} |" for s in results["samples"]]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    return run_dir / "report.md"
+
+
+def _reward_text(cfg) -> str:
+    from minirlhf.rewards import TERMS
+
+    terms = [f"{getattr(cfg.reward, t + '_weight'):g} x {t}" for t in TERMS
+             if getattr(cfg.reward, t + "_weight") and (t != "function" or cfg.reward.function)]
+    return " + ".join(terms) or "none"
+
+
+def run_config(run_dir: Path):
+    """The config an RL run was trained with, as its own dataclass."""
+    from minirlhf.algorithms.grpo import GRPOConfig
+    from minirlhf.algorithms.ppo import A2CConfig, PPOConfig
+    from minirlhf.algorithms.rloo import RLOOConfig
+    from minirlhf.config import load_saved
+
+    state = load_json(run_dir / "state.json") if (run_dir / "state.json").is_file() else None
+    if state is None or not (run_dir / "policy").is_dir():
+        raise UserError(f"{run_dir} is not a finished RL run (no state.json and policy/); train one with `minirlhf ppo`")
+    classes = {c.algorithm: c for c in (PPOConfig, A2CConfig, GRPOConfig, RLOOConfig)}
+    if state.get("algorithm") not in classes:
+        raise UserError(f"{run_dir}/state.json names an unknown algorithm {state.get('algorithm')!r}")
+    return load_saved(classes[state["algorithm"]], run_dir / "config.yaml")
+
+
+def evaluate_run(run_dir: str, prompts_file: str | None, n: int | None, seed: int, device_name: str) -> dict:
+    """Evaluate a finished RL run; writes eval.json and report.md into it."""
+    import dataclasses
+
+    from minirlhf.data.prompts import load_prompts
+    from minirlhf.models.policy import load_policy
+    from minirlhf.rewards import Reward
+    from minirlhf.runtime import pick_device
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    if prompts_file is not None:
+        cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, eval_file=prompts_file))
+    if n is not None:
+        cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, max_eval=n))
+    device, _ = pick_device(device_name)
+    options = {"chat_template": cfg.policy_options.chat_template}
+    policy = load_policy(str(run_dir), device, value_head=False, **options)
+    ref = load_policy(cfg.policy, device, value_head=False, **options).frozen_copy()
+    reward = Reward(dataclasses.replace(cfg.reward, normalize=False), cfg.response_len, device, cfg.data)
+    _, prompts = load_prompts(cfg.prompts, cfg.data)
+    results = evaluate_policy(policy, ref, reward, prompts, cfg, seed=seed)
+    save_json(results, run_dir / "eval.json")
+    write_report(run_dir, results, cfg)
+    print(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2))
+    print(f"report: {run_dir / 'report.md'}")
+    return results

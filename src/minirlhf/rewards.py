@@ -1,0 +1,177 @@
+"""The RLHF reward: a weighted sum of named terms, each (B,) per batch of responses.
+
+Terms: `classifier` (the stage-1 classifier's positive logit), `unended` (1 for a response that hit the
+length limit without ending), `length` (response tokens / response_len), `repetition` (share of repeated
+word bigrams) and `function` (a user function given as `module:function`). Penalties are negative
+weights, e.g. `--reward.unended_weight=-1`. The sequence score lands on the last real token (ops.token_rewards).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minirlhf import UserError
+from minirlhf.data.vocab import tokenize
+
+TERMS = ("classifier", "unended", "length", "repetition", "function")
+
+
+@dataclass
+class RewardConfig:
+    classifier: str = ""
+    """run directory of a stage-1 sentiment classifier (`minirlhf train-classifier`); its positive logit is the `classifier` term"""
+    train_missing: bool = False
+    """train that classifier first (on `data`, with the demo's quick settings) when the directory does not exist yet"""
+    classifier_weight: float = 1.0
+    """weight of the classifier's positive logit"""
+    unended_weight: float = 0.0
+    """weight of `unended` (1 when a response never produced end-of-text); negative penalises"""
+    length_weight: float = 0.0
+    """weight of `length`, the response's share of response_len"""
+    repetition_weight: float = 0.0
+    """weight of `repetition`, the share of the response's word bigrams seen before in it; negative penalises"""
+    function: str | None = None
+    """a user reward `module:function` taking (prompts, responses) lists of str, returning one float per response"""
+    function_weight: float = 1.0
+    """weight of the user function's value"""
+    normalize: bool = False
+    """divide by a running std and subtract a running mean of the total (kept across steps)"""
+
+
+def repetition(text: str) -> float:
+    """Share of word bigrams that already occurred earlier in the same text (0 for fewer than two words)."""
+    words = tokenize(text)
+    bigrams = list(zip(words, words[1:]))
+    return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def load_function(spec: str):
+    """Import `module:function`; the current directory is searched first, as Python's -m does."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise UserError(f"reward.function={spec!r} must look like module:function (e.g. my_rewards:brevity)")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"cannot load reward function {spec!r} ({e}); check the module is importable from here") from None
+    if not callable(fn):
+        raise UserError(f"reward function {spec!r} is not callable")
+    return fn
+
+
+class RunningMoments:
+    """Running mean and variance over every total seen so far (Chan et al.'s parallel update)."""
+
+    def __init__(self, mean: float = 0.0, var: float = 1.0, count: int = 0):
+        self.mean, self.var, self.count = mean, var, count
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item() if x.numel() > 1 else 0.0
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+
+class Reward:
+    """`reward(policy, rollout)` -> (total (B,) for training, {term: (B,)} raw values for logging)."""
+
+    def __init__(self, cfg: RewardConfig, response_len: int, device, data=None):
+        self.cfg, self.response_len = cfg, response_len
+        self.weights = {t: getattr(cfg, f"{t}_weight") for t in TERMS}
+        self.classifier = self.function = None
+        if self.weights["classifier"] != 0:
+            self.classifier = load_classifier(cfg, device, data)
+        if cfg.function:
+            self.function = load_function(cfg.function)
+        self.moments = RunningMoments() if cfg.normalize else None
+
+    def terms(self, policy, rollout) -> dict[str, torch.Tensor]:
+        """Each active term's raw value, (B,) on the CPU."""
+        out = {}
+        if self.classifier is not None:
+            texts = [policy.as_text(p, r) for p, r in zip(rollout.prompts, rollout.texts)]
+            out["classifier"] = self.classifier.score(texts)[1]
+        if self.weights["unended"]:
+            out["unended"] = (~rollout.ended).float().cpu()
+        if self.weights["length"]:
+            out["length"] = rollout.response_mask.sum(1).cpu() / self.response_len
+        if self.weights["repetition"]:
+            out["repetition"] = torch.tensor([repetition(t) for t in rollout.texts])
+        if self.function is not None:
+            out["function"] = self._call_function(rollout)
+        return out
+
+    def _call_function(self, rollout) -> torch.Tensor:
+        values = self.function(list(rollout.prompts), list(rollout.texts))
+        try:
+            values = torch.tensor([float(v) for v in values])
+        except (TypeError, ValueError):
+            raise UserError(f"reward function {self.cfg.function} must return one number per response") from None
+        if values.shape != (len(rollout.texts),):
+            raise UserError(f"reward function {self.cfg.function} returned {values.numel()} values for "
+                            f"{len(rollout.texts)} responses; return one per response")
+        return values
+
+    def __call__(self, policy, rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.terms(policy, rollout)
+        total = sum(self.weights[k] * v for k, v in terms.items()) if terms else torch.zeros(len(rollout.texts))
+        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise UserError(f"the reward term {bad[0]!r} gave a non-finite value; fix that term or set its weight to 0")
+        terms["total"] = total
+        return total, terms
+
+    def normalized(self, total: torch.Tensor) -> torch.Tensor:
+        """Standardise with the running moments (updated with this batch first), if normalisation is on."""
+        if self.moments is None:
+            return total
+        self.moments.update(total)
+        return (total - self.moments.mean) / math.sqrt(self.moments.var + 1e-8)
+
+
+def load_classifier(cfg: RewardConfig, device, data=None):
+    """The classifier run `cfg.classifier`; trained first when it is missing and `train_missing` is set."""
+    from minirlhf.models.classifier import SentimentClassifier
+
+    if not cfg.classifier:
+        raise UserError("the reward needs a classifier: pass --reward CLASSIFIER_RUN (or set reward.classifier_weight=0 "
+                        "and use reward.function)")
+    path = Path(cfg.classifier)
+    if not (path / "model" / "config.json").is_file():
+        if not cfg.train_missing or path.exists():
+            raise UserError(f"reward classifier {path} is not a trained classifier run; train one with "
+                            f"`minirlhf train-classifier --out {path}`, or set reward.train_missing=true")
+        train_classifier(path, data, device)
+    return SentimentClassifier.from_run(path, device)
+
+
+def train_classifier(path: Path, data, device) -> Path:
+    """Train the reward classifier with the demo's quick settings, so that a fresh checkout can run RLHF."""
+    import dataclasses
+    import os
+    import shutil
+
+    from minirlhf.algorithms import classifier
+    from minirlhf.pipeline import demo_classifier
+
+    print(f"reward classifier {path} does not exist yet: training it first (once; it is reused afterwards)")
+    cfg = demo_classifier()
+    if data is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, max_train=cfg.data.max_train, max_eval=cfg.data.max_eval))
+    tmp = path.with_name(f".{path.name}.training")  # renamed into place only when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    classifier.train(dataclasses.replace(cfg, out=str(tmp), device=str(device)))
+    os.replace(tmp, path)
+    return path

