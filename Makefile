@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/generator_tweets.py
 	$(PY) benchmarks/rlhf_demo.py
 	$(PY) benchmarks/smollm2_sentiment.py
+	$(PY) benchmarks/sentiment_rlhf.py
 
 clean:
 	rm -rf $(VENV) runs

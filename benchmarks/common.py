@@ -14,14 +14,15 @@ def run_minirlhf(args: list[str], cwd: Path = ROOT) -> tuple[subprocess.Complete
     """(finished process with its stdout, wall seconds, peak resident MiB of the child)."""
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "minirlhf", *args], cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
+                          stderr=subprocess.PIPE, text=True)
     return proc, time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def failed(proc: subprocess.CompletedProcess) -> bool:
     """Print the error JSON of a failed run; True when it failed."""
     if proc.returncode != 0:
-        print(json.dumps({"error": f"{' '.join(proc.args[2:4])} exited {proc.returncode}", "output": proc.stdout[-2000:]}))
+        print(json.dumps({"error": f"{' '.join(proc.args[2:4])} exited {proc.returncode}", "output": proc.stdout[-2000:],
+                          "stderr": proc.stderr[-1000:]}))
     return proc.returncode != 0
 
 

@@ -64,20 +64,31 @@ def test_a_row_ends_at_its_first_end_of_text_and_padding_is_masked_though_pad_is
         assert "<|im_end|>" not in rollout.texts[b]
 
 
-@pytest.mark.parametrize("cls", [PPOConfig, GRPOConfig])
-def test_two_steps_on_smollm2_train_only_the_unfrozen_layers(cls, tiny_classifier, tmp_path):
+@pytest.mark.parametrize("cls, lora", [(PPOConfig, False), (GRPOConfig, False), (PPOConfig, True)])
+def test_two_steps_on_smollm2_train_only_the_unfrozen_layers(cls, lora, tiny_classifier, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(cls, overrides=[
         "--policy=smollm2", f"--reward.classifier={tiny_classifier}", f"--out={tmp_path / 'run'}", "--device=cpu",
         "--policy_options.freeze_layers=28", "--steps=2", "--batch_size=4", "--minibatch_size=2",
-        "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--lr=1e-4",
-        *(["--group_size=2"] if cls is GRPOConfig else [])])
+        "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--lr=1e-3",
+        *(["--group_size=2"] if cls is GRPOConfig else []), *(["--policy_options.lora_rank=4"] if lora else [])])
     run = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["policy/loss"]) for r in rows)
     start = load_policy("smollm2", "cpu", value_head=False).model.state_dict()
-    trained = AutoModelForCausalLM.from_pretrained(run / "policy").state_dict()  # transformers' own format
+    if lora:  # adapters only; peft loads them onto the base model
+        assert (run / "checkpoint" / "policy" / "adapter_config.json").is_file()
+        assert rows[-1]["memory/grads_mb"] < 10
+        from peft import AutoPeftModelForCausalLM
+
+        trained = AutoPeftModelForCausalLM.from_pretrained(run / "checkpoint" / "policy").merge_and_unload().state_dict()
+        assert load_policy(str(run), "cpu", keep_adapters=True).lora  # as --resume loads it
+        merged = load_policy(str(run), "cpu", value_head=False)  # as generate, evaluate and a new run load it
+        assert not merged.lora and torch.equal(merged.model.state_dict()["model.layers.29.mlp.down_proj.weight"],
+                                               trained["model.layers.29.mlp.down_proj.weight"])
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(run / "checkpoint" / "policy").state_dict()
     assert not torch.equal(start["model.layers.29.mlp.down_proj.weight"], trained["model.layers.29.mlp.down_proj.weight"])
     for frozen in ("model.layers.0.mlp.down_proj.weight", "model.layers.27.self_attn.q_proj.weight",
                    "model.embed_tokens.weight"):
@@ -95,3 +106,47 @@ def test_models_whose_logits_are_not_the_head_of_the_trunk_are_refused(smol, tmp
     smol.tokenizer.save_pretrained(tmp_path / "capped")
     with pytest.raises(UserError, match="transforms its logits"):
         load_policy(str(tmp_path / "capped"), "cpu")
+
+
+def test_frozen_blocks_are_shared_with_the_reference_and_run_once_per_rollout():
+    from minirlhf.runtime import memory_report
+
+    policy = load_policy("smollm2", "cpu", freeze_layers=20)
+    ref, critic = policy.frozen_copy(), policy.critic_copy()
+    assert policy.split and ref.split
+    blocks = [m.model.model.layers for m in (policy, ref, critic)]
+    assert all(b[5].mlp.down_proj.weight is blocks[0][5].mlp.down_proj.weight for b in blocks)  # shared, not copied
+    assert blocks[1][25].mlp.down_proj.weight is not blocks[0][25].mlp.down_proj.weight
+    assert critic.value_head is not policy.value_head and not ref.model.model.layers[25].mlp.down_proj.weight.requires_grad
+    alone = memory_report([policy])["memory/params_mb"]
+    assert memory_report([policy, ref, critic])["memory/params_mb"] < 2.0 * alone  # a full copy would be 3x
+
+    rollout = policy.sample(["hi", "Tell me about cats."], 8, torch.Generator().manual_seed(0))
+    assert rollout.frozen_hidden is None
+    policy.prepare(rollout)
+    assert rollout.frozen_hidden.shape[:2] == (2, rollout.prompt_ids.size(1) + rollout.response_ids.size(1))
+    calls = []
+    hook = policy.model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        logprobs, values, _ = policy(rollout)
+        ref_logprobs, _, _ = ref(rollout)
+    hook.remove()
+    assert calls == []  # the frozen blocks did not run again
+    assert torch.allclose(logprobs, rollout.logprobs, atol=2e-4) and torch.allclose(values, rollout.values, atol=2e-4)
+    assert torch.allclose(ref_logprobs, logprobs, atol=2e-4)  # nothing trained yet
+
+
+def test_lora_reference_is_the_model_with_its_adapters_off():
+    policy = load_policy("smollm2", "cpu", lora_rank=4)
+    ref = policy.frozen_copy()
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
+    assert list(ref.parameters()) == []  # no second copy of the model
+    rollout = policy.sample(["Tell me about cats."], 6, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # as if trained: the policy moves, the reference must not
+        moved, _, _ = policy(rollout)
+        base, _, _ = ref(rollout)
+    assert torch.allclose(base, rollout.logprobs, atol=2e-4) and not torch.allclose(moved, base, atol=1e-2)

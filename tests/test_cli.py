@@ -102,7 +102,7 @@ def test_demo_runs_every_stage_end_to_end(cli, tmp_path):
     assert "run directory: demo" in proc.stdout and "win rate" in proc.stdout
     for name in ("config.yaml", "classifier/model/config.json", "classifier/accuracy.png",
                  "generator/perplexity.png", "generator/samples.md", "ppo/reward.png", "ppo/results.json",
-                 "ppo/report.md", "ppo/samples.md", "ppo/policy/model.safetensors"):
+                 "ppo/report.md", "ppo/samples.md", "ppo/checkpoint/policy/model.safetensors"):
         assert (tmp_path / "demo" / name).is_file(), name
 
 
@@ -130,7 +130,7 @@ def test_rl_commands_reject_bad_input_in_one_line(cli, tmp_path, tiny_generator)
                           "reward classifier nowhere is not a trained classifier run")
     assert_one_line_error(cli("grpo", "--policy", str(tiny_generator), "--batch_size=6"), "multiple of group_size=4")
     assert_one_line_error(cli("ppo", "--critic=shared"), "critic must be {head,separate}")
-    assert_one_line_error(cli("evaluate", str(tiny_generator)), "is not a finished RL run")
+    assert_one_line_error(cli("evaluate", str(tiny_generator)), "is not an RL run with a checkpoint")
     proc = cli("grpo", "--help")
     assert proc.returncode == 0 and "--group_size" in proc.stdout and "--reward.unended_weight" in proc.stdout
 

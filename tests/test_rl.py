@@ -122,14 +122,17 @@ def test_two_steps_change_the_policy_with_finite_losses(cls, extra, critic, tiny
         assert name in rows[-1], name
     assert all(math.isfinite(r["policy/loss"]) and math.isfinite(r.get("value/loss", 0.0)) for r in rows)
     before, _ = load_generator(tiny_generator)
-    after, _ = load_generator(run / "policy")
+    after, _ = load_generator(run / "checkpoint" / "policy")
     assert not torch.equal(before.lstm.weight_hh_l0, after.lstm.weight_hh_l0)
-    for name in ("config.yaml", "reward.png", "kl.png", "results.json", "report.md", "samples.md", "state.json"):
+    for name in ("config.yaml", "reward.png", "kl.png", "results.json", "report.md", "samples.md",
+                 "checkpoint/state.json", "checkpoint/trainer_state.safetensors"):
         assert (run / name).is_file(), name
-    assert (run / "policy" / "value_head.safetensors").is_file() == (critic and "--critic=separate" not in extra)
-    assert (run / "value_model").is_dir() == ("--critic=separate" in extra)
-    state = json.loads((run / "state.json").read_text())
+    ckpt = run / "checkpoint"
+    assert (ckpt / "policy" / "value_head.safetensors").is_file() == (critic and "--critic=separate" not in extra)
+    assert (ckpt / "value_model").is_dir() == ("--critic=separate" in extra)
+    state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 2 and state["algorithm"] == cls.algorithm
+    assert rows[-1]["memory/optimizer_mb"] > 0 and rows[-1]["memory/grads_mb"] > 0
 
 
 def test_group_algorithms_sample_each_prompt_group_size_times(tiny_generator, tiny_classifier, tmp_path):
@@ -155,7 +158,7 @@ def test_a_non_finite_reward_stops_the_run_and_keeps_the_last_checkpoint(tiny_ge
     with pytest.raises(UserError, match="reward term 'function' gave a non-finite value"):
         _run(PPOConfig, tiny_generator, tiny_classifier, tmp_path / "run", "--steps=5", "--batch_size=4",
              "--minibatch_size=4", "--save_every=1", "--reward.function=flaky_reward:reward")
-    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
     policy = load_policy(str(tmp_path / "run"), "cpu")
     assert all(torch.isfinite(p).all() for p in policy.parameters())
     assert len(_rows(tmp_path / "run")) == 2

@@ -95,8 +95,9 @@ def atomic_dir(path: Path):
     try:
         yield tmp
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if f.is_file():  # sub-folders were written by atomic_dir themselves, and synced there
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -108,3 +109,32 @@ def atomic_dir(path: Path):
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state split into tensors (for safetensors, keyed `PARAM_INDEX.NAME`) and JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, v in state.items():
+            (tensors if torch.is_tensor(v) else scalars)[f"{idx}.{name}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                         where: Path) -> None:
+    """The inverse of `optimizer_state`; a checkpoint of another model or optimizer is a one-line error."""
+    state: dict[int, dict] = {}
+    for key, v in [*tensors.items(), *meta.get("scalars", {}).items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    misfit = [i for i, st in state.items() if i >= len(params) or any(
+        torch.is_tensor(v) and v.dim() > 0 and v.shape != params[i].shape for v in st.values())]
+    try:
+        if misfit:
+            raise ValueError(f"parameter {misfit[0]} has another shape or does not exist")
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"the optimizer state in {where} does not fit this model ({str(e).splitlines()[0][:120]}); "
+                        "resume with the config the run was started with") from None

@@ -29,6 +29,10 @@ def _overrides(extra: list[str]) -> list[str]:
     return out
 
 
+RESUME_FIXED = {"out", "seed", "policy", "policy_options", "reward", "data", "prompts", "batch_size", "group_size"}
+"""what a resumed run may not change: it would no longer repeat the uninterrupted run"""
+
+
 def _stage_config(cls, args, extra):
     import dataclasses
 
@@ -39,7 +43,23 @@ def _stage_config(cls, args, extra):
            ((data_key, args.data), ("out", args.out), ("device", args.device), ("seed", args.seed),
             ("reward.classifier", getattr(args, "reward", None)))
            if value is not None]
-    return load_config(cls, args.config, _overrides(extra) + cli)
+    if getattr(args, "resume", None) is None:
+        return load_config(cls, args.config, _overrides(extra) + cli)
+    return _resume_config(cls, args, _overrides(extra) + cli)
+
+
+def _resume_config(cls, args, overrides: list[str]):
+    """The config a run was started with, under the overrides that keep it the same run (e.g. --steps=200)."""
+    from pathlib import Path
+
+    from minirlhf.config import load_config, load_saved
+
+    fixed = [o.split("=")[0] for o in overrides if o[2:].split("=")[0].split(".")[0] in RESUME_FIXED]
+    if args.config is not None or fixed:
+        raise UserError(f"--resume repeats the run as it was configured; {(fixed or ['--config'])[0]} cannot change "
+                        "(others, such as --steps, can)")
+    base = load_saved(cls, Path(args.resume) / "config.yaml")
+    return load_config(cls, None, overrides + [f"--out={args.resume}"], base=base)
 
 
 def _config_help(cls) -> str:
@@ -61,6 +81,10 @@ def _add_stage(sub, name: str, cls, help: str, run, rl: bool = False):
     p.add_argument("--seed", type=int)
     if rl:
         p.add_argument("--reward", metavar="CLASSIFIER_RUN", help="the reward classifier run (sets reward.classifier)")
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint "
+                       "(its own config; --steps=N to train longer)")
+        p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra), args.resume), stage=True)
+        return
     p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra)), stage=True)
 
 
@@ -80,12 +104,13 @@ def _train_generator(cfg) -> int:
     return 0
 
 
-def _rl(cfg) -> int:
+def _rl(cfg, resume: str | None = None) -> int:
     from minirlhf.algorithms.rl import train
 
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}  (report.md, results.json, samples.md, plots; policy/: "
-          f"`minirlhf generate {run_dir}`, `minirlhf evaluate {run_dir}`)")
+    run_dir = train(cfg, resume)
+    if run_dir is not None:  # None on the other processes under torchrun
+        print(f"run directory: {run_dir}  (report.md, results.json, samples.md, plots; checkpoint/: "
+              f"`minirlhf generate {run_dir}`, `minirlhf evaluate {run_dir}`, `--resume {run_dir}`)")
     return 0
 
 

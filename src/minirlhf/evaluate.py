@@ -29,7 +29,7 @@ def _answer(policy, ref, reward, prompts: list[str], response_len: int, gen) -> 
     """Sample from `policy`; score the responses; their log-probs under the reference."""
     rollout = policy.sample(prompts, response_len, gen)
     total, _ = reward(policy, rollout)
-    ref_logprobs, _, _ = ref(rollout)
+    ref_logprobs, _, _ = ref(rollout, entropy=False)
     mask = rollout.response_mask
     return {"texts": rollout.texts, "reward": total.cpu(), "tokens": mask.sum(1).cpu(),
             "kl": (kl_estimate(rollout.logprobs, ref_logprobs, "k1") * mask).sum(1).cpu(),
@@ -45,6 +45,15 @@ def _summary(side: dict) -> dict:
     return {"reward": side["reward"].mean().item(), "distinct_1": distinct_n(side["texts"], 1),
             "distinct_2": distinct_n(side["texts"], 2), "mean_tokens": side["tokens"].float().mean().item(),
             "ref_perplexity": torch.exp(side["ref_nll"].sum() / side["tokens"].sum().clamp(min=1)).item()}
+
+
+@torch.no_grad()
+def held_out_reward(policy, reward, prompts: list[str], cfg, seed: int = 0) -> float:
+    """Mean reward of one sampled response per held-out prompt: the quick check `eval_every` logs."""
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    totals = [reward(policy, policy.sample(prompts[i: i + cfg.batch_size], cfg.response_len, gen))[0]
+              for i in range(0, len(prompts), cfg.batch_size)]
+    return torch.cat(totals).mean().item()
 
 
 def evaluate_policy(policy, ref, reward, prompts: list[str], cfg, seed: int = 0, n_samples: int = 8) -> dict:
@@ -86,6 +95,10 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
              f"{p['distinct_1']:.3f} / {p['distinct_2']:.3f} |",
              f"| perplexity under the reference | {r['ref_perplexity']:.2f} | {p['ref_perplexity']:.2f} |",
              f"| mean response tokens | {r['mean_tokens']:.1f} | {p['mean_tokens']:.1f} |", ""]
+    memory = results.get("memory")
+    if memory:  # written by training (evaluate alone does not train)
+        lines += ["Memory, MiB: " + ", ".join(f"{k.split('/')[1].replace('_mb', '')} {v:,.1f}" for k, v in memory.items())
+                  + " (parameters shared by policy, reference and critic counted once)", ""]
     lines += [f"![{name}]({name}.png)" for name in ("reward", "kl", "policy", "value") if (run_dir / f"{name}.png").is_file()]
     lines += ["", "## Samples", "", "| prompt | reference (before) | reward | policy (after) | reward |",
               "| --- | --- | --- | --- | --- |"]
@@ -110,12 +123,14 @@ def run_config(run_dir: Path):
     from minirlhf.algorithms.rloo import RLOOConfig
     from minirlhf.config import load_saved
 
-    state = load_json(run_dir / "state.json") if (run_dir / "state.json").is_file() else None
-    if state is None or not (run_dir / "policy").is_dir():
-        raise UserError(f"{run_dir} is not a finished RL run (no state.json and policy/); train one with `minirlhf ppo`")
+    state_file = run_dir / "checkpoint" / "state.json"
+    if not state_file.is_file() or not (run_dir / "checkpoint" / "policy").is_dir():
+        raise UserError(f"{run_dir} is not an RL run with a checkpoint (checkpoint/state.json and checkpoint/policy/); "
+                        "train one with `minirlhf ppo`")
+    state = load_json(state_file)
     classes = {c.algorithm: c for c in (PPOConfig, A2CConfig, GRPOConfig, RLOOConfig)}
     if state.get("algorithm") not in classes:
-        raise UserError(f"{run_dir}/state.json names an unknown algorithm {state.get('algorithm')!r}")
+        raise UserError(f"{state_file} names an unknown algorithm {state.get('algorithm')!r}")
     return load_saved(classes[state["algorithm"]], run_dir / "config.yaml")
 
 

@@ -10,9 +10,16 @@ from pathlib import Path
 class MetricsWriter:
     """Appends `{"step": ..., name: value, ...}` lines to RUN_DIR/metrics.jsonl and keeps them for plots."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, keep_until: int | None = None):
+        """`keep_until=N` (a resumed run) keeps the rows of steps 1..N already in the file and drops the rest."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
+        if keep_until is not None and self.path.is_file():
+            from minirlhf.checkpoint import atomic_write_text
+
+            self.rows = [r for r in map(_parse, self.path.read_text(encoding="utf-8").splitlines())
+                         if r is not None and r.get("step", 0) <= keep_until]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, **metrics: float) -> None:
@@ -26,6 +33,15 @@ class MetricsWriter:
 
     def plot(self, path: Path, names: list[str], title: str, x: str = "step") -> Path:
         return plot_curves(self.rows, Path(path), names, title, x)
+
+
+def _parse(line: str) -> dict | None:
+    """A metrics row, or None for a blank line or one torn by a crash mid-write."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _plain(v):

@@ -92,3 +92,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         os.environ["HF_HUB_OFFLINE"] = "1"
         constants.HF_HUB_OFFLINE = True
         return False
+
+
+def memory_report(modules: list, optimizer=None) -> dict[str, float]:
+    """Where the memory goes, in MiB: parameters (a tensor shared by several models counted once), their
+    gradients (trainable parameters only), the optimizer's state, and the process's peak resident memory."""
+    tensors = {}
+    for module in modules:
+        for p in module.parameters() if module is not None else []:
+            tensors[p.data_ptr()] = p
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731
+    state = [v for s in (optimizer.state.values() if optimizer is not None else []) for v in s.values()
+             if hasattr(v, "numel") and v.dim() > 0]
+    return {"memory/params_mb": round(size(tensors.values()), 1),
+            "memory/grads_mb": round(size(p for p in tensors.values() if p.requires_grad), 1),
+            "memory/optimizer_mb": round(size(state), 1), "memory/peak_rss_mb": round(peak_memory_mb(), 1)}

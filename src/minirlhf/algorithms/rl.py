@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from minirlhf import UserError
+from minirlhf import UserError, distributed
 from minirlhf.checkpoint import atomic_write_text, save_json
 from minirlhf.config import DataConfig, RunConfig, save_config
 from minirlhf.data.prompts import PromptConfig, load_prompts
@@ -23,7 +23,7 @@ from minirlhf.metrics import MetricsWriter
 from minirlhf.models.policy import Rollout, load_policy
 from minirlhf.ops import kl_estimate, masked_mean
 from minirlhf.rewards import Reward, RewardConfig
-from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
+from minirlhf.runtime import make_run_dir, memory_report, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import optimizer_step, progress
 
 
@@ -32,9 +32,19 @@ class PolicyOptions:
     chat_template: bool = True
     """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one)"""
     freeze_layers: int = 0
-    """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs)"""
+    """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs); the
+    reference and a separate critic share them, and their output is computed once per rollout"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (peft) instead of the weights; the reference is the model with its
+    adapters off, so no second copy (causal LMs; 0: off)"""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)"""
 
-    checks = {"freeze_layers": ">= 0"}
+    checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
+
+    def as_kwargs(self) -> dict:
+        return dict(chat_template=self.chat_template, freeze_layers=self.freeze_layers, lora_rank=self.lora_rank,
+                    lora_alpha=self.lora_alpha)
 
 
 @dataclass
@@ -82,12 +92,15 @@ class RLConfig(RunConfig):
     """add a table of sample responses to samples.md at the start and every this many steps"""
     save_every: int = 20
     """checkpoint the policy every this many steps (and at the end)"""
+    eval_every: int = 0
+    """log `eval/reward`, the mean reward on the held-out prompts, before training and every this many steps,
+    with `time/train_s`, the training time so far (0: evaluate at the end only)"""
 
     algorithm: ClassVar[str] = ""
     checks = {**RunConfig.checks, "steps": ">= 1", "batch_size": ">= 1", "response_len": ">= 1", "ppo_epochs": ">= 1",
               "minibatch_size": ">= 1", "lr": "> 0", "clip_eps": "> 0", "kl_coef": ">= 0", "kl_estimator": "{k1,k3}",
               "kl_target": "> 0", "kl_horizon": ">= 1", "target_kl": "> 0", "max_grad_norm": "> 0",
-              "sample_every": ">= 1", "save_every": ">= 1"}
+              "sample_every": ">= 1", "save_every": ">= 1", "eval_every": ">= 0"}
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float) -> tuple[torch.Tensor, dict]:
@@ -140,7 +153,7 @@ def group_size(cfg) -> int:
     return getattr(cfg, "group_size", 1)
 
 
-def _advantages(cfg, rollout, scores, kl, kl_coef, value_model) -> Batch:
+def _advantages(cfg, rollout, scores, kl, kl_coef) -> Batch:
     """The algorithms' one real difference: how a score becomes a per-token advantage."""
     from minirlhf.algorithms import grpo, ppo, rloo
 
@@ -150,14 +163,17 @@ def _advantages(cfg, rollout, scores, kl, kl_coef, value_model) -> Batch:
     if cfg.algorithm == "rloo":
         seq_kl = (kl.penalty * mask).sum(1)
         return Batch(rollout, kl.ref_logprobs, rloo.advantages(scores - kl_coef * seq_kl, cfg.group_size, mask))
-    values = rollout.values if value_model is None else value_model(rollout)[1]
-    advantages, returns = ppo.advantages(scores, kl.penalty, values, mask, kl_coef, cfg)
-    return Batch(rollout, kl.ref_logprobs, advantages, values, returns)
+    advantages, returns = ppo.advantages(scores, kl.penalty, rollout.values, mask, kl_coef, cfg)
+    return Batch(rollout, kl.ref_logprobs, advantages, rollout.values, returns)
 
 
 def _update(cfg, policy, value_model, optimizer, batch: Batch, kl_coef: float, rng) -> dict:
     """Epochs over shuffled minibatches of the clipped objective (plus value loss, plus GRPO's KL term);
-    stops early once the policy has moved too far from the one that sampled."""
+    stops early once the policy has moved too far from the one that sampled.
+
+    Under torchrun each process takes its share of every minibatch and scales its token mean by its share
+    of the minibatch's tokens, so the averaged gradient is the one a single process would compute.
+    """
     from minirlhf.algorithms.ppo import value_loss
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -166,24 +182,42 @@ def _update(cfg, policy, value_model, optimizer, batch: Batch, kl_coef: float, r
         order = list(range(len(batch.rollout.prompts)))
         rng.shuffle(order)
         for start in range(0, len(order), cfg.minibatch_size):
-            mb = batch.select(order[start: start + cfg.minibatch_size])
+            rows = order[start: start + cfg.minibatch_size]
+            mb = batch.select(distributed.shard(rows))
             mask = mb.rollout.response_mask
-            logprobs, values, _ = policy(mb.rollout)
+            share = (mask.sum() / batch.rollout.response_mask[rows].sum()).item()  # 1 on one process
+            logprobs, values, _ = policy(mb.rollout, entropy=False)
             loss, s = policy_loss(logprobs, mb.rollout.logprobs, mb.advantages, mask, cfg.clip_eps)
             s["policy/loss"] = loss.item()
             if mb.returns is not None:
-                values = values if value_model is None else value_model(mb.rollout)[1]
+                values = values if value_model is None else value_model(mb.rollout, entropy=False)[1]
                 vf = value_loss(values, mb.old_values, mb.returns, mask, cfg.clip_value)
                 loss, s["value/loss"] = loss + cfg.vf_coef * vf, vf.item()
             if cfg.algorithm == "grpo":  # GRPO puts the KL penalty in the loss (Shao et al., 2024, eq. 3)
                 kl = masked_mean(kl_estimate(logprobs, mb.ref_logprobs, "k3"), mask)
                 loss, s["policy/kl_loss"] = loss + kl_coef * kl, kl.item()
+            if distributed.world_size() > 1:
+                loss = loss * (share * distributed.world_size())
+                s = _all_ranks(s, share, mask.device)
+                if not distributed.everywhere(bool(torch.isfinite(loss)), mask.device):
+                    loss = loss.new_tensor(float("nan"))  # every process stops, with the same message
             s["policy/grad_norm"] = optimizer_step(loss, params, optimizer, None, cfg.max_grad_norm)
+            s["update/tokens"] = (batch.rollout.prompt_mask[rows].sum() + batch.rollout.response_mask[rows].sum()).item()
             stats.append(s)
-        if stats[-1]["policy/approx_kl"] > 1.5 * cfg.target_kl:
+        if stats[-1]["policy/approx_kl"] > 1.5 * cfg.target_kl:  # the same on every process
             break
     mean = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
-    return mean | {"policy/ratio_max": max(d["policy/ratio_max"] for d in stats), "policy/updates": len(stats)}
+    return mean | {"policy/ratio_max": max(d["policy/ratio_max"] for d in stats), "policy/updates": len(stats),
+                   "update/tokens": sum(d["update/tokens"] for d in stats)}  # positions the update passes ran over
+
+
+def _all_ranks(stats: dict, share: float, device) -> dict:
+    """Minibatch statistics over every process: token-weighted means, and the largest ratio."""
+    keys = sorted(stats)
+    means = distributed.all_sum(torch.tensor([stats[k] * share for k in keys], dtype=torch.float64, device=device))
+    out = dict(zip(keys, means.tolist()))
+    out["policy/ratio_max"] = distributed.all_max(torch.tensor([stats["policy/ratio_max"]], device=device)).item()
+    return out
 
 
 @dataclass
@@ -193,13 +227,21 @@ class KLTerms:
     k1: torch.Tensor  # (B,) summed log-ratio per response: the unbiased KL that is logged and controlled
 
 
-def _kl(cfg, ref, rollout) -> KLTerms:
-    with torch.inference_mode():
-        ref_logprobs, _, _ = ref(rollout)
-    ref_logprobs = ref_logprobs.clone()  # out of inference mode, so GRPO's loss can use it
-    mask = rollout.response_mask
-    penalty = kl_estimate(rollout.logprobs, ref_logprobs, cfg.kl_estimator) * mask
-    return KLTerms(ref_logprobs, penalty, (kl_estimate(rollout.logprobs, ref_logprobs, "k1") * mask).sum(1))
+def kl_terms(cfg, logprobs, ref_logprobs, mask) -> KLTerms:
+    penalty = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+    return KLTerms(ref_logprobs, penalty, (kl_estimate(logprobs, ref_logprobs, "k1") * mask).sum(1))
+
+
+def step_rng(seed: int, step: int) -> random.Random:
+    """The step's own stream for picking prompts and shuffling minibatches: a run resumed at any step
+    draws exactly what the uninterrupted run drew (the data position is the step)."""
+    return random.Random(seed * 1_000_003 + step)
+
+
+def row_generators(seed: int, step: int, rows: range, device) -> list[torch.Generator]:
+    """One sampling generator per response of the step, keyed by its row in the whole batch, so the
+    responses are the same on one process or split across several, and after a resume."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 100_003 + r) for r in rows]
 
 
 def _prompt_batch(cfg, prompts: list[str], rng) -> list[str]:
@@ -209,7 +251,71 @@ def _prompt_batch(cfg, prompts: list[str], rng) -> list[str]:
     return [p for p in picked for _ in range(g)]
 
 
-def _check(cfg) -> None:
+@dataclass
+class Models:
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    value_model: torch.nn.Module | None  # the separate critic, if any
+    train_policy: torch.nn.Module | None = None  # the policy as the update calls it (DDP-wrapped under torchrun)
+    train_critic: torch.nn.Module | None = None
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for m in (self.policy, self.value_model) if m is not None for p in m.parameters() if p.requires_grad]
+
+    def wrap(self) -> None:
+        self.train_policy = distributed.wrap(self.policy)
+        self.train_critic = distributed.wrap(self.value_model, find_unused=True)  # its LM head gets no gradient
+
+
+def _experience(cfg, step: int, models: Models, reward, prompts: list[str], device):
+    """This process samples, scores and compares with the reference its share of the step's responses;
+    then the whole batch is gathered. Returns rollout, reward terms and reference log-probs of all B
+    responses, and the step's random stream."""
+    rng = step_rng(cfg.seed, step)
+    batch_prompts = _prompt_batch(cfg, prompts, rng)
+    rows = range(len(batch_prompts))[distributed.share(len(batch_prompts))]
+    rollout = models.policy.sample(batch_prompts[rows.start: rows.stop], cfg.response_len,
+                                   row_generators(cfg.seed, step, rows, device))
+    models.policy.prepare(rollout)
+    _, terms = reward(models.policy, rollout)
+    with torch.inference_mode():
+        ref_logprobs = models.ref(rollout, entropy=False)[0]
+        values = models.value_model(rollout, entropy=False)[1] if models.value_model is not None else None
+    if values is not None:
+        rollout.values = values.clone()  # clones leave inference mode: the losses read them
+    gather = distributed.gather_rows
+    terms = {k: gather(v.to(device)) for k, v in terms.items()}
+    rollout = distributed.gather_rollout(rollout)
+    models.policy.prepare(rollout)  # for the rows the other processes sampled
+    return rollout, terms, gather(ref_logprobs.clone()), rng
+
+
+def _step(cfg, step: int, models: Models, optimizer, kl_ctl, reward, prompts, device) -> tuple[dict, Rollout, dict]:
+    """One iteration: experience, advantages, update. Returns the metrics row, the rollout and reward terms."""
+    t0 = time.time()
+    rollout, terms, ref_logprobs, rng = _experience(cfg, step, models, reward, prompts, device)
+    mask, total = rollout.response_mask, terms["total"]
+    kl = kl_terms(cfg, rollout.logprobs, ref_logprobs, mask)
+    with torch.no_grad():
+        batch = _advantages(cfg, rollout, reward.normalized(total), kl, kl_ctl.value)
+    t1 = time.time()
+    stats = _update(cfg, models.train_policy, models.train_critic, optimizer, batch, kl_ctl.value, rng)
+    row = {"reward/mean": total.mean().item(), "reward/std": total.std().item() if len(total) > 1 else 0.0,
+           **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
+           "objective/kl": kl.k1.mean().item(), "objective/kl_coef": kl_ctl.value,
+           "objective/entropy": masked_mean(rollout.entropy, mask).item(), **stats,
+           "response/length": mask.sum(1).mean().item(), "response/ended": rollout.ended.float().mean().item(),
+           "time/rollout_s": t1 - t0, "time/update_s": time.time() - t1}
+    if batch.returns is not None:
+        from minirlhf.algorithms.ppo import explained_variance
+
+        row["value/explained_var"] = explained_variance(batch.old_values, batch.returns, mask)
+    if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
+        row["dist/param_spread"] = distributed.spread(sum(p.double().sum() for p in models.trainable()))
+    return row, rollout, terms
+
+
+def _check(cfg, n_prompts: int) -> None:
     if not cfg.policy:
         raise UserError(f"{cfg.algorithm} needs --policy (a generator run, an RL run, a causal LM, or smollm2)")
     g = group_size(cfg)
@@ -217,18 +323,22 @@ def _check(cfg) -> None:
         raise UserError(f"batch_size={cfg.batch_size} must be a multiple of group_size={g}")
     if cfg.algorithm == "a2c" and (cfg.ppo_epochs != 1 or cfg.minibatch_size < cfg.batch_size):
         raise UserError("a2c makes one gradient step per rollout: keep ppo_epochs=1 and minibatch_size >= batch_size")
+    batch = min(cfg.batch_size // g, n_prompts) * g  # fewer prompts than batch_size // g make a smaller batch
+    k, last = distributed.world_size(), batch % cfg.minibatch_size or cfg.minibatch_size
+    if min(batch, cfg.minibatch_size, last) < k:
+        raise UserError(f"with {k} processes every minibatch needs at least {k} responses; raise batch_size "
+                        f"and minibatch_size (now {cfg.batch_size} and {cfg.minibatch_size})")
 
 
-def setup(cfg, device):
-    """(policy, reference, separate value model or None, reward, train prompts, held-out prompts)."""
-    options = dict(chat_template=cfg.policy_options.chat_template, freeze_layers=cfg.policy_options.freeze_layers)
+def setup(cfg, device) -> tuple[Models, Reward, list[str], list[str]]:
+    """The models (policy, frozen reference, separate critic), the reward, training and held-out prompts."""
     critic = getattr(cfg, "critic", None)
-    policy = load_policy(cfg.policy, device, value_head=critic == "head", **options)
+    policy = load_policy(cfg.policy, device, value_head=critic == "head", **cfg.policy_options.as_kwargs())
     ref = policy.frozen_copy()
-    value_model = load_policy(cfg.policy, device, value_head=True, **options) if critic == "separate" else None
+    value_model = policy.critic_copy() if critic == "separate" else None
     reward = Reward(cfg.reward, cfg.response_len, device, cfg.data)
     train_prompts, eval_prompts = load_prompts(cfg.prompts, cfg.data)
-    return policy, ref, value_model, reward, train_prompts, eval_prompts
+    return Models(policy, ref, value_model), reward, train_prompts, eval_prompts
 
 
 def _sample_table(step: int, rollout: Rollout, terms: dict, n: int = 6) -> str:
@@ -240,73 +350,70 @@ def _sample_table(step: int, rollout: Rollout, terms: dict, n: int = 6) -> str:
     return "\n".join(rows) + "\n"
 
 
-def save_checkpoint(run_dir: Path, cfg, step: int, policy, value_model, kl_ctl, reward) -> None:
-    """Policy (and separate critic) folders, then the JSON state; each written atomically."""
-    policy.save(run_dir / "policy")
-    if value_model is not None:
-        value_model.save(run_dir / "value_model")
-    save_json({"algorithm": cfg.algorithm, "step": step, "kl_coef": kl_ctl.value, "policy_from": cfg.policy,
-               "reward_moments": reward.moments.state() if reward.moments else None}, run_dir / "state.json")
+def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
+    """Rollout, score, KL against the reference, advantages, clipped updates; returns the run directory
+    (None on the other processes under torchrun). `resume` continues a run from its last checkpoint."""
+    from minirlhf.algorithms.rl_state import restore, samples_so_far, save_checkpoint
+    from minirlhf.evaluate import evaluate_policy, held_out_reward, write_report
 
-
-def train(cfg: RLConfig) -> Path:
-    """Rollout, score, KL against the reference, advantages, clipped updates; returns the run directory."""
-    from minirlhf.evaluate import evaluate_policy, write_report
-
-    _check(cfg)
+    distributed.init()
+    main = distributed.is_main()
+    _check(cfg, cfg.batch_size)
     seed_everything(cfg.seed)
-    device, why = pick_device(cfg.device)
-    print(f"device: {device} ({why})")
-    policy, ref, value_model, reward, train_prompts, eval_prompts = setup(cfg, device)  # bad input fails here
-    run_dir = make_run_dir(cfg.out, cfg.algorithm)
-    save_config(cfg, run_dir / "config.yaml")
-    print(f"{cfg.algorithm}: policy {cfg.policy} ({policy.kind}), {len(train_prompts)} training prompts, "
-          f"{len(eval_prompts)} held-out prompts")
-    params = [p for m in (policy, value_model) if m is not None for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    device, why = (distributed.device(), "torchrun") if distributed.device() else pick_device(cfg.device)
+    if main:
+        print(f"device: {device} ({why}), {distributed.world_size()} process(es)")
+    with distributed.main_first():
+        models, reward, train_prompts, eval_prompts = setup(cfg, device)  # bad input fails here
+    _check(cfg, len(train_prompts))
+    optimizer = torch.optim.Adam(models.trainable(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
-    metrics = MetricsWriter(run_dir)
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = f"# Sample responses during {cfg.algorithm} training\n"
-    bar = progress(range(1, cfg.steps + 1), desc=cfg.algorithm, unit="step")
+    done = 0 if resume is None else restore(Path(resume), cfg, models, optimizer, kl_ctl, reward, device)
+    if done >= cfg.steps and (Path(resume) / "results.json").is_file():
+        raise UserError(f"{resume} already ran {done} steps; pass --steps=N with N > {done} to train further")
+    run_dir = Path(resume) if resume is not None else make_run_dir(cfg.out, cfg.algorithm) if main else None
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"{cfg.algorithm}: policy {cfg.policy} ({models.policy.kind}), {len(train_prompts)} training prompts, "
+              f"{len(eval_prompts)} held-out prompts" + (f"; resuming after step {done}" if done else ""))
+    metrics = MetricsWriter(run_dir, keep_until=done) if main else None
+    samples = samples_so_far(run_dir, cfg, done) if main else ""
+    models.wrap()
+    memory: dict = {}
+    train_s = 0.0
+    if main and cfg.eval_every and done == 0:
+        metrics.log(0, **{"eval/reward": held_out_reward(models.policy, reward, eval_prompts, cfg), "time/train_s": 0.0})
+    bar = progress(range(done + 1, cfg.steps + 1), desc=cfg.algorithm, unit="step", disable=not main)
     for step in bar:
-        t0 = time.time()
-        rollout = policy.sample(_prompt_batch(cfg, train_prompts, rng), cfg.response_len, gen)
-        total, terms = reward(policy, rollout)
-        scores = reward.normalized(total).to(device)
-        kl = _kl(cfg, ref, rollout)
-        with torch.no_grad():
-            batch = _advantages(cfg, rollout, scores, kl, kl_ctl.value, value_model)
-        t1 = time.time()
-        stats = _update(cfg, policy, value_model, optimizer, batch, kl_ctl.value, rng)
-        mask = rollout.response_mask
-        row = {"reward/mean": total.mean().item(), "reward/std": total.std().item() if len(total) > 1 else 0.0,
-               **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
-               "objective/kl": kl.k1.mean().item(), "objective/kl_coef": kl_ctl.value,
-               "objective/entropy": masked_mean(rollout.entropy, mask).item(), **stats,
-               "response/length": mask.sum(1).mean().item(), "response/ended": rollout.ended.float().mean().item(),
-               "time/rollout_s": t1 - t0, "time/update_s": time.time() - t1}
-        if batch.returns is not None:
-            from minirlhf.algorithms.ppo import explained_variance
-
-            row["value/explained_var"] = explained_variance(batch.old_values, batch.returns, mask)
-        metrics.log(step, **row)
-        bar.set_postfix(reward=f"{row['reward/mean']:.2f}", kl=f"{row['objective/kl']:.2f}", refresh=False)
+        row, rollout, terms = _step(cfg, step, models, optimizer, kl_ctl, reward, train_prompts, device)
         kl_ctl.update(row["objective/kl"], len(rollout.prompts))
+        if not main:
+            continue
+        memory = memory_report([models.policy, models.ref, models.value_model], optimizer)
+        train_s += row["time/rollout_s"] + row["time/update_s"]
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            row |= {"eval/reward": held_out_reward(models.policy, reward, eval_prompts, cfg), "time/train_s": train_s}
+        metrics.log(step, **row, **memory)
+        bar.set_postfix(reward=f"{row['reward/mean']:.2f}", kl=f"{row['objective/kl']:.2f}", refresh=False)
         if step == 1 or step % cfg.sample_every == 0:
             samples += _sample_table(step, rollout, terms)
             atomic_write_text(run_dir / "samples.md", samples)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(run_dir, cfg, step, policy, value_model, kl_ctl, reward)
+            save_checkpoint(run_dir, cfg, step, models, optimizer, kl_ctl, reward)
+    if not main:
+        distributed.close()
+        return None
     metrics.close()
     _plots(metrics, run_dir, cfg)
-    results = evaluate_policy(policy, ref, reward, eval_prompts, cfg, seed=cfg.seed)
+    results = evaluate_policy(models.policy, models.ref, reward, eval_prompts, cfg, seed=cfg.seed)
+    results["memory"] = memory | {"memory/peak_rss_mb": round(peak_memory_mb(), 1)}
     results["peak_memory_mb"] = round(peak_memory_mb())
     save_json(results, run_dir / "results.json")
     write_report(run_dir, results, cfg)
     print(f"held-out reward: reference {results['reward_reference']:.3f} -> policy {results['reward_policy']:.3f}, "
-          f"win rate {results['win_rate']:.2f}, KL {results['kl']:.2f} nats")
+          f"win rate {results['win_rate']:.2f}, KL {results['kl']:.2f} nats; memory: " +
+          ", ".join(f"{k.split('/')[1]} {v:.1f} MB" for k, v in results["memory"].items()))
+    distributed.close()
     return run_dir
 
 

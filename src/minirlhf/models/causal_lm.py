@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from minirlhf import UserError
 from minirlhf.checkpoint import atomic_dir
-from minirlhf.models.lstm import filter_logits
+from minirlhf.models.lstm import Generators, draw, filter_logits
 from minirlhf.models.policy import Rollout, left_pad, make_value_head, token_logprobs
 from minirlhf.ops import entropy_from_logits
 
@@ -83,12 +83,53 @@ def load_causal_lm(name: str = SMOLLM2, device="cpu"):
     return model.to(device).eval(), tokenizer
 
 
-def _layer_list(trunk: nn.Module, n_layers: int) -> nn.ModuleList:
-    """The trunk's list of transformer blocks (`layers` in Llama/Qwen, `h` in GPT-2, ...)."""
-    for module in trunk.children():
+def _layer_list(trunk: nn.Module, n_layers: int) -> str:
+    """The name of the trunk's list of transformer blocks (`layers` in Llama/Qwen, `h` in GPT-2, ...)."""
+    for name, module in trunk.named_children():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
+            return name
     raise UserError(f"cannot find the transformer blocks of {type(trunk).__name__}; use --policy_options.freeze_layers=0")
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a pass early, carrying the hidden state it reached."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _share_frozen(model: nn.Module, frozen: list[nn.Module]) -> nn.Module:
+    """A deep copy of `model` in which the `frozen` modules (and their parameters) are the same objects, not copies."""
+    memo = {id(m): m for m in frozen} | {id(p): p for m in frozen for p in m.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _load_adapters(folder: Path, keep: bool):
+    """The base model with a LoRA run's adapters: trainable (keep) or merged into its weights."""
+    from minirlhf.checkpoint import load_json
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise UserError(f"{folder} holds LoRA adapters, which need the peft package; run `pip install peft`") from None
+    base = load_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{folder}/adapter_config.json names no base model; re-run the LoRA training")
+    model, tokenizer = load_causal_lm(base)
+    model = PeftModel.from_pretrained(model, str(folder), is_trainable=keep)
+    return (model if keep else model.merge_and_unload()), tokenizer
+
+
+def _with_lora(model, blocks: nn.ModuleList, rank: int, alpha: float, freeze_layers: int):
+    """LoRA adapters (peft) on every linear layer of the trainable blocks; the base weights freeze."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("LoRA needs the peft package; run `pip install peft` or set policy_options.lora_rank=0") from None
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=linear,
+                                            layers_to_transform=list(range(freeze_layers, len(blocks)))))
 
 
 class CausalLMPolicy(nn.Module):
@@ -102,7 +143,8 @@ class CausalLMPolicy(nn.Module):
 
     kind = "causal_lm"
 
-    def __init__(self, model, tokenizer, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0):
+    def __init__(self, model, tokenizer, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
+                 lora_rank: int = 0, lora_alpha: float = 16.0):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.trunk, self.head = model.get_decoder(), model.get_output_embeddings()
@@ -115,19 +157,39 @@ class CausalLMPolicy(nn.Module):
             raise UserError("the causal LM defines no end-of-text token; give a model with eos_token_id set")
         self.eos_id = self.eos_ids[0]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        self.freeze_layers = freeze_layers
-        if freeze_layers > 0:
-            layers = _layer_list(self.trunk, model.config.num_hidden_layers)
-            if freeze_layers > len(layers):
-                raise UserError(f"freeze_layers={freeze_layers} but the model has only {len(layers)} layers")
-            for module in [model.get_input_embeddings(), *layers[:freeze_layers]]:
-                module.requires_grad_(False)  # the LM head too, where it is tied to the embeddings
+        self.freeze_layers, self.split = freeze_layers, False
+        n_layers = model.config.num_hidden_layers
+        if freeze_layers > n_layers:
+            raise UserError(f"freeze_layers={freeze_layers} but the model has only {n_layers} layers")
+        if freeze_layers > 0 or lora_rank > 0:
+            self.layers_name = _layer_list(self.trunk, n_layers)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)  # the LM head too, where it is tied to the embeddings
+        if lora_rank > 0:
+            self.model = _with_lora(model, getattr(self.trunk, self.layers_name), lora_rank, lora_alpha, freeze_layers)
+        self.lora = hasattr(self.model, "peft_config")
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The input embeddings and the lowest `freeze_layers` blocks: never trained, so shared by every copy."""
+        if self.freeze_layers == 0:
+            return []
+        return [self.model.get_input_embeddings(), *getattr(self.trunk, self.layers_name)[: self.freeze_layers]]
 
     @classmethod
-    def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0):
-        model, tokenizer = load_causal_lm(name)
-        policy = cls(model, tokenizer, value_head, chat_template, freeze_layers)
+    def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
+             lora_rank: int = 0, lora_alpha: float = 16.0, keep_adapters: bool = False):
+        """From a hub name, a model folder, or a folder of LoRA adapters (a LoRA run's policy). Adapters are
+        merged into the weights (the policy a new run starts from, and its reference, is the adapted model)
+        unless `keep_adapters` (resuming the run that trains them)."""
+        adapters = Path(name) / "adapter_config.json"
+        if adapters.is_file():
+            model, tokenizer = _load_adapters(Path(name), keep_adapters)
+            lora_rank = 0 if keep_adapters else lora_rank
+        else:
+            model, tokenizer = load_causal_lm(name)
+        policy = cls(model, tokenizer, value_head, chat_template, freeze_layers, lora_rank, lora_alpha)
         policy._check_logits()
+        policy.split = policy._check_split()
         return policy
 
     @torch.no_grad()
@@ -139,11 +201,47 @@ class CausalLMPolicy(nn.Module):
             raise UserError(f"{type(self.model).__name__} transforms its logits beyond lm_head(hidden state), "
                             "which this policy does not reproduce; use a Llama-, Qwen-, Mistral- or GPT-2-style model")
 
-    def frozen_copy(self) -> "CausalLMPolicy":
-        """The reference policy: a copy that never trains (the tokenizer is shared, not copied)."""
-        ref = CausalLMPolicy(copy.deepcopy(self.model), self.tokenizer, value_head=False, chat_template=self.chat)
+    @torch.no_grad()
+    def _check_split(self) -> bool:
+        """Whether running the frozen blocks, then the rest from their output, reproduces the whole trunk;
+        if it does, the frozen blocks' output is computed once per rollout and reused by every pass."""
+        if self.freeze_layers == 0:
+            return False
+        ids = torch.arange(3, 11).remainder(self.model.config.vocab_size).unsqueeze(0)  # (1, 8)
+        mask = torch.ones_like(ids)
+        whole = self._hidden(ids, mask)[0]
+        try:
+            ok = torch.allclose(self._upper(self._lower(ids, mask), mask), whole, atol=1e-4)
+        except (TypeError, ValueError, RuntimeError):
+            ok = False
+        if not ok:
+            print(f"note: {type(self.model).__name__} cannot be run from its layer {self.freeze_layers}; the frozen "
+                  "layers are shared but recomputed on every pass")
+        return ok
+
+    def _copy(self, value_head: bool) -> "CausalLMPolicy":
+        """A copy whose frozen lower blocks are this policy's own modules: only the upper blocks take memory."""
+        other = CausalLMPolicy(_share_frozen(self.model, self.frozen_modules()), self.tokenizer, value_head=value_head,
+                               chat_template=self.chat, freeze_layers=self.freeze_layers)
+        other.split = self.split
+        return other
+
+    def frozen_copy(self) -> nn.Module:
+        """The reference policy, which never trains: with LoRA the same model with its adapters off (no second
+        copy); otherwise a copy of the upper blocks over the shared frozen ones."""
+        if self.lora:
+            return AdaptersOff(self)
+        ref = self._copy(value_head=False)
         ref.requires_grad_(False)
         return ref.eval()
+
+    def critic_copy(self) -> "CausalLMPolicy":
+        """A separate critic: trainable upper blocks and a value head over the shared frozen blocks."""
+        if self.lora:
+            raise UserError("a separate critic with LoRA is not supported; use --critic=head")
+        critic = self._copy(value_head=True)
+        critic.head.requires_grad_(False)  # its value loss never reaches the LM head: no gradient, no Adam state
+        return critic.eval()
 
     def as_text(self, prompt: str, response: str) -> str:
         """A chat model's reply stands alone; a plain LM's response continues the prompt."""
@@ -156,6 +254,44 @@ class CausalLMPolicy(nn.Module):
         ids = self.tokenizer(prompt)["input_ids"]
         return ids or [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_id]
 
+    def _lower(self, ids, mask) -> torch.Tensor:
+        """Output (B, L, H) of the frozen blocks: a hook ends the trunk's pass right after the last of them."""
+        def stop(module, args, output):
+            raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+        handle = getattr(self.trunk, self.layers_name)[self.freeze_layers - 1].register_forward_hook(stop)
+        try:
+            self._hidden(ids, mask)
+        except _Stop as reached:
+            return reached.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError("the frozen blocks never ran")
+
+    def _upper(self, lower: torch.Tensor, mask) -> torch.Tensor:
+        """Last hidden states (B, L, H) of the trainable blocks (and final norm), from the frozen blocks' output."""
+        blocks = getattr(self.trunk, self.layers_name)
+        setattr(self.trunk, self.layers_name, nn.ModuleList(blocks[self.freeze_layers:]))
+        try:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            return self.trunk(inputs_embeds=lower, attention_mask=mask, position_ids=positions).last_hidden_state
+        finally:
+            setattr(self.trunk, self.layers_name, blocks)
+
+    @torch.no_grad()
+    def prepare(self, rollout: Rollout) -> None:
+        """Compute the frozen blocks' output over prompt + response once; every later pass (reference, critic,
+        each epoch of the update) starts from it."""
+        if self.split and rollout.frozen_hidden is None:
+            ids, attention = self._sequence(rollout)
+            rollout.frozen_hidden = self._lower(ids, attention)  # (B, P+T, H)
+
+    @staticmethod
+    def _sequence(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (B, P+T)
+        mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], 1)  # (B, P+T)
+        return ids, mask
+
     def _hidden(self, ids, mask, cache=None, positions=None):
         """Last hidden states (B, L, H) of the trunk, with position ids that skip left padding."""
         if positions is None:
@@ -165,7 +301,7 @@ class CausalLMPolicy(nn.Module):
         return out.last_hidden_state, out.past_key_values
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], max_new_tokens: int, generator: torch.Generator | None = None,
+    def sample(self, prompts: list[str], max_new_tokens: int, generator: Generators = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
         """Batched sampling with a KV cache until end-of-text or `max_new_tokens`; keeps the log-probs
         (temperature 1: the policy's own), values and entropies of every sampled token."""
@@ -184,7 +320,7 @@ class CausalLMPolicy(nn.Module):
             logp = logits.log_softmax(-1)
             probs = logp.exp() if (temperature, top_k, top_p) == (1.0, 0, 1.0) else \
                 filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            token = draw(probs, generator)  # (B,)
             token = torch.where(done, torch.full_like(token, self.pad_id), token)
             value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
             steps.append((token, logp.gather(1, token.unsqueeze(1)).squeeze(1), value, entropy_from_logits(logits), ~done))
@@ -206,20 +342,27 @@ class CausalLMPolicy(nn.Module):
         return Rollout(list(prompts), prompt_ids, prompt_mask, tokens, mask, texts, ended, logprobs * mask,
                        values * mask if values is not None else None, entropy * mask)
 
-    def forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Log-probs, values and entropies (B, T) of the response tokens, in one pass over prompt + response."""
+    def forward(self, rollout: Rollout, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs, values and entropies (B, T) of the response tokens, in one pass over prompt + response
+        (`entropy=False` skips a pass over the vocabulary that the update does not need)."""
         P, T = rollout.prompt_ids.size(1), rollout.response_ids.size(1)
         mask = rollout.response_mask
-        ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (B, P+T)
-        attention = torch.cat([rollout.prompt_mask, mask.to(rollout.prompt_mask.dtype)], 1)  # (B, P+T)
-        hidden, _ = self._hidden(ids, attention)
+        ids, attention = self._sequence(rollout)
+        if self.split:
+            self.prepare(rollout)
+            hidden = self._upper(rollout.frozen_hidden, attention)  # (B, P+T, H)
+        else:
+            hidden, _ = self._hidden(ids, attention)
         h = hidden[:, P - 1: P + T - 1]  # (B, T, H): the positions that predict response tokens
-        logits = self.head(h).float()  # (B, T, V), only where needed: the head is a large matrix
+        B, _, H = h.shape
+        logits = self.head(h.reshape(B * T, H)).float().view(B, T, -1)  # (B, T, V), only where needed; 2-D: one matmul
         values = self.value_head(h).squeeze(-1) * mask if self.value_head is not None else None
-        return token_logprobs(logits, rollout.response_ids, mask), values, entropy_from_logits(logits) * mask
+        ent = entropy_from_logits(logits) * mask if entropy else None
+        return token_logprobs(logits, rollout.response_ids, mask), values, ent
 
     def save(self, folder: Path) -> None:
-        """transformers' own format (so `from_pretrained` loads it) plus the value head, replaced atomically."""
+        """transformers' own format (so `from_pretrained` loads it; with LoRA, the adapters only) plus the
+        value head, replaced atomically."""
         from minirlhf.checkpoint import save_json, save_weights
 
         with atomic_dir(folder) as tmp:
@@ -228,3 +371,25 @@ class CausalLMPolicy(nn.Module):
             save_json({"chat_template": self.chat}, tmp / "policy.json")
             if self.value_head is not None:
                 save_weights(self.value_head.state_dict(), tmp / "value_head.safetensors")
+
+
+class AdaptersOff(nn.Module):
+    """The reference of a LoRA policy: the policy's own model with its adapters switched off."""
+
+    kind = "causal_lm"
+
+    def __init__(self, policy: CausalLMPolicy):
+        super().__init__()
+        object.__setattr__(self, "policy", policy)  # not a submodule: these weights are the policy's, not ours
+
+    def as_text(self, prompt: str, response: str) -> str:
+        return self.policy.as_text(prompt, response)
+
+    def sample(self, *args, **kwargs) -> Rollout:
+        with self.policy.model.disable_adapter():
+            return self.policy.sample(*args, **kwargs)
+
+    def forward(self, rollout: Rollout, entropy: bool = True):
+        with self.policy.model.disable_adapter():
+            logprobs, _, ent = self.policy(rollout, entropy)
+        return logprobs, None, ent

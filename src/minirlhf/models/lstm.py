@@ -71,10 +71,25 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+Generators = torch.Generator | list[torch.Generator] | None
+"""one generator for the whole batch, or one per row (see `draw`)"""
+
+
+def draw(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """One token id per row of `probs` (B, V) -> (B,).
+
+    With one generator per row, a row's sample does not depend on which rows share its batch, so the
+    same prompts give the same responses on one process or split across several.
+    """
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 @torch.no_grad()
 def sample(model: LSTMLanguageModel, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
            banned: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> list[list[int]]:
+           generator: Generators = None) -> list[list[int]]:
     """Continue each prompt (token ids, <bos> first) until <eos> or `max_new_tokens`.
 
     Prompts of different lengths are fed one by one through the recurrent state, so no padding
@@ -94,7 +109,7 @@ def sample(model: LSTMLanguageModel, prompts: list[list[int]], max_new_tokens: i
         logits = logits[:, -1] / max(temperature, 1e-6)  # (B, V)
         logits[:, banned] = float("-inf")
         probs = filter_logits(logits, top_k, top_p).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        nxt = draw(probs, generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
         out = torch.cat([out, nxt.unsqueeze(1)], 1)
         done |= nxt == eos_id

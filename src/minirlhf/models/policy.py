@@ -3,9 +3,11 @@ optionally with a value head on its trunk. The RL algorithms only see this inter
 
 - `sample(prompts, max_new_tokens, generator)` -> Rollout: token ids, masks, and the policy's own
   log-probs (and values) of the sampled tokens, so no second pass is needed for the old policy;
-- `forward(rollout)` -> logprobs (B, T), values (B, T) or None, entropy (B, T) of the response tokens;
-- `frozen_copy()` -> the reference policy; `save(folder)`; `as_text(prompt, response)` -> what a
-  reader (and the reward model) sees.
+- `forward(rollout, entropy=True)` -> logprobs (B, T), values (B, T) or None, entropy (B, T) or None of the
+  response tokens;
+- `prepare(rollout)`: precompute what every later pass shares (a causal LM's frozen blocks' output);
+- `frozen_copy()` -> the reference policy; `critic_copy()` -> a separate critic; `save(folder)`;
+  `as_text(prompt, response)` -> what a reader (and the reward model) sees.
 
 Two kinds implement it: `LSTMPolicy` (the stage-3 generator, here) and `CausalLMPolicy` (any
 transformers causal LM, in causal_lm.py). `load_policy` picks one from a run directory or model name.
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from minirlhf.data.vocab import Vocab
-from minirlhf.models.lstm import LSTMLanguageModel, sample
+from minirlhf.models.lstm import Generators, LSTMLanguageModel, sample
 from minirlhf.ops import entropy_from_logits
 
 
@@ -42,6 +44,7 @@ class Rollout:
     logprobs: torch.Tensor  # (B, T) of the sampled tokens under the policy that sampled them (temperature 1)
     values: torch.Tensor | None  # (B, T) value estimates at the positions that predict each token
     entropy: torch.Tensor  # (B, T) of the policy's next-token distribution
+    frozen_hidden: torch.Tensor | None = None  # (B, P+T, H) output of a causal LM's frozen blocks, once computed
 
     def select(self, idx: list[int]) -> "Rollout":
         picked = {}
@@ -99,12 +102,22 @@ class LSTMPolicy(nn.Module):
         ref.requires_grad_(False)
         return ref
 
+    def critic_copy(self) -> "LSTMPolicy":
+        """A separate critic: a trainable copy with a fresh value head."""
+        critic = copy.deepcopy(self)
+        critic.value_head = make_value_head(self.lm.cfg.emb_dim).to(next(self.parameters()).device)
+        critic.lm.head.requires_grad_(False)  # its value loss never reaches the LM head: no gradient, no Adam state
+        return critic
+
+    def prepare(self, rollout: Rollout) -> None:
+        """Nothing to precompute: the LSTM is small and has no frozen part."""
+
     def as_text(self, prompt: str, response: str) -> str:
         """The prompt continued by the response: what the reward model reads."""
         return f"{prompt} {response}".strip()
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], max_new_tokens: int, generator: torch.Generator | None = None,
+    def sample(self, prompts: list[str], max_new_tokens: int, generator: Generators = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
         """Pure sampling by default (temperature 1, no top-k/top-p), so the KL estimates are honest."""
         v = self.vocab
@@ -121,8 +134,8 @@ class LSTMPolicy(nn.Module):
         rollout.logprobs, rollout.values, rollout.entropy = self(rollout)  # one cheap pass: the LSTM is small
         return rollout
 
-    def forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Log-probs, values and entropies at the response positions, each (B, T).
+    def forward(self, rollout: Rollout, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs, values and entropies (unless `entropy=False`) at the response positions, each (B, T).
 
         The LSTM reads each prompt without padding: row b is prompt_b + response_b, right-padded, and
         response token t sits at position p_b + t, predicted from position p_b + t - 1.
@@ -138,12 +151,12 @@ class LSTMPolicy(nn.Module):
         logits[..., [self.vocab.pad_id, self.vocab.bos_id]] = float("-inf")  # never sampled, as in `sample`
         mask = rollout.response_mask.to(device)
         logprobs = token_logprobs(logits, rollout.response_ids.to(device), mask)
-        entropy = entropy_from_logits(logits) * mask  # (B, T)
+        ent = entropy_from_logits(logits) * mask if entropy else None  # (B, T)
         values = None
         if self.value_head is not None:
             h = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # (B, T, E)
             values = self.value_head(h).squeeze(-1) * mask
-        return logprobs, values, entropy
+        return logprobs, values, ent
 
     def save(self, folder: Path) -> None:
         """Weights (safetensors), vocabulary and config as one folder, replaced atomically."""
@@ -172,15 +185,16 @@ def load_value_head(policy: nn.Module, folder: Path) -> None:
 
 
 def policy_folder(spec: str) -> Path | None:
-    """The folder holding a saved policy: an RL run's `policy/`, or the folder itself; None for a model name."""
+    """The folder holding a saved policy: an RL run's `checkpoint/policy/`, or the folder itself; None for a
+    model name."""
     path = Path(spec)
-    if (path / "policy").is_dir():
-        return path / "policy"
+    if (path / "checkpoint" / "policy").is_dir():
+        return path / "checkpoint" / "policy"
     return path if path.is_dir() else None
 
 
 def load_policy(spec: str, device, value_head: bool = True, **lm_options):
-    """A policy from an LSTM generator run, an RL run (its `policy/`), a causal LM folder, or a model name
+    """A policy from an LSTM generator run, an RL run (its last checkpoint), a causal LM folder, or a model name
     (`smollm2` for the offline SmolLM2-135M-Instruct). `lm_options` go to CausalLMPolicy."""
     from minirlhf.algorithms.generator import load_generator
     from minirlhf.models.causal_lm import CausalLMPolicy
