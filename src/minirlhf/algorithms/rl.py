@@ -368,7 +368,7 @@ def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
     _check(cfg, len(train_prompts))
     optimizer = torch.optim.Adam(models.trainable(), lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
-    done = 0 if resume is None else restore(Path(resume), cfg, models, optimizer, kl_ctl, reward, device)
+    done, train_s = (0, 0.0) if resume is None else restore(Path(resume), cfg, models, optimizer, kl_ctl, reward, device)
     if done >= cfg.steps and (Path(resume) / "results.json").is_file():
         raise UserError(f"{resume} already ran {done} steps; pass --steps=N with N > {done} to train further")
     run_dir = Path(resume) if resume is not None else make_run_dir(cfg.out, cfg.algorithm) if main else None
@@ -380,7 +380,6 @@ def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
     samples = samples_so_far(run_dir, cfg, done) if main else ""
     models.wrap()
     memory: dict = {}
-    train_s = 0.0
     if main and cfg.eval_every and done == 0:
         metrics.log(0, **{"eval/reward": held_out_reward(models.policy, reward, eval_prompts, cfg), "time/train_s": 0.0})
     bar = progress(range(done + 1, cfg.steps + 1), desc=cfg.algorithm, unit="step", disable=not main)
@@ -399,7 +398,7 @@ def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
             samples += _sample_table(step, rollout, terms)
             atomic_write_text(run_dir / "samples.md", samples)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(run_dir, cfg, step, models, optimizer, kl_ctl, reward)
+            save_checkpoint(run_dir, cfg, step, models, optimizer, kl_ctl, reward, train_s)
     if not main:
         distributed.close()
         return None

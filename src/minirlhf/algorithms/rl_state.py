@@ -31,7 +31,7 @@ def samples_so_far(run_dir: Path, cfg, last_step: int) -> str:
     return text
 
 
-def save_checkpoint(run_dir: Path, cfg, step: int, models, optimizer, kl_ctl, reward) -> None:
+def save_checkpoint(run_dir: Path, cfg, step: int, models, optimizer, kl_ctl, reward, train_s: float = 0.0) -> None:
     """One folder, replaced as a whole: the policy (and critic) as loadable models, the optimizer and RNG
     state as safetensors, the rest as JSON. A crash while writing leaves the previous checkpoint intact."""
     tensors, optimizer_meta = optimizer_state(optimizer)
@@ -43,11 +43,12 @@ def save_checkpoint(run_dir: Path, cfg, step: int, models, optimizer, kl_ctl, re
                      tmp / "trainer_state.safetensors")
         save_json({"algorithm": cfg.algorithm, "step": step, "policy_from": cfg.policy, "kl_coef": kl_ctl.value,
                    "reward_moments": reward.moments.state() if reward.moments else None,
-                   "optimizer": optimizer_meta}, tmp / "state.json")
+                   "train_s": train_s, "optimizer": optimizer_meta}, tmp / "state.json")
 
 
-def restore(run_dir: Path, cfg, models, optimizer, kl_ctl, reward, device) -> int:
-    """Load RUN_DIR/checkpoint into freshly set-up models and optimizer; returns the step it was taken at.
+def restore(run_dir: Path, cfg, models, optimizer, kl_ctl, reward, device) -> tuple[int, float]:
+    """Load RUN_DIR/checkpoint into freshly set-up models and optimizer; returns the step it was taken at
+    and the training seconds spent until then.
     The reference stays the starting policy: it is never saved, always rebuilt from `cfg.policy`."""
     folder = run_dir / "checkpoint"
     previous = run_dir / ".checkpoint.old"  # a crash between atomic_dir's two renames leaves only this
@@ -76,4 +77,4 @@ def restore(run_dir: Path, cfg, models, optimizer, kl_ctl, reward, device) -> in
         raise UserError(f"{folder} is incomplete ({e!r} missing or malformed); resume from an intact run") from None
     if reward.moments is not None and state.get("reward_moments"):
         reward.moments = RunningMoments(**state["reward_moments"])
-    return step
+    return step, float(state.get("train_s", 0.0))
