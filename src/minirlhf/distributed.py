@@ -95,6 +95,16 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def mean_over_ranks(stats: dict[str, float], share: float, device) -> dict[str, float]:
+    """Statistics of a minibatch over every process: means weighted by each process's `share` of its tokens,
+    and the largest probability ratio."""
+    keys = sorted(stats)
+    means = all_sum(torch.tensor([stats[k] * share for k in keys], dtype=torch.float64, device=device))
+    out = dict(zip(keys, means.tolist()))
+    out["policy/ratio_max"] = all_max(torch.tensor([stats["policy/ratio_max"]], device=device)).item()
+    return out
+
+
 def all_max(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         values = values.clone()
@@ -150,10 +160,10 @@ def gather_rollout(rollout):
     joined = {}
     for f in fields(rollout):
         v = getattr(rollout, f.name)
-        if f.name == "frozen_hidden":  # large, and spans prompt and response: each process recomputes it
+        if f.metadata.get("per_process"):
             joined[f.name] = None
         else:
-            joined[f.name] = gather_list(v) if isinstance(v, list) else gather_rows(v, pad_left=f.name.startswith("prompt"))
+            joined[f.name] = gather_list(v) if isinstance(v, list) else gather_rows(v, f.metadata.get("pad") == "left")
     return type(rollout)(**joined)
 
 

@@ -82,6 +82,23 @@ def md_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or " "
 
 
+def sample_table(step: int, rollout, terms: dict, n: int = 6) -> str:
+    """A Markdown table of the step's first n prompts, responses and rewards, for samples.md."""
+    rows = [f"\n## step {step}\n", "| prompt | response | reward |", "| --- | --- | --- |"]
+    rows += [f"| {md_cell(p)} | {md_cell(r)} | {s:+.2f} |"
+             for p, r, s in zip(rollout.prompts[:n], rollout.texts[:n], terms["total"][:n].tolist())]
+    return "\n".join(rows) + "\n"
+
+
+def training_plots(metrics, run_dir: Path, cfg) -> None:
+    """The PNGs report.md shows: reward, KL, policy diagnostics, and the critic's where there is one."""
+    metrics.plot(run_dir / "reward.png", ["reward/mean"], "mean reward of the sampled responses")
+    metrics.plot(run_dir / "kl.png", ["objective/kl"], "KL(policy || reference) per response, nats")
+    metrics.plot(run_dir / "policy.png", ["policy/approx_kl", "policy/clipfrac", "objective/entropy"], "policy diagnostics")
+    if cfg.algorithm in ("ppo", "a2c"):
+        metrics.plot(run_dir / "value.png", ["value/loss", "value/explained_var"], "value head")
+
+
 def write_report(run_dir: Path, results: dict, cfg) -> Path:
     """report.md: the figures, the training plots, and samples before (reference) and after (policy)."""
     p, r = results["policy"], results["reference"]

@@ -198,7 +198,7 @@ def _update(cfg, policy, value_model, optimizer, batch: Batch, kl_coef: float, r
                 loss, s["policy/kl_loss"] = loss + kl_coef * kl, kl.item()
             if distributed.world_size() > 1:
                 loss = loss * (share * distributed.world_size())
-                s = _all_ranks(s, share, mask.device)
+                s = distributed.mean_over_ranks(s, share, mask.device)
                 if not distributed.everywhere(bool(torch.isfinite(loss)), mask.device):
                     loss = loss.new_tensor(float("nan"))  # every process stops, with the same message
             s["policy/grad_norm"] = optimizer_step(loss, params, optimizer, None, cfg.max_grad_norm)
@@ -209,15 +209,6 @@ def _update(cfg, policy, value_model, optimizer, batch: Batch, kl_coef: float, r
     mean = {k: sum(d[k] for d in stats) / len(stats) for k in stats[0]}
     return mean | {"policy/ratio_max": max(d["policy/ratio_max"] for d in stats), "policy/updates": len(stats),
                    "update/tokens": sum(d["update/tokens"] for d in stats)}  # positions the update passes ran over
-
-
-def _all_ranks(stats: dict, share: float, device) -> dict:
-    """Minibatch statistics over every process: token-weighted means, and the largest ratio."""
-    keys = sorted(stats)
-    means = distributed.all_sum(torch.tensor([stats[k] * share for k in keys], dtype=torch.float64, device=device))
-    out = dict(zip(keys, means.tolist()))
-    out["policy/ratio_max"] = distributed.all_max(torch.tensor([stats["policy/ratio_max"]], device=device)).item()
-    return out
 
 
 @dataclass
@@ -341,20 +332,11 @@ def setup(cfg, device) -> tuple[Models, Reward, list[str], list[str]]:
     return Models(policy, ref, value_model), reward, train_prompts, eval_prompts
 
 
-def _sample_table(step: int, rollout: Rollout, terms: dict, n: int = 6) -> str:
-    from minirlhf.evaluate import md_cell
-
-    rows = [f"\n## step {step}\n", "| prompt | response | reward |", "| --- | --- | --- |"]
-    rows += [f"| {md_cell(p)} | {md_cell(r)} | {s:+.2f} |"
-             for p, r, s in zip(rollout.prompts[:n], rollout.texts[:n], terms["total"][:n].tolist())]
-    return "\n".join(rows) + "\n"
-
-
 def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
     """Rollout, score, KL against the reference, advantages, clipped updates; returns the run directory
     (None on the other processes under torchrun). `resume` continues a run from its last checkpoint."""
     from minirlhf.algorithms.rl_state import restore, samples_so_far, save_checkpoint
-    from minirlhf.evaluate import evaluate_policy, held_out_reward, write_report
+    from minirlhf.evaluate import evaluate_policy, held_out_reward, sample_table, training_plots, write_report
 
     distributed.init()
     main = distributed.is_main()
@@ -395,7 +377,7 @@ def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
         metrics.log(step, **row, **memory)
         bar.set_postfix(reward=f"{row['reward/mean']:.2f}", kl=f"{row['objective/kl']:.2f}", refresh=False)
         if step == 1 or step % cfg.sample_every == 0:
-            samples += _sample_table(step, rollout, terms)
+            samples += sample_table(step, rollout, terms)
             atomic_write_text(run_dir / "samples.md", samples)
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(run_dir, cfg, step, models, optimizer, kl_ctl, reward, train_s)
@@ -403,7 +385,7 @@ def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
         distributed.close()
         return None
     metrics.close()
-    _plots(metrics, run_dir, cfg)
+    training_plots(metrics, run_dir, cfg)
     results = evaluate_policy(models.policy, models.ref, reward, eval_prompts, cfg, seed=cfg.seed)
     results["memory"] = memory | {"memory/peak_rss_mb": round(peak_memory_mb(), 1)}
     results["peak_memory_mb"] = round(peak_memory_mb())
@@ -414,11 +396,3 @@ def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
           ", ".join(f"{k.split('/')[1]} {v:.1f} MB" for k, v in results["memory"].items()))
     distributed.close()
     return run_dir
-
-
-def _plots(metrics: MetricsWriter, run_dir: Path, cfg) -> None:
-    metrics.plot(run_dir / "reward.png", ["reward/mean"], "mean reward of the sampled responses")
-    metrics.plot(run_dir / "kl.png", ["objective/kl"], "KL(policy || reference) per response, nats")
-    metrics.plot(run_dir / "policy.png", ["policy/approx_kl", "policy/clipfrac", "objective/entropy"], "policy diagnostics")
-    if cfg.algorithm in ("ppo", "a2c"):
-        metrics.plot(run_dir / "value.png", ["value/loss", "value/explained_var"], "value head")

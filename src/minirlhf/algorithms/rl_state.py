@@ -59,8 +59,7 @@ def restore(run_dir: Path, cfg, models, optimizer, kl_ctl, reward, device) -> tu
         raise UserError(f"{folder} holds a {state.get('algorithm')} run of {state.get('policy_from')!r}, not "
                         f"{cfg.algorithm} of {cfg.policy!r}; resume it with its own command")
     tensors = load_weights(folder / "trainer_state.safetensors")
-    options = dict(chat_template=cfg.policy_options.chat_template, freeze_layers=cfg.policy_options.freeze_layers,
-                   keep_adapters=True)  # a LoRA checkpoint resumes as adapters, not merged into the weights
+    options = cfg.policy_options.as_kwargs() | {"keep_adapters": True}  # a LoRA checkpoint resumes as adapters
     for model, name in ((models.policy, "policy"), (models.value_model, "value_model")):
         if model is not None:
             saved = load_policy(str(folder / name), device, value_head=model.value_head is not None, **options)

@@ -16,7 +16,7 @@ transformers causal LM, in causal_lm.py). `load_policy` picks one from a run dir
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -35,8 +35,8 @@ class Rollout:
     """
 
     prompts: list[str]  # the prompts as given (before any chat template)
-    prompt_ids: torch.Tensor  # (B, P) left-padded
-    prompt_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    prompt_ids: torch.Tensor = field(metadata={"pad": "left"})  # (B, P) left-padded
+    prompt_mask: torch.Tensor = field(metadata={"pad": "left"})  # (B, P) 1 on prompt tokens
     response_ids: torch.Tensor  # (B, T) right-padded
     response_mask: torch.Tensor  # (B, T) 1 on response tokens (the end-of-text token included)
     texts: list[str]  # decoded responses
@@ -44,7 +44,8 @@ class Rollout:
     logprobs: torch.Tensor  # (B, T) of the sampled tokens under the policy that sampled them (temperature 1)
     values: torch.Tensor | None  # (B, T) value estimates at the positions that predict each token
     entropy: torch.Tensor  # (B, T) of the policy's next-token distribution
-    frozen_hidden: torch.Tensor | None = None  # (B, P+T, H) output of a causal LM's frozen blocks, once computed
+    frozen_hidden: torch.Tensor | None = field(default=None, metadata={"per_process": True})
+    """(B, P+T, H) output of a causal LM's frozen blocks, once computed; a cache each process computes itself"""
 
     def select(self, idx: list[int]) -> "Rollout":
         picked = {}
