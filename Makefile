@@ -4,13 +4,22 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.minirlhf-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean chromium
 
 demo: $(STAMP)
 	$(VENV)/bin/minirlhf demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The feedback page's browser tests drive Debian's chromium: installed here with apt-get when missing and we
+# may (root, or sudo without a password). Never fails the build; the tests then skip, or fail under CI=true.
+APT_CHROMIUM := env DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update -qq && apt-get install -y -qq chromium' >/dev/null 2>&1
+chromium:
+	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then $(APT_CHROMIUM); \
+	  elif sudo -n true 2>/dev/null; then sudo -n $(APT_CHROMIUM); fi; \
+	  test -x /usr/bin/chromium || echo "chromium not installed (needs root or sudo -n): the browser tests will skip"; }
 
 install: $(STAMP)
 

@@ -33,15 +33,23 @@ RESUME_FIXED = {"out", "seed", "policy", "policy_options", "reward", "data", "pr
 """what a resumed run may not change: it would no longer repeat the uninterrupted run"""
 
 
+def _reward_key(run: str | None) -> str:
+    """`--reward RUN` names a sentiment classifier run or a preference reward-model run; either is the reward."""
+    from pathlib import Path
+
+    return "reward.reward_model" if run and (Path(run) / "model" / "reward_model.json").is_file() else "reward.classifier"
+
+
 def _stage_config(cls, args, extra):
     import dataclasses
 
     from minirlhf.config import load_config
 
-    data_key = "data.source" if dataclasses.is_dataclass(cls().data) else "data"
+    data_key = "data.source" if dataclasses.is_dataclass(getattr(cls(), "data", None)) else "data"
     cli = [f"--{key}={value}" for key, value in
-           ((data_key, args.data), ("out", args.out), ("device", args.device), ("seed", args.seed),
-            ("reward.classifier", getattr(args, "reward", None)))
+           ((data_key, getattr(args, "data", None)), ("out", args.out), ("device", args.device), ("seed", args.seed),
+            (_reward_key(getattr(args, "reward", None)), getattr(args, "reward", None)),
+            ("preferences", getattr(args, "preferences", None)))
            if value is not None]
     if getattr(args, "resume", None) is None:
         return load_config(cls, args.config, _overrides(extra) + cli)
@@ -75,12 +83,17 @@ def _add_stage(sub, name: str, cls, help: str, run, rl: bool = False):
     p = sub.add_parser(name, help=help, description=help, epilog=_config_help(cls),
                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", help="YAML file of config values (overrides then apply on top)")
-    p.add_argument("--data", help="corpus name (tweets, imdb), aclImdb folder, or .jsonl/.csv file")
+    if hasattr(cls(), "preferences"):
+        p.add_argument("--preferences", metavar="FILE.jsonl", help="preference pairs {\"prompt\", \"chosen\", "
+                       "\"rejected\"} (e.g. from `minirlhf feedback export`); sets the `preferences` key")
+    if hasattr(cls(), "data"):
+        p.add_argument("--data", help="corpus name (tweets, imdb), aclImdb folder, or .jsonl/.csv file")
     p.add_argument("--out", help="run directory (default: a new folder under runs/)")
     p.add_argument("--device", help="auto, cpu, cuda or mps")
     p.add_argument("--seed", type=int)
     if rl:
-        p.add_argument("--reward", metavar="CLASSIFIER_RUN", help="the reward classifier run (sets reward.classifier)")
+        p.add_argument("--reward", metavar="RUN", help="the reward: a classifier run (sets reward.classifier) or a "
+                       "reward-model run (sets reward.reward_model)")
         p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint "
                        "(its own config; --steps=N to train longer)")
         p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra), args.resume), stage=True)
@@ -104,6 +117,22 @@ def _train_generator(cfg) -> int:
     return 0
 
 
+def _train_reward_model(cfg) -> int:
+    from minirlhf.algorithms.reward_model import train
+
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}  (results.json, plots; model/: `minirlhf eval-reward-model {run_dir} --preferences "
+          f"FILE`, or the RLHF reward term --reward.reward_model={run_dir})")
+    return 0
+
+
+def _eval_reward_model(args, extra) -> int:
+    from minirlhf.algorithms.reward_model import evaluate_run
+
+    evaluate_run(args.run_dir, args.preferences, args.device, args.batch_size)
+    return 0
+
+
 def _rl(cfg, resume: str | None = None) -> int:
     from minirlhf.algorithms.rl import train
 
@@ -111,6 +140,16 @@ def _rl(cfg, resume: str | None = None) -> int:
     if run_dir is not None:  # None on the other processes under torchrun
         print(f"run directory: {run_dir}  (report.md, results.json, samples.md, plots; checkpoint/: "
               f"`minirlhf generate {run_dir}`, `minirlhf evaluate {run_dir}`, `--resume {run_dir}`)")
+    return 0
+
+
+def _dpo(cfg) -> int:
+    from minirlhf.algorithms.dpo import train
+
+    run_dir = train(cfg)
+    if run_dir is not None:  # None on the other processes under torchrun
+        print(f"run directory: {run_dir}  (report.md, results.json, plots; checkpoint/policy: "
+              f"`minirlhf generate {run_dir}`, or --policy {run_dir} for a later stage)")
     return 0
 
 
@@ -174,6 +213,51 @@ def _evaluate(args, extra) -> int:
     return 0
 
 
+def _feedback(args, extra) -> int:
+    from minirlhf.feedback import store
+
+    if args.feedback_command == "serve":
+        from minirlhf.feedback.app import serve
+
+        return serve(args)
+    if args.feedback_command == "export":
+        n = store.export_jsonl(args.db, args.out)
+        print(f"{n} preference pairs (ties and skips left out) -> {args.out}")
+        return 0
+    added, skipped = store.import_jsonl(args.files, args.db)
+    print(f"{added} pairs imported into {args.db}" + (f" ({skipped} already there)" if skipped else ""))
+    return 0
+
+
+def _add_feedback(sub) -> None:
+    p = sub.add_parser("feedback", help="a web page where people judge pairs of responses; export/import them")
+    fsub = p.add_subparsers(dest="feedback_command", required=True, metavar="COMMAND")
+    db = {"default": "runs/feedback/feedback.sqlite", "help": "the SQLite store (default: %(default)s)"}
+    s = fsub.add_parser("serve", help="serve pairs to judge (default: the newest RL run under runs/ against its "
+                        "reference, else two samples of smollm2); prints the admin link")
+    s.add_argument("--policy", metavar="RUN_DIR|MODEL", help="an RL run (against its reference), or a generator "
+                   "run / model folder / model name (two samples of it)")
+    s.add_argument("--prompts", metavar="FILE.jsonl", help="prompts to answer (default: the run's own, or the corpus's)")
+    s.add_argument("--db", **db)
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 shares it on your network (tokens still needed)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    s.add_argument("--ahead", type=int, default=16, help="unjudged pairs kept ready")
+    s.add_argument("--overlap", type=float, default=0.2, help="fraction of pairs wanted from two annotators")
+    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    e = fsub.add_parser("export", help="write the A/B judgements as {prompt, chosen, rejected} JSONL")
+    e.add_argument("--db", **db)
+    e.add_argument("--out", required=True, metavar="FILE.jsonl")
+    i = fsub.add_parser("import", help="load {prompt, chosen, rejected} JSONL files as judged pairs")
+    i.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    i.add_argument("--db", **db)
+    p.set_defaults(func=_feedback)
+
+
 def _doctor(args, extra) -> int:
     from minirlhf.doctor import run
 
@@ -182,9 +266,11 @@ def _doctor(args, extra) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from minirlhf.algorithms.classifier import ClassifierConfig
+    from minirlhf.algorithms.dpo import DPOConfig
     from minirlhf.algorithms.generator import GeneratorConfig
     from minirlhf.algorithms.grpo import GRPOConfig
     from minirlhf.algorithms.ppo import A2CConfig, PPOConfig
+    from minirlhf.algorithms.reward_model import RewardModelConfig
     from minirlhf.algorithms.rloo import RLOOConfig
     from minirlhf.pipeline import DemoConfig
 
@@ -197,12 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo)
     _add_stage(sub, "train-classifier", ClassifierConfig, "stage 1: fine-tune an encoder as sentiment classifier", _train_classifier)
     _add_stage(sub, "train-generator", GeneratorConfig, "stage 3: train the word-level LSTM language model", _train_generator)
+    _add_stage(sub, "train-reward-model", RewardModelConfig, "a Bradley-Terry reward model from preference pairs "
+               "(--preferences FILE.jsonl)", _train_reward_model)
     for name, cls, what in (("ppo", PPOConfig, "PPO with a value head, GAE and adaptive KL"),
                             ("grpo", GRPOConfig, "GRPO: group-standardised rewards, no critic"),
                             ("rloo", RLOOConfig, "RLOO: leave-one-out baselines, no critic"),
                             ("a2c", A2CConfig, "A2C: one unclipped policy-gradient step per rollout")):
         _add_stage(sub, name, cls, f"RLHF with {what} (--policy GENERATOR_RUN|smollm2|MODEL --reward CLASSIFIER_RUN)",
                    _rl, rl=True)
+    _add_stage(sub, "dpo", DPOConfig, "DPO/IPO from preference pairs, no reward model (--policy GENERATOR_RUN|smollm2|MODEL "
+               "--preferences FILE.jsonl)", _dpo)
 
     p = sub.add_parser("evaluate", help="an RL run's policy vs its reference on held-out prompts: JSON and report.md")
     p.add_argument("run_dir")
@@ -211,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("eval-reward-model", help="held-out pair accuracy, mean margin and the length baseline (JSON)")
+    p.add_argument("run_dir")
+    p.add_argument("--preferences", required=True, help=".jsonl of {\"prompt\", \"chosen\", \"rejected\"}")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval_reward_model)
 
     p = sub.add_parser("classify", help="P(positive) and positive logit of texts under a classifier run")
     p.add_argument("run_dir")
@@ -236,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_generate)
+    _add_feedback(sub)
     return parser
 
 

@@ -128,8 +128,10 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
 def _reward_text(cfg) -> str:
     from minirlhf.rewards import TERMS
 
+    on = {"function": bool(cfg.reward.function), "reward_model": bool(cfg.reward.reward_model),
+          "classifier": bool(cfg.reward.classifier or not cfg.reward.reward_model)}
     terms = [f"{getattr(cfg.reward, t + '_weight'):g} x {t}" for t in TERMS
-             if getattr(cfg.reward, t + "_weight") and (t != "function" or cfg.reward.function)]
+             if getattr(cfg.reward, t + "_weight") and on.get(t, True)]
     return " + ".join(terms) or "none"
 
 

@@ -1,6 +1,7 @@
 """The RLHF reward: a weighted sum of named terms, each (B,) per batch of responses.
 
-Terms: `classifier` (the stage-1 classifier's positive logit), `unended` (1 for a response that hit the
+Terms: `classifier` (the stage-1 classifier's positive logit), `reward_model` (a Bradley–Terry reward model's
+score of the whole dialogue, standardised by its training statistics), `unended` (1 for a response that hit the
 length limit without ending), `length` (response tokens / response_len), `repetition` (share of repeated
 word bigrams) and `function` (a user function given as `module:function`). Penalties are negative
 weights, e.g. `--reward.unended_weight=-1`. The sequence score lands on the last real token (ops.token_rewards).
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 
 from minirlhf import UserError
+from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.vocab import tokenize
 
-TERMS = ("classifier", "unended", "length", "repetition", "function")
+TERMS = ("classifier", "reward_model", "unended", "length", "repetition", "function")
 
 
 @dataclass
@@ -29,7 +31,12 @@ class RewardConfig:
     train_missing: bool = False
     """train that classifier first (on `data`, with the demo's quick settings) when the directory does not exist yet"""
     classifier_weight: float = 1.0
-    """weight of the classifier's positive logit"""
+    """weight of the classifier's positive logit (used when `classifier` is set, or when no reward model is)"""
+    reward_model: str = ""
+    """run directory of a preference reward model (`minirlhf train-reward-model`); its standardised score of the
+    whole dialogue, prompt and response, is the `reward_model` term"""
+    reward_model_weight: float = 1.0
+    """weight of the reward model's score"""
     unended_weight: float = 0.0
     """weight of `unended` (1 when a response never produced end-of-text); negative penalises"""
     length_weight: float = 0.0
@@ -90,9 +97,13 @@ class Reward:
     def __init__(self, cfg: RewardConfig, response_len: int, device, data=None):
         self.cfg, self.response_len = cfg, response_len
         self.weights = {t: getattr(cfg, f"{t}_weight") for t in TERMS}
-        self.classifier = self.function = None
-        if self.weights["classifier"] != 0:
+        self.classifier = self.function = self.reward_model = None
+        if self.weights["classifier"] != 0 and (cfg.classifier or not cfg.reward_model):
             self.classifier = load_classifier(cfg, device, data)
+        if cfg.reward_model and self.weights["reward_model"] != 0:
+            from minirlhf.models.reward_model import RewardModel
+
+            self.reward_model = RewardModel.from_run(cfg.reward_model, device)
         if cfg.function:
             self.function = load_function(cfg.function)
         self.moments = RunningMoments() if cfg.normalize else None
@@ -103,6 +114,9 @@ class Reward:
         if self.classifier is not None:
             texts = [policy.as_text(p, r) for p, r in zip(rollout.prompts, rollout.texts)]
             out["classifier"] = self.classifier.score(texts)[1]
+        if self.reward_model is not None:
+            out["reward_model"] = self.reward_model.normalized(
+                [dialogue_text(p, r) for p, r in zip(rollout.prompts, rollout.texts)])
         if self.weights["unended"]:
             out["unended"] = (~rollout.ended).float().cpu()
         if self.weights["length"]:
@@ -146,7 +160,8 @@ def load_classifier(cfg: RewardConfig, device, data=None):
     from minirlhf.models.classifier import SentimentClassifier
 
     if not cfg.classifier:
-        raise UserError("the reward needs a classifier: pass --reward CLASSIFIER_RUN (or set reward.classifier_weight=0 "
+        raise UserError("the reward needs a classifier or a reward model: pass --reward CLASSIFIER_RUN|REWARD_MODEL_RUN "
+                        "(or set reward.classifier_weight=0 "
                         "and use reward.function)")
     path = Path(cfg.classifier)
     if not (path / "model" / "config.json").is_file():

@@ -31,9 +31,9 @@ class ClassifierModelConfig:
     max_length: int = 128
     """tokens per text, special tokens included"""
     truncation: str = "head_tail"
-    """what to keep of a longer text: `head` (the start) or `head_tail` (first quarter + end)"""
+    """what to keep of a longer text: `head` (the start), `tail` (the end) or `head_tail` (first quarter + end)"""
 
-    checks = {"freeze_layers": ">= 0", "max_length": "[8, 8192]", "truncation": "{head,head_tail}"}
+    checks = {"freeze_layers": ">= 0", "max_length": "[8, 8192]", "truncation": "{head,head_tail,tail}"}
 
 
 @dataclass
@@ -89,8 +89,8 @@ class FrozenCache:
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, torch.float32)
 
 
-def _forward(model, idx, seqs, cache: FrozenCache | None, n, pad_id, device) -> torch.Tensor:
-    """Logits (B, 2) for texts idx, from the cache (upper layers only) or the full model."""
+def cached_forward(model, idx, seqs, cache: FrozenCache | None, n, pad_id, device) -> torch.Tensor:
+    """Logits (B, num_labels) for texts idx, from the cache (upper layers only) or the full model."""
     ids, mask = pad_batch([seqs[i] for i in idx], pad_id, device)
     if cache is None:
         return model(input_ids=ids, attention_mask=mask).logits
@@ -103,7 +103,7 @@ def _evaluate(model, seqs, labels, cache, n, pad_id, batch_size, device) -> dict
     model.eval()
     logits = torch.empty(len(seqs), 2)
     for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
-        logits[idx] = _forward(model, idx, seqs, cache, n, pad_id, device).float().cpu()
+        logits[idx] = cached_forward(model, idx, seqs, cache, n, pad_id, device).float().cpu()
     return binary_scores(logits, torch.tensor(labels))
 
 
@@ -151,7 +151,7 @@ def train(cfg: ClassifierConfig) -> Path:
         bar = progress(length_grouped_batches([len(s) for s in seqs["train"]], cfg.train.batch_size, rng),
                    desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch")
         for idx in bar:
-            logits = _forward(model, idx, seqs["train"], cache["train"], n, pad_id, device)
+            logits = cached_forward(model, idx, seqs["train"], cache["train"], n, pad_id, device)
             loss = F.cross_entropy(logits, train_y[idx].to(device))
             grad_norm = optimizer_step(loss, params, optimizer, scheduler, cfg.train.max_grad_norm)
             step += 1

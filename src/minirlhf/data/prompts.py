@@ -1,4 +1,5 @@
-"""Prompts for RLHF: the first words of the corpus texts, or a .jsonl file of {"prompt": ...}.
+"""Prompts for RLHF: the first words of the corpus texts, or a .jsonl file of {"prompt": ...}, where a prompt may be
+a conversation (`{"messages": [...]}` or HH `Human:/Assistant:` text; see data/dialogue.py).
 
 Training prompts come from the corpus's training split and held-out prompts from its validation split,
 so the evaluation never sees a prompt the policy trained on.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from minirlhf import UserError
 from minirlhf.config import DataConfig
+from minirlhf.data.dialogue import prompt_of
 from minirlhf.data.vocab import detokenize, tokenize
 
 
@@ -37,7 +39,7 @@ def first_words(texts: list[str], words: int) -> list[str]:
 
 
 def read_prompts(path: str) -> list[str]:
-    """The "prompt" strings of a .jsonl file; a bad line stops with `file:line: problem`."""
+    """The prompts of a .jsonl file, conversations as HH text; a bad line stops with `file:line: problem`."""
     from pathlib import Path
 
     from minirlhf.data.sentiment import jsonl_objects
@@ -45,10 +47,10 @@ def read_prompts(path: str) -> list[str]:
     if not Path(path).is_file():
         raise UserError(f"prompt file {path} does not exist; give a .jsonl file with one {{\"prompt\": ...}} per line")
     prompts = []
-    for where, obj in jsonl_objects(Path(path), ("prompt",), "a \"prompt\" string"):
-        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
-            raise UserError(f"{where}: field 'prompt' must be a non-empty string, got {obj['prompt']!r}")
-        prompts.append(obj["prompt"])
+    for where, obj in jsonl_objects(Path(path), (), "a \"prompt\" (string, HH text or messages) or \"messages\""):
+        if "prompt" not in obj and "messages" not in obj:
+            raise UserError(f"{where}: missing field 'prompt'; each line needs a \"prompt\" or a \"messages\" list")
+        prompts.append(prompt_of(obj, where))
     return prompts
 
 

@@ -17,8 +17,9 @@ import torch.nn as nn
 
 from minirlhf import UserError
 from minirlhf.checkpoint import atomic_dir
+from minirlhf.data.dialogue import to_messages
 from minirlhf.models.lstm import Generators, draw, filter_logits
-from minirlhf.models.policy import Rollout, left_pad, make_value_head, token_logprobs
+from minirlhf.models.policy import Rollout, left_pad, make_value_head, teacher_forcing, token_logprobs
 from minirlhf.ops import entropy_from_logits
 
 SMOLLM2 = "smollm2"
@@ -248,8 +249,10 @@ class CausalLMPolicy(nn.Module):
         return response.strip() if self.chat else prompt + response
 
     def encode(self, prompt: str) -> list[int]:
+        """Prompt token ids: a chat model's through its chat template (a conversation turn by turn), a plain LM's as
+        the text itself."""
         if self.chat:
-            out = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            out = self.tokenizer.apply_chat_template(to_messages(prompt), add_generation_prompt=True)
             return list(out["input_ids"] if hasattr(out, "keys") else out)
         ids = self.tokenizer(prompt)["input_ids"]
         return ids or [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_id]
@@ -331,6 +334,14 @@ class CausalLMPolicy(nn.Module):
             h, cache = self._hidden(token.unsqueeze(1), mask, cache, position)
             h, position = h[:, -1], position + 1
         return self._rollout(prompts, prompt_ids, prompt_mask, steps)
+
+    def teacher_forced(self, prompts: list[str], responses: list[str], max_prompt_tokens: int,
+                       max_response_tokens: int) -> Rollout:
+        """Given responses (a chat reply stripped), each closed by end-of-text, as a Rollout to score (`teacher_forcing`)."""
+        ids = [self.tokenizer(r.strip() if self.chat else r, add_special_tokens=False)["input_ids"] + [self.eos_id]
+               for r in responses]
+        return teacher_forcing(prompts, [self.encode(p) for p in prompts], ids, responses, max_prompt_tokens,
+                               max_response_tokens, self.pad_id, self.eos_id, next(self.parameters()).device)
 
     def _rollout(self, prompts, prompt_ids, prompt_mask, steps) -> Rollout:
         tokens, logprobs, values, entropy, live = (torch.stack(x, 1) if x[0] is not None else None for x in zip(*steps))

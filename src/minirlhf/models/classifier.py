@@ -57,8 +57,10 @@ def trunk(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
         owner = getattr(base, owner_name, None)
         if owner is not None and isinstance(getattr(owner, attr, None), nn.ModuleList) and hasattr(base, "embeddings"):
             return base.embeddings, owner, attr
+    if isinstance(getattr(base, "layers", None), nn.ModuleList) and hasattr(base, "embed_tokens"):  # Llama-likes
+        return base.embed_tokens, base, "layers"
     raise UserError(f"freezing layers of {type(model).__name__} is not supported; "
-                    "use a BERT-, RoBERTa- or DistilBERT-style encoder, or --model.freeze_layers=0")
+                    "use a BERT-, RoBERTa-, DistilBERT- or Llama-style model, or --model.freeze_layers=0")
 
 
 def freeze_lower(model: nn.Module, n: int) -> int:
@@ -85,10 +87,24 @@ def only_layers(model: nn.Module, keep: slice):
         setattr(owner, attr, layers)
 
 
+@contextmanager
+def without_final_norm(model: nn.Module):
+    """Inside the block a decoder's final norm (Llama-likes apply one after the last layer) passes states through."""
+    base = model.base_model
+    norm = getattr(base, "norm", None)
+    if norm is not None:
+        base.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        if norm is not None:
+            base.norm = norm
+
+
 @torch.no_grad()
 def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
     """Hidden states after the embeddings and the lowest n layers, (B, T, D); the upper layers never run."""
-    with only_layers(model, slice(0, n)):
+    with only_layers(model, slice(0, n)), without_final_norm(model):
         return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
@@ -110,10 +126,11 @@ def start_at_layer(model: nn.Module, n: int, hidden: torch.Tensor):
 
 
 class Truncator:
-    """Token ids with special tokens, cut to max_length keeping the head, or head and tail.
+    """Token ids with special tokens, cut to max_length keeping the head, the tail, or head and tail.
 
     Keeping the first quarter and the last three quarters ("head+tail") classifies long reviews
     better than keeping only the start (Sun et al., 2019, How to Fine-Tune BERT for Text Classification).
+    A dialogue keeps its tail: the reply being judged comes last.
     """
 
     def __init__(self, tokenizer, max_length: int, mode: str = "head"):
@@ -132,7 +149,7 @@ class Truncator:
                                  return_attention_mask=False, return_token_type_ids=False)
             for ids in enc["input_ids"]:
                 if len(ids) > self.budget:
-                    head = self.budget // 4 if self.mode == "head_tail" else self.budget
+                    head = {"head": self.budget, "head_tail": self.budget // 4, "tail": 0}[self.mode]
                     ids = ids[:head] + (ids[len(ids) - (self.budget - head):] if self.budget > head else [])
                 out.append(self.prefix + ids + self.suffix)
         return out

@@ -78,6 +78,21 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def teacher_forcing(prompts: list[str], prompt_seqs: list[list[int]], response_seqs: list[list[int]], texts: list[str],
+                    max_prompt_tokens: int, max_response_tokens: int, pad_id: int, eos_id: int, device) -> Rollout:
+    """A Rollout of given (not sampled) responses, for `policy(rollout)` to score token by token (DPO). A prompt
+    keeps its last `max_prompt_tokens` tokens (a conversation's end matters most), a response its first
+    `max_response_tokens`; `ended` only where the end-of-text token survives the cut."""
+    prompt_seqs = [s[max(0, len(s) - max_prompt_tokens):] for s in prompt_seqs]
+    response_seqs = [s[:max_response_tokens] for s in response_seqs]
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_seqs, pad_id))
+    response_ids, response_mask = (t.to(device) for t in right_pad(response_seqs, pad_id))
+    ended = torch.tensor([bool(s) and s[-1] == eos_id for s in response_seqs], device=device)
+    empty = torch.zeros_like(response_mask)
+    return Rollout(list(prompts), prompt_ids, prompt_mask, response_ids, response_mask, list(texts), ended, empty,
+                   None, empty)
+
+
 def make_value_head(width: int) -> nn.Linear:
     """A linear value head, zero-initialised so early values do not disturb the first updates."""
     head = nn.Linear(width, 1)
@@ -134,6 +149,16 @@ class LSTMPolicy(nn.Module):
                           [v.decode(o) for o in outs], ended, empty, None, empty)
         rollout.logprobs, rollout.values, rollout.entropy = self(rollout)  # one cheap pass: the LSTM is small
         return rollout
+
+    def teacher_forced(self, prompts: list[str], responses: list[str], max_prompt_tokens: int,
+                       max_response_tokens: int) -> Rollout:
+        """Given responses, each closed by <eos>, as a Rollout to score (see `teacher_forcing`); <bos> stays."""
+        v = self.vocab
+        words = [v.encode(p, bos=False, eos=False) for p in prompts]
+        encoded = [[v.bos_id] + w[max(0, len(w) - max_prompt_tokens + 1):] for w in words]
+        device = next(self.parameters()).device
+        return teacher_forcing(prompts, encoded, [v.encode(r, bos=False) for r in responses], responses,
+                               max_prompt_tokens, max_response_tokens, v.pad_id, v.eos_id, device)
 
     def forward(self, rollout: Rollout, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Log-probs, values and entropies (unless `entropy=False`) at the response positions, each (B, T).

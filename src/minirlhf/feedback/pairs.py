@@ -1,0 +1,189 @@
+"""What the feedback pairs compare, and the thread that keeps them coming.
+
+An RL run (checkpoint/policy/ and checkpoint/state.json) is put against its reference, the policy it started from,
+on its own held-out prompts: the judgements then give the policy's win rate as people see it. Any other policy
+(a generator run, a model folder or name, `smollm2`) is put against itself: two samples for the same prompt, the
+raw material of a preference data set. Which response is A is a coin flip per pair; every response keeps the
+model and sampling settings that produced it, with its own seed, so it can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minirlhf import UserError
+
+CORPUS_TEMPLATE = 'Write a short tweet that starts with "{prompt}".'
+"""how a chat model is asked about the corpus's first words (an LSTM just continues them)"""
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Source:
+    """A policy and, for an RL run, its reference; and the prompts both answer."""
+
+    policy: str
+    """what load_policy reads: a run directory, a model folder or a model name"""
+    reference: str | None
+    """an RL run's starting policy; None for two samples of `policy`"""
+    prompts: list[str]
+    step: int | None = None
+    """the RL checkpoint's step"""
+    options: dict = field(default_factory=dict)
+    """causal LM options the run was trained with (chat_template)"""
+
+    def describe(self) -> str:
+        if self.reference is None:
+            return f"two samples of {self.policy} on {len(self.prompts)} prompts"
+        return (f"RL run {self.policy} (step {self.step}) against its reference {self.reference} "
+                f"on {len(self.prompts)} held-out prompts")
+
+
+def newest_run(root: Path = Path("runs")) -> Path | None:
+    """The RL run under `root` whose checkpoint was written last."""
+    states = [s for s in root.glob("**/checkpoint/state.json") if (s.parent / "policy").is_dir()]
+    newest = max(states, key=lambda s: s.stat().st_mtime, default=None)
+    return newest.parent.parent if newest is not None else None
+
+
+def corpus_prompts(template: str) -> list[str]:
+    """The first words of the default corpus's texts, as RL training uses them, put in `template`."""
+    from minirlhf.config import DataConfig
+    from minirlhf.data.prompts import PromptConfig, first_words
+    from minirlhf.data.sentiment import load_splits
+
+    splits = load_splits(DataConfig())
+    words = first_words([t for t, _ in splits.train + splits.val], PromptConfig().words)
+    return [template.replace("{prompt}", w) for w in words]
+
+
+def resolve_source(policy: str | None, prompts_file: str | None) -> Source:
+    """--policy (default: the newest RL run under runs/, else smollm2) and --prompts, checked before serving."""
+    from minirlhf.data.prompts import read_prompts
+    from minirlhf.models.causal_lm import SMOLLM2
+    from minirlhf.models.policy import policy_folder
+
+    if policy is None:
+        run = newest_run()
+        policy = str(run) if run is not None else SMOLLM2
+    if (Path(policy) / "checkpoint" / "state.json").is_file():
+        return run_source(Path(policy), prompts_file)
+    if prompts_file is not None:
+        return Source(policy, None, read_prompts(prompts_file))
+    folder = policy_folder(policy)
+    is_lstm = folder is not None and (folder / "vocab.json").is_file()
+    return Source(policy, None, corpus_prompts("{prompt}" if is_lstm else CORPUS_TEMPLATE))
+
+
+def run_source(run: Path, prompts_file: str | None) -> Source:
+    """An RL run against its reference on its held-out prompts (or --prompts), templated as in training."""
+    from minirlhf.checkpoint import load_json
+    from minirlhf.data.prompts import load_prompts
+    from minirlhf.evaluate import run_config
+
+    cfg = run_config(run)
+    prompt_cfg = dataclasses.replace(cfg.prompts, max_eval=10 ** 9)
+    if prompts_file is not None:
+        prompt_cfg = dataclasses.replace(prompt_cfg, eval_file=prompts_file)
+    _, held = load_prompts(prompt_cfg, cfg.data)
+    step = load_json(run / "checkpoint" / "state.json").get("step")
+    return Source(str(run), cfg.policy, held, step, {"chat_template": cfg.policy_options.chat_template})
+
+
+def _spec(spec: str) -> str:
+    """A model spec as provenance: a path made absolute, so it still names the model from elsewhere."""
+    return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+
+class PairPool(threading.Thread):
+    """Keeps `ahead` fresh pairs in the store, in batches of `batch_size` (0: 16 for an LSTM, 2 for a causal LM, so
+    that a stop waits for little); `overlap` of them are wanted twice.
+
+    `state` is "loading", "running" or "failed" (then `error` holds why; serve's main thread raises it)."""
+
+    def __init__(self, store, source: Source, sampling: Sampling, ahead: int = 16, overlap: float = 0.2,
+                 device="cpu", batch_size: int = 0):
+        super().__init__(daemon=True, name="minirlhf-pairs")
+        self.store, self.source, self.sampling, self.device = store, source, sampling, device
+        self.ahead, self.overlap, self.batch_size = ahead, overlap, batch_size
+        self.state, self.error = "loading", None
+        self.generated = self.identical = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._load()
+            self.state = "running"
+            while not self.halt.is_set():
+                missing = self.ahead - self.store.fresh()
+                if missing <= 0:
+                    self.halt.wait(0.25)
+                    continue
+                self._add_batch(min(missing, self.batch_size))
+        except BaseException as e:  # noqa: BLE001 (handed to the main thread, which reports it)
+            self.error, self.state = e, "failed"
+
+    def _load(self) -> None:
+        import os
+
+        import torch
+
+        from minirlhf.models.policy import load_policy
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core left to the web server keeps pages quick
+        src = self.source
+        self.policy = load_policy(src.policy, self.device, value_head=False, **src.options)
+        self.reference = None if src.reference is None else \
+            load_policy(src.reference, self.device, value_head=False, **src.options)
+        self.batch_size = self.batch_size or (16 if self.policy.kind == "lstm" else 2)
+        # Seeded by the seed and the pairs already stored: a restart continues with new samples, not repeats.
+        self.rng = random.Random(f"{self.sampling.seed}-{self.store.counts()['pairs']}")
+
+    def _sample(self, model, prompts: list[str]) -> list[tuple[str, int]]:
+        """(response, seed) per prompt; one generator per row, so each response depends on its seed alone."""
+        import torch
+
+        s = self.sampling
+        seeds = [self.rng.randrange(2 ** 31) for _ in prompts]
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        rollout = model.sample(prompts, s.max_new_tokens, generators, s.temperature, s.top_k, s.top_p)
+        return list(zip(rollout.texts, seeds))
+
+    def _provenance(self, role: str, seed: int) -> dict:
+        s, src = self.sampling, self.source
+        return {"model": _spec(src.reference if role == "reference" else src.policy), "role": role,
+                "step": src.step if role == "policy" else None, "temperature": s.temperature, "top_p": s.top_p,
+                "top_k": s.top_k, "max_new_tokens": s.max_new_tokens, "seed": seed}
+
+    def _add_batch(self, n: int) -> None:
+        prompts = [self.rng.choice(self.source.prompts) for _ in range(n)]
+        if self.reference is None:  # two samples of one policy: one batch of 2n rows
+            both = self._sample(self.policy, prompts + prompts)
+            first, second, roles = both[:n], both[n:], ("sample", "sample")
+        else:
+            first, second = self._sample(self.policy, prompts), self._sample(self.reference, prompts)
+            roles = ("policy", "reference")
+        for prompt, (text1, seed1), (text2, seed2) in zip(prompts, first, second):
+            if text1.strip() == text2.strip():  # nothing to choose between
+                self.identical += 1
+                continue
+            sides = [(text1, self._provenance(roles[0], seed1)), (text2, self._provenance(roles[1], seed2))]
+            self.rng.shuffle(sides)
+            wanted = 2 if self.rng.random() < self.overlap else 1
+            self.store.add_pair(prompt, sides[0][0], sides[1][0], sides[0][1], sides[1][1], wanted)
+            self.generated += 1
+        if self.generated == 0 and self.identical >= 50:
+            raise UserError(f"the two responses were identical {self.identical} times; sample more freely "
+                            "(raise --temperature or --top-p) or give a policy that has changed")

@@ -1,0 +1,134 @@
+"""A reward model learned from preferences: a pretrained encoder, or a causal LM, with a scalar head.
+
+An encoder's reward reads the mean of its token states, the pooling sentence encoders such as all-MiniLM-L6-v2
+were trained with (its [CLS] state was never trained to summarise); a causal LM's reads its last real token,
+the only one that has seen the whole text. The model reads the whole dialogue as HH text (data/dialogue.py),
+cut to its last `max_length` tokens, since the reply being judged comes last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+from minirlhf import UserError
+from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, pad_batch, resolve_encoder
+
+
+def resolve_model(name: str) -> str:
+    """`minilm` and `smollm2` become the folders their pip packages ship; other names pass through."""
+    from minirlhf.models.causal_lm import SMOLLM2, smollm2_path
+
+    if name == SMOLLM2:
+        return str(smollm2_path())
+    return resolve_encoder(name) if name == DEFAULT_ENCODER else name
+
+
+class ScalarRewardModel(nn.Module):
+    """A transformers base model and a linear head over its pooled states: `model(input_ids, attention_mask).logits`
+    is (B, 1), as a one-label sequence classifier's would be, so the classifier's frozen-layer cache serves it too."""
+
+    def __init__(self, base: nn.Module, pooling: str):
+        super().__init__()
+        self.base, self.pooling = base, pooling
+        self.head = nn.Linear(base.config.hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1 / (base.config.hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        if getattr(base, "pooler", None) is not None:
+            base.pooler.requires_grad_(False)  # unused: never trained, never in the optimizer
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.base
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        hidden = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        if self.pooling == "mean":
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
+        else:  # right-padded: the last real token
+            pooled = hidden[torch.arange(len(hidden)), attention_mask.sum(1) - 1]  # (B, H)
+        return SimpleNamespace(logits=self.head(pooled))  # (B, 1)
+
+    def save(self, folder: Path, tokenizer, meta: dict) -> None:
+        from minirlhf.checkpoint import save_json, save_weights
+
+        self.base.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_weights(self.head.state_dict(), folder / "reward_head.safetensors")
+        save_json({**meta, "pooling": self.pooling}, folder / "reward_model.json")
+
+
+def load_scalar_model(name: str) -> tuple[ScalarRewardModel, object]:
+    """(model, tokenizer): a pretrained model by hub name or folder with a fresh scalar head."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from minirlhf.runtime import hub_reachable, quiet_transformers
+
+    quiet_transformers()
+    path = resolve_model(name)
+    if not Path(path).exists():
+        hub_reachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        base = AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160]
+        raise UserError(f"cannot load {name!r} as a reward model ({first}); give a local model folder, "
+                        f"or the offline --model.name=minilm or smollm2") from None
+    if tokenizer.pad_token_id is None:  # padding is masked out, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    decoder = "CausalLM" in "".join(config.architectures or []) or getattr(config, "is_decoder", False)
+    return ScalarRewardModel(base, "last" if decoder else "mean"), tokenizer
+
+
+class RewardModel:
+    """A trained reward-model run: `score(texts)` -> raw rewards (N,); `normalized(texts)` -> rewards standardised
+    with the mean and std the run measured on its training responses (so 0 is a typical response)."""
+
+    def __init__(self, model, tokenizer, max_length: int, mean: float, std: float, device):
+        self.model = model.to(device).eval()
+        self.device, self.mean, self.std = device, mean, std
+        self.truncate = Truncator(tokenizer, max_length, "tail")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device="cpu") -> "RewardModel":
+        from transformers import AutoModel, AutoTokenizer
+
+        from minirlhf.checkpoint import load_json, load_weights
+        from minirlhf.runtime import quiet_transformers
+
+        quiet_transformers()
+        folder = Path(run_dir) / "model"
+        if not (folder / "reward_model.json").is_file():
+            raise UserError(f"{run_dir} is not a trained reward-model run (model/reward_model.json is missing); "
+                            "train one with `minirlhf train-reward-model --preferences FILE.jsonl`")
+        meta = load_json(folder / "reward_model.json")
+        model = ScalarRewardModel(AutoModel.from_pretrained(folder), meta["pooling"])
+        model.head.load_state_dict(load_weights(folder / "reward_head.safetensors"))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return cls(model, tokenizer, meta["max_length"], meta["mean"], meta["std"], device)
+
+    @torch.inference_mode()
+    def score(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Raw scalar rewards (N,) of whole texts (dialogues as HH text)."""
+        from minirlhf.training import length_sorted_batches
+
+        seqs = self.truncate(texts)
+        out = torch.empty(len(texts))
+        for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
+            ids, mask = pad_batch([seqs[i] for i in idx], self.pad_id, self.device)
+            out[idx] = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
+        return out
+
+    def normalized(self, texts: list[str]) -> torch.Tensor:
+        return (self.score(texts) - self.mean) / self.std
