@@ -30,7 +30,7 @@ def test_ints_are_accepted_for_floats_and_null_for_optionals():
     ("--train.lr=-1", "train.lr must be > 0, got -1.0"),
     ("--train.warmup_ratio=2", "train.warmup_ratio must be [0, 1]"),
     ("--device=tpu", "device must be {auto,cpu,cuda,mps}"),
-    ("--model.truncation=middle", "model.truncation must be {head,head_tail}"),
+    ("--model.truncation=middle", "model.truncation must be {head,head_tail,tail}"),
     ("--train=3", "train is a section"),
     ("lr=3", "write overrides as --section.key=value"),
 ])

@@ -13,6 +13,7 @@ its share of every step batch; the per-pair sums are all-reduced and rank 0 writ
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import random
 import time
@@ -330,7 +331,8 @@ def train(cfg: DPOConfig) -> Path | None:
         metrics.close()
         _finish(run_dir, cfg, metrics, policy, ref, eval_pairs, before, row, steps, train_s, ref_s, optimizer,
                 len(train_pairs))
-    del train_policy  # DDP holds the process group: release it before the group is destroyed
+    del train_policy  # DDP's reducer (in a reference cycle) must go before the process group, or the exit
+    gc.collect()  # can abort ("terminate called without an active exception")
     distributed.barrier()
     distributed.close()
     return run_dir

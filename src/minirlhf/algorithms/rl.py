@@ -7,6 +7,7 @@ live in ppo.py, grpo.py and rloo.py, and `_advantages` below picks one by the co
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from dataclasses import dataclass, field
@@ -381,6 +382,8 @@ def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
             atomic_write_text(run_dir / "samples.md", samples)
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(run_dir, cfg, step, models, optimizer, kl_ctl, reward, train_s)
+    models.train_policy = models.train_critic = None  # DDP's reducers must go before the process group does,
+    gc.collect()  # or the exit can abort ("terminate called without an active exception")
     if not main:
         distributed.close()
         return None
