@@ -148,3 +148,18 @@ def test_causal_lm_reward_model_caches_its_frozen_layers_and_reloads(tmp_path, c
     scores = rm.score(texts)
     assert scores.shape == (4,) and torch.isfinite(scores).all() and scores.std() > 0
     assert torch.allclose(rm.score(texts[:1]), scores[:1], atol=1e-4)  # padding in a batch changes nothing
+
+
+def test_reply_pooling_reads_only_the_tokens_after_the_last_assistant_turn():
+    from minirlhf.models.classifier import Truncator, pad_batch
+    from minirlhf.models.reward_model import load_scalar_model
+
+    model, tokenizer = load_scalar_model("minilm", "reply_mean")
+    seqs = Truncator(tokenizer, 40, "tail")([dialogue_text(HH, "why did the chicken cross"), dialogue_text("plain", "yes")])
+    ids, mask = pad_batch(seqs, tokenizer.pad_token_id)
+    reply = model.reply_mask(ids, mask)
+    words = [[tok for tok, r in zip(tokenizer.convert_ids_to_tokens(row), keep) if r] for row, keep in zip(ids, reply)]
+    assert words == [["why", "did", "the", "chicken", "cross", "[SEP]"], ["yes", "[SEP]"]]
+    cut = Truncator(tokenizer, 8, "tail")([dialogue_text(HH, "a reply far longer than the eight tokens kept")])
+    ids, mask = pad_batch(cut, tokenizer.pad_token_id)
+    assert model.reply_mask(ids, mask).sum() == mask.sum()  # the marker was cut away: every token counts

@@ -41,8 +41,11 @@ class RewardModelModelConfig:
     """compute the frozen layers' output once and train only the upper layers on it (encoders)"""
     max_length: int = 192
     """tokens per dialogue, special tokens included; a longer one keeps its end, where the judged reply is"""
+    pooling: str = "auto"
+    """what the scalar head reads: `mean` of all token states, `reply_mean` of the reply's (after the last
+    "Assistant:"), `last` token (causal LMs); auto: mean for encoders, last for causal LMs"""
 
-    checks = {"freeze_layers": ">= 0", "max_length": "[8, 8192]"}
+    checks = {"freeze_layers": ">= 0", "max_length": "[8, 8192]", "pooling": "{auto,mean,reply_mean,last}"}
 
 
 @dataclass
@@ -174,7 +177,7 @@ def train(cfg: RewardModelConfig) -> Path:
     device, why = pick_device(cfg.device)
     train_pairs, eval_pairs = _load_split(cfg)
     print(f"device: {device} ({why}); {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-    model, tokenizer = load_scalar_model(cfg.model.name)
+    model, tokenizer = load_scalar_model(cfg.model.name, cfg.model.pooling)
     model.to(device)
     n = cfg.model.freeze_layers
     trainable, total = freeze_lower(model, n), sum(p.numel() for p in model.parameters())

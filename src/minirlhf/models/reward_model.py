@@ -31,9 +31,9 @@ class ScalarRewardModel(nn.Module):
     """A transformers base model and a linear head over its pooled states: `model(input_ids, attention_mask).logits`
     is (B, 1), as a one-label sequence classifier's would be, so the classifier's frozen-layer cache serves it too."""
 
-    def __init__(self, base: nn.Module, pooling: str):
+    def __init__(self, base: nn.Module, pooling: str, marker: list[int] | None = None):
         super().__init__()
-        self.base, self.pooling = base, pooling
+        self.base, self.pooling, self.marker = base, pooling, marker or []
         self.head = nn.Linear(base.config.hidden_size, 1)
         nn.init.normal_(self.head.weight, std=1 / (base.config.hidden_size + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
@@ -51,11 +51,25 @@ class ScalarRewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         hidden = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        if self.pooling == "mean":
+        if self.pooling == "reply_mean":
+            mask = mask * self.reply_mask(input_ids, attention_mask).unsqueeze(-1)  # (B, T, 1)
+        if self.pooling in ("mean", "reply_mean"):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
         else:  # right-padded: the last real token
             pooled = hidden[torch.arange(len(hidden)), attention_mask.sum(1) - 1]  # (B, H)
         return SimpleNamespace(logits=self.head(pooled))  # (B, 1)
+
+    def reply_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) 1 on the tokens after the last "Assistant:" marker: the reply being judged, which the shared
+        conversation before it would otherwise outweigh in the mean. All tokens where the marker was cut away."""
+        k = len(self.marker)
+        marker = torch.tensor(self.marker, device=input_ids.device)
+        hits = (input_ids.unfold(1, k, 1) == marker).all(-1)  # (B, T-k+1): the marker starts here
+        pos = torch.arange(hits.size(1), device=input_ids.device)
+        last = torch.where(hits, pos, -1).max(1).values  # (B,) start of the last marker, -1 if none
+        after = torch.arange(input_ids.size(1), device=input_ids.device) >= (last + k).unsqueeze(1)  # (B, T)
+        reply = after & (last >= 0).unsqueeze(1) & (attention_mask > 0)
+        return torch.where(reply.any(1, keepdim=True), reply, attention_mask > 0).to(attention_mask.dtype)
 
     def save(self, folder: Path, tokenizer, meta: dict) -> None:
         from minirlhf.checkpoint import save_json, save_weights
@@ -63,10 +77,10 @@ class ScalarRewardModel(nn.Module):
         self.base.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         save_weights(self.head.state_dict(), folder / "reward_head.safetensors")
-        save_json({**meta, "pooling": self.pooling}, folder / "reward_model.json")
+        save_json({**meta, "pooling": self.pooling, "marker": self.marker}, folder / "reward_model.json")
 
 
-def load_scalar_model(name: str) -> tuple[ScalarRewardModel, object]:
+def load_scalar_model(name: str, pooling: str = "auto") -> tuple[ScalarRewardModel, object]:
     """(model, tokenizer): a pretrained model by hub name or folder with a fresh scalar head."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -87,7 +101,10 @@ def load_scalar_model(name: str) -> tuple[ScalarRewardModel, object]:
     if tokenizer.pad_token_id is None:  # padding is masked out, so any id will do
         tokenizer.pad_token = tokenizer.eos_token
     decoder = "CausalLM" in "".join(config.architectures or []) or getattr(config, "is_decoder", False)
-    return ScalarRewardModel(base, "last" if decoder else "mean"), tokenizer
+    if pooling == "auto":
+        pooling = "last" if decoder else "mean"
+    marker = tokenizer("\n\nAssistant:", add_special_tokens=False)["input_ids"][-2:]  # "assistant", ":"
+    return ScalarRewardModel(base, pooling, marker), tokenizer
 
 
 class RewardModel:
@@ -113,7 +130,7 @@ class RewardModel:
             raise UserError(f"{run_dir} is not a trained reward-model run (model/reward_model.json is missing); "
                             "train one with `minirlhf train-reward-model --preferences FILE.jsonl`")
         meta = load_json(folder / "reward_model.json")
-        model = ScalarRewardModel(AutoModel.from_pretrained(folder), meta["pooling"])
+        model = ScalarRewardModel(AutoModel.from_pretrained(folder), meta["pooling"], meta.get("marker"))
         model.head.load_state_dict(load_weights(folder / "reward_head.safetensors"))
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return cls(model, tokenizer, meta["max_length"], meta["mean"], meta["std"], device)
