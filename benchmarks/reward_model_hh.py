@@ -17,8 +17,9 @@ HH = ROOT.parent / "shared" / "data" / "preferences" / "hh_rlhf.jsonl"
 # here: held-out 0.528 against a length baseline of 0.511 on the same 1,000 pairs (+0.017: short of the +0.03 bar).
 # `--model.name=smollm2 --model.freeze_layers=26 --model.max_length=96 --max_train=1200 --max_eval=400` did worse:
 # 0.518 against 0.543. With `--model.pooling=reply_mean` (only the reply's tokens pooled): 0.549 against 0.531, 371 s.
-SETTINGS = ["--eval_fraction=0.2", "--max_train=3000", "--max_eval=1000", "--model.max_length=128",
-            "--model.freeze_layers=4", "--train.epochs=2", "--train.lr=1e-4"]
+# The setting below (all 6,000 training pairs, reply pooling) clears it: 0.582 against 0.531 (+0.052), 836 s.
+SETTINGS = ["--eval_fraction=0.2", "--max_train=6000", "--max_eval=1000", "--model.max_length=128",
+            "--model.freeze_layers=4", "--model.pooling=reply_mean", "--train.epochs=2", "--train.lr=1e-4"]
 
 
 def main() -> int:
