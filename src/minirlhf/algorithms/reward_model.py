@@ -96,9 +96,9 @@ def pair_scores(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float
 class PairTexts:
     """The 2N token sequences of N pairs (chosen i at i, rejected i at N + i) and, optionally, their frozen layers."""
 
-    def __init__(self, pairs: list[Pair], truncate: Truncator | None):
+    def __init__(self, pairs: list[Pair], truncate: Truncator):
         self.n = len(pairs)
-        self.seqs = [] if truncate is None else truncate([dialogue_text(p.prompt, p.chosen) for p in pairs]
+        self.seqs = truncate([dialogue_text(p.prompt, p.chosen) for p in pairs]
                              + [dialogue_text(p.prompt, p.rejected) for p in pairs])
         self.cache: FrozenCache | None = None
 
@@ -124,13 +124,12 @@ def evaluate(model, texts: PairTexts, n_frozen, pad_id, batch_size, device) -> t
 @torch.no_grad()
 def split_works(model, texts: PairTexts, n: int, pad_id: int, device) -> bool:
     """Whether running the upper layers on the frozen layers' output reproduces the whole model on a few texts."""
-    idx = list(range(min(2, len(texts.seqs))))
     model.eval()
-    whole = texts.rewards(model, idx, 0, pad_id, device)
-    probe = PairTexts([], None)
-    probe.seqs = [texts.seqs[i] for i in idx]
-    probe.cache = FrozenCache(model, probe.seqs, pad_id, n, len(idx), device)
-    ok = torch.allclose(probe.rewards(model, idx, n, pad_id, device), whole, atol=1e-2, rtol=1e-2)  # fp16 cache
+    seqs = texts.seqs[:2]
+    idx = list(range(len(seqs)))
+    whole = cached_forward(model, idx, seqs, None, 0, pad_id, device)
+    cache = FrozenCache(model, seqs, pad_id, n, len(seqs), device)
+    ok = torch.allclose(cached_forward(model, idx, seqs, cache, n, pad_id, device), whole, atol=1e-2, rtol=1e-2)  # fp16
     if not ok:
         print(f"note: {type(model.base).__name__} cannot be run from its layer {n}; the frozen layers are recomputed")
     return ok
