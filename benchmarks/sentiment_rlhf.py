@@ -5,16 +5,18 @@ the positive logit of the stage-1 classifier (benchmarks/sentiment_reward.py, th
 system); 24-token responses, 16 a step, 2 threads, fp32. Systems, one child process each, one after another:
 minirlhf PPO and GRPO, each on the full model and with a shared frozen trunk (lowest 15 of 30 blocks), and
 TRL's GRPOTrainer (installed only for this benchmark: `.venv/bin/pip install trl==1.16.0`; skipped with a
-note when missing). Every `--eval-every` steps each system's mean reward on 32 held-out openings is measured
-(outside its timed training).
+note when missing). GRPO runs two recipes on both sides at the same learning rate and KL weight: one
+optimizer step per batch of 16, and 4 (2 passes over 2 minibatches of 8; TRL's num_iterations=2). Every
+`--eval-every` steps each system's mean reward on 64 held-out openings is measured (outside its timed
+training).
 
 Prints one JSON object: per system seconds per step, responses per second, seconds of training to reach the
 target held-out reward (the systems' mean reward before training + `--target-rise`), peak memory, and for
 minirlhf the update phase's model FLOP/s over the fp32 matmul peak (torch.mm, 2048^2, measured before each
 system; the highest counts, since this machine's speed drifts with its neighbours' load).
-Bars: minirlhf reaches the target at least 3x sooner than TRL with no more peak memory; the update phase
-runs at 50% or more of the matmul peak.
-Run from the repository root: `.venv/bin/python benchmarks/sentiment_rlhf.py [--steps 30]`.
+Bars: minirlhf's fastest system reaches the target at least 3x sooner than TRL's fastest recipe, with no more
+peak memory; the update phase runs at 50% or more of the matmul peak.
+Run from the repository root: `.venv/bin/python benchmarks/sentiment_rlhf.py [--systems a,b] [--steps 20]`.
 """
 
 import argparse
@@ -37,12 +39,16 @@ TEMPLATE = "Continue this movie review: {}"
 PPO = ["--ppo_epochs=2", "--minibatch_size=8", "--lr=3e-5", "--kl_coef=0.15", "--kl_target=6", "--kl_horizon=1000",
        "--target_kl=0.1"]
 GRPO = ["--group_size=4", "--ppo_epochs=1", "--minibatch_size=16", "--lr=3e-5", "--kl_coef=0.04"]  # as TRL's run
+FOUR_UPDATES = ["--ppo_epochs=2", "--minibatch_size=8"]  # 2 passes of 2 minibatches per batch, as TRL's 4-update run
 SYSTEMS = {
     "minirlhf_ppo_full": ["ppo", *PPO],
     "minirlhf_ppo_shared_trunk": ["ppo", *PPO, "--policy_options.freeze_layers=15"],
     "minirlhf_grpo": ["grpo", *GRPO],
     "minirlhf_grpo_shared_trunk": ["grpo", *GRPO, "--policy_options.freeze_layers=15"],
+    "minirlhf_grpo_shared_trunk_4_updates": ["grpo", *GRPO, *FOUR_UPDATES, "--policy_options.freeze_layers=15"],
 }
+TRL = {"trl_grpo": [], "trl_grpo_4_updates": ["--iterations", "2", "--minibatch", "8"]}
+EVAL_PROMPTS = 64
 
 
 def opening(text: str, words: int = 6) -> str:
@@ -50,8 +56,10 @@ def opening(text: str, words: int = 6) -> str:
 
 
 def write_prompts(work: Path) -> tuple[Path, Path]:
-    rows = [json.loads(line) for line in (SHARED / "train.jsonl").read_text().splitlines()[:64]]
-    held = [json.loads(line) for line in (SHARED / "test.jsonl").read_text().splitlines()[:32]]
+    def head(name: str, n: int) -> list[dict]:  # split on "\n" only: reviews hold other line separators
+        return [json.loads(line) for line in (SHARED / name).read_text().split("\n")[:n]]
+
+    rows, held = head("train.jsonl", 64), head("test.jsonl", EVAL_PROMPTS)
     for name, part in (("train", rows), ("eval", held)):
         (work / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": TEMPLATE.format(opening(r["text"]))}) + "\n"
                                                    for r in part))
@@ -138,12 +146,12 @@ def minirlhf_result(name: str, work: Path) -> dict:
 
 def run_system(name: str, args, work: Path, prompts: tuple[Path, Path], env: dict) -> dict:
     train, held = prompts
-    if name == "trl_grpo":
+    if name in TRL:
         cmd = [sys.executable, str(ROOT / "benchmarks" / "trl_grpo_runner.py"), "--model", str(smollm2()),
                "--prompts", str(train), "--eval-prompts", str(held), "--reward", "sentiment_reward:positive_logit",
                "--steps", str(args.trl_steps), "--num-generations", "4", "--per-step", "16", "--max-completion-length",
                "24", "--lr", "3e-5", "--beta", "0.04", "--threads", "2", "--eval-every", str(args.eval_every),
-               "--out", str(work / name)]
+               "--out", str(work / name), *TRL[name]]
     else:
         cmd = [sys.executable, "-m", "minirlhf", *SYSTEMS[name], "--policy=smollm2", "--reward.classifier_weight=0",
                "--reward.function=sentiment_reward:positive_logit", f"--prompts.file={train}",
@@ -154,7 +162,7 @@ def run_system(name: str, args, work: Path, prompts: tuple[Path, Path], env: dic
     code, wall, peak_mb = run_child(cmd, work, env, work / f"{name}.log")
     if code != 0:
         return {"error": f"exit {code}; see {work / name}.log", "log_tail": (work / f"{name}.log").read_text()[-800:]}
-    if name == "trl_grpo":
+    if name in TRL:
         out = json.loads((work / f"{name}.log").read_text().strip().splitlines()[-1])
         result = {"seconds_per_step": out["seconds_per_step"], "evals": out["evals"], "trl_version": out["trl_version"]}
     else:
@@ -174,11 +182,11 @@ def seconds_to(target: float, evals: list[dict]) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--trl-steps", type=int, default=45, help="TRL's step budget (it may need more to reach the target)")
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--trl-steps", type=int, default=30, help="TRL's step budget (it may need more to reach the target)")
+    ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--target-rise", type=float, default=1.0, choices=[0.5, 0.75, 1.0])
-    ap.add_argument("--systems", default=",".join([*SYSTEMS, "trl_grpo"]))
+    ap.add_argument("--systems", default=",".join([*SYSTEMS, *TRL]))
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = new_run_dir("sentiment-rlhf")
@@ -189,7 +197,7 @@ def main() -> int:
     smollm2()
     results, peaks = {}, []
     for name in args.systems.split(","):
-        if name == "trl_grpo" and importlib.util.find_spec("trl") is None:
+        if name in TRL and importlib.util.find_spec("trl") is None:
             results[name] = {"skipped": "trl is not installed: .venv/bin/pip install trl==1.16.0"}
             continue
         peaks.append(matmul_peak())  # before each system: this shared machine's speed drifts
@@ -216,16 +224,19 @@ def summarise(results: dict, rise: float) -> dict:
     key = f"+{rise}"
     report = {"start_reward": round(start, 3), "target_reward": round(start + rise, 3), "systems": results}
     ours = [r for k, r in results.items() if k.startswith("minirlhf") and r.get("seconds_to_target", {}).get(key)]
-    trl_result = results.get("trl_grpo", {})
-    if ours and "evals" in trl_result:
+    theirs = {k: r for k, r in results.items() if k in TRL and "evals" in r}
+    if ours and theirs:
         best = min(ours, key=lambda r: r["seconds_to_target"][key])
-        trl_time = trl_result["seconds_to_target"][key] or trl_result["evals"][-1]["train_s"]  # not reached: a lower bound
-        report["speedup_to_target_vs_trl"] = round(trl_time / best["seconds_to_target"][key], 2)
-        report["trl_reached_target"] = trl_result["seconds_to_target"][key] is not None
-        report["bar"] = {"3x_sooner_than_trl": report["speedup_to_target_vs_trl"] >= 3,
-                         "no_more_memory_than_trl": best["peak_memory_mb"] <= trl_result["peak_memory_mb"],
+        # TRL's time on each recipe; where it never reached the target, its whole training time (a lower bound)
+        trl_time = {k: r["seconds_to_target"][key] or r["evals"][-1]["train_s"] for k, r in theirs.items()}
+        fastest = min(trl_time, key=trl_time.get)
+        report["speedup_to_target_vs_trl"] = {k: round(t / best["seconds_to_target"][key], 2) for k, t in trl_time.items()}
+        report["trl_reached_target"] = {k: r["seconds_to_target"][key] is not None for k, r in theirs.items()}
+        report["bar"] = {"3x_sooner_than_trl's_fastest": trl_time[fastest] / best["seconds_to_target"][key] >= 3,
+                         "no_more_memory_than_trl": best["peak_memory_mb"] <= theirs[fastest]["peak_memory_mb"],
                          "update>=50%_of_peak": max(r["update_utilisation"] for r in ours) >= 0.5}
     return report
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,10 +3,12 @@
 Needs TRL, installed only for the benchmark, as an optional extra:
     .venv/bin/pip install trl==1.16.0      (adds trl only; torch/transformers/accelerate/datasets unchanged)
 
-Settings kept equal to minirlhf: fp32, no vLLM, temperature 1.0, one optimizer step per generation batch
-(--per-step completions = prompts x --num-generations), DAPO token-mean loss, k3 KL with weight --beta,
+Settings kept equal to minirlhf: fp32, no vLLM, temperature 1.0, a generation batch of --per-step completions
+(prompts x --num-generations) per step, used for --iterations passes of --minibatch completions per optimizer
+step (default one optimizer step per batch), DAPO token-mean loss, k3 KL with weight --beta,
 Adam (no weight decay) at a constant learning rate, gradient norm clipped to 1, chat template applied.
 
+A "step" below is one generation batch, as in minirlhf, whatever the optimizer steps it takes.
 Writes DIR/steps.jsonl (step, seconds since training began, mean reward) and prints one JSON line:
 trl_version, steps, seconds_per_step (mean over steps after the first), total_seconds, peak_memory_mb,
 rewards (per step) and, with --eval-prompts, eval_reward (one sampled completion per prompt, after training).
@@ -57,8 +59,8 @@ class StepTimer(TrainerCallback):
     """Training time at each step end (held-out evaluations excluded) and TRL's logged mean reward, appended to
     steps.jsonl; with `evaluate`, the held-out reward before training and every `every` steps."""
 
-    def __init__(self, path: Path, evaluate=None, every: int = 0):
-        self.path, self.times, self.rewards, self.evals = path, [], [], []
+    def __init__(self, path: Path, evaluate=None, every: int = 0, updates: int = 1):
+        self.path, self.times, self.rewards, self.evals, self.updates = path, [], [], [], updates
         self.evaluate, self.every, self.paused = evaluate, every, 0.0
         path.write_text("")
 
@@ -76,15 +78,19 @@ class StepTimer(TrainerCallback):
             self._eval(0, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.updates:  # within a generation batch
+            return
         self.times.append(time.perf_counter() - self.t0 - self.paused)
-        if self.evaluate and self.every and state.global_step % self.every == 0:
-            self._eval(state.global_step, model)
+        step = state.global_step // self.updates
+        if self.evaluate and self.every and step % self.every == 0:
+            self._eval(step, model)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "reward" in logs:
+        if logs and "reward" in logs:  # logged at the first update of each generation batch
             self.rewards.append(logs["reward"])
+            seconds = time.perf_counter() - self.t0 - self.paused
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, "seconds": round(self.times[-1], 3),
+                f.write(json.dumps({"step": -(-state.global_step // self.updates), "seconds": round(seconds, 3),
                                     "reward": logs["reward"], "kl": logs.get("kl")}) + "\n")
 
 
@@ -111,9 +117,11 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--reward", required=True, help="module:function(prompts, completions) -> list[float]")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="generation batches")
     ap.add_argument("--num-generations", type=int, default=4)
     ap.add_argument("--per-step", type=int, default=16, help="completions per optimizer step")
+    ap.add_argument("--iterations", type=int, default=1, help="passes over each generation batch (num_iterations)")
+    ap.add_argument("--minibatch", type=int, default=0, help="completions per optimizer step (0: --per-step)")
     ap.add_argument("--max-completion-length", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=0.04)
@@ -123,8 +131,10 @@ def main():
     ap.add_argument("--eval-prompts")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out reward before training and every N steps")
     a = ap.parse_args()
-    if a.per_step % a.num_generations:
-        ap.error("--per-step must be a multiple of --num-generations")
+    minibatch = a.minibatch or a.per_step
+    updates = a.iterations * (a.per_step // minibatch)  # optimizer steps per generation batch
+    if a.per_step % a.num_generations or a.per_step % minibatch:
+        ap.error("--per-step must be a multiple of --num-generations and of --minibatch")
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,9 +142,9 @@ def main():
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in read_prompts(a.prompts)])
     fn, reward = load_reward(a.reward)
     cfg = GRPOConfig(
-        output_dir=str(out), max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="constant", weight_decay=0.0,
-        per_device_train_batch_size=a.per_step, gradient_accumulation_steps=1, steps_per_generation=1,
-        num_iterations=1, num_generations=a.num_generations, max_completion_length=a.max_completion_length,
+        output_dir=str(out), max_steps=a.steps * updates, learning_rate=a.lr, lr_scheduler_type="constant", weight_decay=0.0,
+        per_device_train_batch_size=minibatch, gradient_accumulation_steps=1,
+        steps_per_generation=a.per_step // minibatch, num_iterations=a.iterations, num_generations=a.num_generations, max_completion_length=a.max_completion_length,
         temperature=1.0, top_p=1.0, top_k=0, beta=a.beta, loss_type="dapo", max_grad_norm=1.0,
         use_vllm=False, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
         model_init_kwargs={"dtype": torch.float32}, seed=a.seed, data_seed=a.seed,
@@ -144,7 +154,7 @@ def main():
     if a.eval_prompts:
         held_out = read_prompts(a.eval_prompts)
         evaluate = lambda model: eval_reward(model, tok, fn, held_out, a.max_completion_length, a.seed)  # noqa: E731
-    timer = StepTimer(out / "steps.jsonl", evaluate, a.eval_every)
+    timer = StepTimer(out / "steps.jsonl", evaluate, a.eval_every, updates)
     trainer = GRPOTrainer(model=a.model, reward_funcs=reward, args=cfg, train_dataset=dataset, callbacks=[timer])
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout keeps one JSON line

@@ -30,9 +30,13 @@ def test_prompts_go_through_the_chat_template_left_padded(smol):
 
 
 def test_sampled_logprobs_equal_an_unpadded_forward_of_each_row(smol):
-    """KV cache, left padding, position ids: each row scores as if it were alone and unpadded."""
-    prompts = ["hi", "Tell me about cats.", "Write one long sentence about the weather in Paris."]
-    rollout = smol.sample(prompts, 10, torch.Generator().manual_seed(1))
+    """KV cache, left padding, position ids, a repeated prompt read once: each row scores as if it were alone
+    and unpadded."""
+    prompts = ["hi", "Tell me about cats.", "hi", "Write one long sentence about the weather in Paris.", "hi"]
+    rollout = smol.sample(prompts, 10, [torch.Generator().manual_seed(b) for b in range(len(prompts))])
+    alone = smol.sample(prompts[4:], 10, [torch.Generator().manual_seed(4)])
+    assert alone.response_ids[0, 0] == rollout.response_ids[4, 0]  # (later tokens may part on rounding: batch size)
+    assert len(set(rollout.texts[::2])) == 3  # the copies of a prompt sample on their own
     with torch.no_grad():
         logprobs, values, entropy = smol(rollout)
         for b in range(len(prompts)):
@@ -121,10 +125,12 @@ def test_frozen_blocks_are_shared_with_the_reference_and_run_once_per_rollout():
     alone = memory_report([policy])["memory/params_mb"]
     assert memory_report([policy, ref, critic])["memory/params_mb"] < 2.0 * alone  # a full copy would be 3x
 
-    rollout = policy.sample(["hi", "Tell me about cats."], 8, torch.Generator().manual_seed(0))
-    assert rollout.frozen_hidden is None
+    rollout = policy.sample(["hi", "Tell me about cats.", "hi"], 8, torch.Generator().manual_seed(0))
+    sampled, rollout.frozen_hidden = rollout.frozen_hidden, None  # sampling keeps what the frozen blocks computed
     policy.prepare(rollout)
-    assert rollout.frozen_hidden.shape[:2] == (2, rollout.prompt_ids.size(1) + rollout.response_ids.size(1))
+    assert rollout.frozen_hidden.shape == sampled.shape and sampled.shape[:2] == (3, rollout.prompt_ids.size(1) + 8)
+    live = torch.cat([rollout.prompt_mask, rollout.response_mask[:, :-1], torch.zeros(3, 1)], 1).bool()  # (B, P+T)
+    assert torch.allclose(sampled[live], rollout.frozen_hidden[live], rtol=1e-4, atol=1e-4)
     calls = []
     hook = policy.model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
@@ -134,6 +140,19 @@ def test_frozen_blocks_are_shared_with_the_reference_and_run_once_per_rollout():
     assert calls == []  # the frozen blocks did not run again
     assert torch.allclose(logprobs, rollout.logprobs, atol=2e-4) and torch.allclose(values, rollout.values, atol=2e-4)
     assert torch.allclose(ref_logprobs, logprobs, atol=2e-4)  # nothing trained yet
+
+    # The gradient through the shared prompt (read once for both "hi" rows, its cache copied) is the gradient
+    # of each row read whole and alone.
+    weight = policy.model.model.layers[25].mlp.down_proj.weight
+    (policy(rollout, entropy=False)[0].sum()).backward()
+    shared, weight.grad = weight.grad.clone(), None
+    for b in range(3):
+        prompt = rollout.prompt_ids[b][rollout.prompt_mask[b] == 1].tolist()
+        n = int(rollout.response_mask[b].sum())
+        response = rollout.response_ids[b, :n].tolist()
+        logits = policy.model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1: len(prompt) - 1 + n]
+        logits.log_softmax(-1).gather(1, torch.tensor(response).unsqueeze(1)).sum().backward()
+    assert torch.allclose(shared, weight.grad, rtol=1e-3, atol=1e-5)
 
 
 def test_lora_reference_is_the_model_with_its_adapters_off():

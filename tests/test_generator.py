@@ -7,7 +7,7 @@ import torch
 from minirlhf import UserError
 from minirlhf.algorithms.generator import generate_texts, load_generator, perplexity, unigram_perplexity
 from minirlhf.data.vocab import Vocab
-from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel
+from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, draw
 
 
 def test_perplexity_matches_a_naive_loop():
@@ -20,6 +20,20 @@ def test_perplexity_matches_a_naive_loop():
         nll -= sum(logp[t, s[t + 1]].item() for t in range(len(s) - 1))
         n += len(s) - 1
     assert perplexity(m, seqs, pad_id=0, device="cpu", batch_size=2) == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_draw_follows_the_distribution_and_each_row_its_own_generator():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])  # zero-probability tokens included
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5)
+    for _ in range(20_000):
+        counts[draw(probs[:1], g)] += 1
+    assert counts[1] == counts[4] == 0
+    assert torch.allclose(counts / counts.sum(), probs[0], atol=0.015)  # ~4 standard errors
+    rows = [draw(probs, [torch.Generator().manual_seed(s), torch.Generator().manual_seed(s + 1)]) for s in range(50)]
+    assert all(r[1] == 4 for r in rows)
+    alone = [draw(probs[:1], [torch.Generator().manual_seed(s)]).item() for s in range(50)]
+    assert alone == [r[0].item() for r in rows]  # a row's token does not depend on the rows beside it
 
 
 def test_unigram_perplexity_is_add_one_smoothed_frequency():

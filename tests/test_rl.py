@@ -10,7 +10,7 @@ import torch
 from minirlhf import UserError
 from minirlhf.algorithms.grpo import GRPOConfig
 from minirlhf.algorithms.ppo import A2CConfig, PPOConfig, value_loss
-from minirlhf.algorithms.rl import AdaptiveKLController, policy_loss, train
+from minirlhf.algorithms.rl import AdaptiveKLController, _positions_read, _shuffled, policy_loss, train
 from minirlhf.algorithms.rloo import RLOOConfig
 from minirlhf.config import load_config
 from minirlhf.data.vocab import Vocab
@@ -186,3 +186,25 @@ def test_grpo_raises_the_reward_of_the_lstm(tiny_generator, learned_classifier, 
     first = sum(r["reward/mean"] for r in rows[:5]) / 5
     last = sum(r["reward/mean"] for r in rows[-5:]) / 5
     assert last > first + 0.3, (first, last)
+
+
+def test_minibatches_keep_whole_groups_when_they_can():
+    import random
+
+    order = _shuffled(16, 4, 8, random.Random(0))
+    assert sorted(order) == list(range(16)) and order != list(range(16))
+    for mb in (order[:8], order[8:]):  # each minibatch is two whole groups
+        assert sorted({r // 4 for r in mb}) == sorted(r // 4 for r in mb[::4]) and len({r // 4 for r in mb}) == 2
+    loose = _shuffled(16, 4, 6, random.Random(0))  # 6 rows cannot hold whole groups of 4: rows shuffle freely
+    assert sorted(loose) == list(range(16))
+    rows = list(range(8))
+    random.Random(1).shuffle(rows)
+    assert _shuffled(8, 1, 4, random.Random(1)) == rows  # PPO's minibatches are as they always were
+
+
+def test_update_tokens_count_a_shared_prompt_once():
+    from types import SimpleNamespace
+
+    rollout = SimpleNamespace(prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6]]),
+                              prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]]), response_mask=torch.ones(3, 4))
+    assert _positions_read(rollout, [0, 1, 2]) == 2 + 3 + 12 and _positions_read(rollout, [0, 1]) == 2 + 3 + 8

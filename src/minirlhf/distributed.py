@@ -157,11 +157,12 @@ def gather_rollout(rollout):
     """Every process's Rollout joined into the whole batch, on every process."""
     if not dist.is_initialized():
         return rollout
-    joined = {}
+    joined, P = {}, rollout.prompt_ids.size(1)
     for f in fields(rollout):
         v = getattr(rollout, f.name)
-        if f.metadata.get("per_process"):
-            joined[f.name] = None
+        if f.metadata.get("pad") == "prompt+response":  # (B, P+T, ...): prompt columns padded left, the rest right
+            present = everywhere(v is not None)  # else the processes that lack it compute it after the gather
+            joined[f.name] = torch.cat([gather_rows(v[:, :P], True), gather_rows(v[:, P:])], 1) if present else None
         else:
             joined[f.name] = gather_list(v) if isinstance(v, list) else gather_rows(v, f.metadata.get("pad") == "left")
     return type(rollout)(**joined)

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import UserError, distributed
-from minirlhf.algorithms.rl import PolicyOptions
 from minirlhf.checkpoint import atomic_dir, atomic_write_text, save_json
 from minirlhf.config import RunConfig, save_config
 from minirlhf.data.preferences import Pair, length_baseline, read_pairs, split_pairs
 from minirlhf.metrics import MetricsWriter
-from minirlhf.models.policy import Rollout, load_policy
+from minirlhf.models.policy import PolicyOptions, Rollout, load_policy
 from minirlhf.runtime import make_run_dir, memory_report, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import make_optimizer, progress
 

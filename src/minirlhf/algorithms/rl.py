@@ -21,31 +21,11 @@ from minirlhf.checkpoint import atomic_write_text, save_json
 from minirlhf.config import DataConfig, RunConfig, save_config
 from minirlhf.data.prompts import PromptConfig, load_prompts
 from minirlhf.metrics import MetricsWriter
-from minirlhf.models.policy import Rollout, load_policy
+from minirlhf.models.policy import PolicyOptions, Rollout, load_policy
 from minirlhf.ops import kl_estimate, masked_mean
 from minirlhf.rewards import Reward, RewardConfig
 from minirlhf.runtime import make_run_dir, memory_report, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import optimizer_step, progress
-
-
-@dataclass
-class PolicyOptions:
-    chat_template: bool = True
-    """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one)"""
-    freeze_layers: int = 0
-    """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs); the
-    reference and a separate critic share them, and their output is computed once per rollout"""
-    lora_rank: int = 0
-    """train LoRA adapters of this rank (peft) instead of the weights; the reference is the model with its
-    adapters off, so no second copy (causal LMs; 0: off)"""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)"""
-
-    checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
-
-    def as_kwargs(self) -> dict:
-        return dict(chat_template=self.chat_template, freeze_layers=self.freeze_layers, lora_rank=self.lora_rank,
-                    lora_alpha=self.lora_alpha)
 
 
 @dataclass
@@ -168,6 +148,25 @@ def _advantages(cfg, rollout, scores, kl, kl_coef) -> Batch:
     return Batch(rollout, kl.ref_logprobs, advantages, rollout.values, returns)
 
 
+def _shuffled(n: int, group: int, minibatch_size: int, rng) -> list[int]:
+    """Rows in random order; whole groups stay together where minibatches hold whole groups, so that a
+    minibatch reads each of its prompts once (`CausalLMPolicy._predicting`)."""
+    if group == 1 or minibatch_size % group or n % group:
+        order = list(range(n))
+        rng.shuffle(order)
+        return order
+    groups = list(range(n // group))
+    rng.shuffle(groups)
+    return [g * group + i for g in groups for i in range(group)]
+
+
+def _positions_read(rollout: Rollout, rows: list[int]) -> int:
+    """Tokens a minibatch's pass reads: every response, and each distinct prompt once (as the causal LM does)."""
+    prompts, first = torch.unique(rollout.prompt_ids[rows], dim=0, return_inverse=True)
+    prompt_mask = torch.zeros_like(prompts).index_copy_(0, first, rollout.prompt_mask[rows].to(prompts.dtype))
+    return int(prompt_mask.sum() + rollout.response_mask[rows].sum())
+
+
 def _update(cfg, policy, value_model, optimizer, batch: Batch, kl_coef: float, rng) -> dict:
     """Epochs over shuffled minibatches of the clipped objective (plus value loss, plus GRPO's KL term);
     stops early once the policy has moved too far from the one that sampled.
@@ -180,8 +179,7 @@ def _update(cfg, policy, value_model, optimizer, batch: Batch, kl_coef: float, r
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats: list[dict] = []
     for _ in range(cfg.ppo_epochs):
-        order = list(range(len(batch.rollout.prompts)))
-        rng.shuffle(order)
+        order = _shuffled(len(batch.rollout.prompts), group_size(cfg), cfg.minibatch_size, rng)
         for start in range(0, len(order), cfg.minibatch_size):
             rows = order[start: start + cfg.minibatch_size]
             mb = batch.select(distributed.shard(rows))
@@ -203,7 +201,7 @@ def _update(cfg, policy, value_model, optimizer, batch: Batch, kl_coef: float, r
                 if not distributed.everywhere(bool(torch.isfinite(loss)), mask.device):
                     loss = loss.new_tensor(float("nan"))  # every process stops, with the same message
             s["policy/grad_norm"] = optimizer_step(loss, params, optimizer, None, cfg.max_grad_norm)
-            s["update/tokens"] = (batch.rollout.prompt_mask[rows].sum() + batch.rollout.response_mask[rows].sum()).item()
+            s["update/tokens"] = _positions_read(batch.rollout, rows)
             stats.append(s)
         if stats[-1]["policy/approx_kl"] > 1.5 * cfg.target_kl:  # the same on every process
             break
@@ -268,7 +266,7 @@ def _experience(cfg, step: int, models: Models, reward, prompts: list[str], devi
     rows = range(len(batch_prompts))[distributed.share(len(batch_prompts))]
     rollout = models.policy.sample(batch_prompts[rows.start: rows.stop], cfg.response_len,
                                    row_generators(cfg.seed, step, rows, device))
-    models.policy.prepare(rollout)
+    models.policy.prepare(rollout)  # a no-op where sampling kept the frozen blocks' output
     _, terms = reward(models.policy, rollout)
     with torch.inference_mode():
         ref_logprobs = models.ref(rollout, entropy=False)[0]
@@ -278,7 +276,7 @@ def _experience(cfg, step: int, models: Models, reward, prompts: list[str], devi
     gather = distributed.gather_rows
     terms = {k: gather(v.to(device)) for k, v in terms.items()}
     rollout = distributed.gather_rollout(rollout)
-    models.policy.prepare(rollout)  # for the rows the other processes sampled
+    models.policy.prepare(rollout)  # where a process's rows came without the frozen blocks' output
     return rollout, terms, gather(ref_logprobs.clone()), rng
 
 

@@ -7,10 +7,10 @@ saves that as safetensors under the cache folder; later loads take a second or t
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 from pathlib import Path
-
-import copy
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ import torch.nn as nn
 from minirlhf import UserError
 from minirlhf.checkpoint import atomic_dir
 from minirlhf.data.dialogue import to_messages
+from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
 from minirlhf.models.lstm import Generators, draw, filter_logits
 from minirlhf.models.policy import Rollout, left_pad, make_value_head, teacher_forcing, token_logprobs
 from minirlhf.ops import entropy_from_logits
@@ -106,31 +107,10 @@ def _share_frozen(model: nn.Module, frozen: list[nn.Module]) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _load_adapters(folder: Path, keep: bool):
-    """The base model with a LoRA run's adapters: trainable (keep) or merged into its weights."""
-    from minirlhf.checkpoint import load_json
-
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise UserError(f"{folder} holds LoRA adapters, which need the peft package; run `pip install peft`") from None
-    base = load_json(folder / "adapter_config.json").get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{folder}/adapter_config.json names no base model; re-run the LoRA training")
-    model, tokenizer = load_causal_lm(base)
-    model = PeftModel.from_pretrained(model, str(folder), is_trainable=keep)
-    return (model if keep else model.merge_and_unload()), tokenizer
-
-
-def _with_lora(model, blocks: nn.ModuleList, rank: int, alpha: float, freeze_layers: int):
-    """LoRA adapters (peft) on every linear layer of the trainable blocks; the base weights freeze."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UserError("LoRA needs the peft package; run `pip install peft` or set policy_options.lora_rank=0") from None
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=linear,
-                                            layers_to_transform=list(range(freeze_layers, len(blocks)))))
+def _pad_positions(hidden: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L, H) -> (B, length, H) with zeros after: sampling never runs its last token through the model, and
+    no kept output depends on it (attention is causal; no position predicts from the last)."""
+    return torch.cat([hidden, hidden.new_zeros(hidden.size(0), length - hidden.size(1), hidden.size(2))], 1)
 
 
 class CausalLMPolicy(nn.Module):
@@ -167,7 +147,7 @@ class CausalLMPolicy(nn.Module):
         for module in self.frozen_modules():
             module.requires_grad_(False)  # the LM head too, where it is tied to the embeddings
         if lora_rank > 0:
-            self.model = _with_lora(model, getattr(self.trunk, self.layers_name), lora_rank, lora_alpha, freeze_layers)
+            self.model = with_lora(model, getattr(self.trunk, self.layers_name), lora_rank, lora_alpha, freeze_layers)
         self.lora = hasattr(self.model, "peft_config")
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -184,7 +164,7 @@ class CausalLMPolicy(nn.Module):
         unless `keep_adapters` (resuming the run that trains them)."""
         adapters = Path(name) / "adapter_config.json"
         if adapters.is_file():
-            model, tokenizer = _load_adapters(Path(name), keep_adapters)
+            model, tokenizer = load_adapters(Path(name), keep_adapters)
             lora_rank = 0 if keep_adapters else lora_rank
         else:
             model, tokenizer = load_causal_lm(name)
@@ -271,13 +251,12 @@ class CausalLMPolicy(nn.Module):
             handle.remove()
         raise RuntimeError("the frozen blocks never ran")
 
-    def _upper(self, lower: torch.Tensor, mask) -> torch.Tensor:
+    def _upper(self, lower: torch.Tensor, mask, cache=None, positions=None) -> torch.Tensor:
         """Last hidden states (B, L, H) of the trainable blocks (and final norm), from the frozen blocks' output."""
         blocks = getattr(self.trunk, self.layers_name)
         setattr(self.trunk, self.layers_name, nn.ModuleList(blocks[self.freeze_layers:]))
         try:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            return self.trunk(inputs_embeds=lower, attention_mask=mask, position_ids=positions).last_hidden_state
+            return self._hidden(None, mask, cache, positions, embeds=lower)[0]
         finally:
             setattr(self.trunk, self.layers_name, blocks)
 
@@ -295,45 +274,76 @@ class CausalLMPolicy(nn.Module):
         mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], 1)  # (B, P+T)
         return ids, mask
 
-    def _hidden(self, ids, mask, cache=None, positions=None):
+    def _hidden(self, ids, mask, cache=None, positions=None, embeds=None):
         """Last hidden states (B, L, H) of the trunk, with position ids that skip left padding."""
         if positions is None:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.trunk(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=cache is not None)
+        out = self.trunk(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state, out.past_key_values
+
+    @contextlib.contextmanager
+    def _frozen_output(self):
+        """A list that collects the frozen blocks' output of every pass while open (empty without a split)."""
+        out: list[torch.Tensor] = []
+        if not self.split:
+            yield out
+            return
+        handle = getattr(self.trunk, self.layers_name)[self.freeze_layers - 1].register_forward_hook(
+            lambda module, args, output: out.append(output[0] if isinstance(output, tuple) else output))
+        try:
+            yield out
+        finally:
+            handle.remove()
+
+    def _prefill(self, prompts: list[str], device, frozen: list[torch.Tensor]):
+        """Prompt ids and mask (B, P), last hidden state (B, H) and KV cache; a prompt repeated for a group
+        (GRPO, RLOO) is read once and its cache rows (and frozen blocks' output) copied."""
+        from transformers import DynamicCache
+
+        distinct: dict[str, int] = {}
+        index = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prompts], device=device)  # (B,)
+        ids, mask = (t.to(device) for t in left_pad([self.encode(p) for p in distinct], self.pad_id))  # (U, P)
+        h, cache = self._hidden(ids, mask, DynamicCache(config=self.model.config))
+        if len(distinct) < len(prompts):
+            cache.reorder_cache(index)
+            frozen[:] = [f[index] for f in frozen]
+        return ids[index], mask[index], h[index, -1], cache
 
     @torch.no_grad()
     def sample(self, prompts: list[str], max_new_tokens: int, generator: Generators = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
         """Batched sampling with a KV cache until end-of-text or `max_new_tokens`; keeps the log-probs
-        (temperature 1: the policy's own), values and entropies of every sampled token."""
-        from transformers import DynamicCache
-
+        (temperature 1: the policy's own), values and entropies of every sampled token, and with a split
+        trunk the frozen blocks' output at every position (so `prepare` has nothing left to do)."""
         device = next(self.parameters()).device
-        prompt_ids, prompt_mask = (t.to(device) for t in left_pad([self.encode(p) for p in prompts], self.pad_id))
         B = len(prompts)
         eos = torch.tensor(self.eos_ids, device=device)
-        h, cache = self._hidden(prompt_ids, prompt_mask, DynamicCache(config=self.model.config))
-        h, mask, position = h[:, -1], prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, H), (B, P), (B, 1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         steps: list[tuple] = []
-        for _ in range(max_new_tokens):
-            logits = self.head(h).float()  # (B, V)
-            logp = logits.log_softmax(-1)
-            probs = logp.exp() if (temperature, top_k, top_p) == (1.0, 0, 1.0) else \
-                filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            token = draw(probs, generator)  # (B,)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
-            value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
-            steps.append((token, logp.gather(1, token.unsqueeze(1)).squeeze(1), value, entropy_from_logits(logits), ~done))
-            done = done | torch.isin(token, eos)
-            if done.all():
-                break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-            h, cache = self._hidden(token.unsqueeze(1), mask, cache, position)
-            h, position = h[:, -1], position + 1
-        return self._rollout(prompts, prompt_ids, prompt_mask, steps)
+        with self._frozen_output() as frozen:
+            prompt_ids, prompt_mask, h, cache = self._prefill(prompts, device, frozen)  # (B, P), (B, P), (B, H)
+            mask, position = prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, P), (B, 1)
+            for _ in range(max_new_tokens):
+                logits = self.head(h).float()  # (B, V)
+                logp = logits.log_softmax(-1)
+                probs = logp.exp() if (temperature, top_k, top_p) == (1.0, 0, 1.0) else \
+                    filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+                token = draw(probs, generator)  # (B,)
+                token = torch.where(done, torch.full_like(token, self.pad_id), token)
+                value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
+                steps.append((token, logp.gather(1, token.unsqueeze(1)).squeeze(1), value, entropy_from_logits(logits),
+                              ~done))
+                done = done | torch.isin(token, eos)
+                if done.all():
+                    break
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+                h, cache = self._hidden(token.unsqueeze(1), mask, cache, position)
+                h, position = h[:, -1], position + 1
+        rollout = self._rollout(prompts, prompt_ids, prompt_mask, steps)
+        if frozen:
+            rollout.frozen_hidden = _pad_positions(torch.cat(frozen, 1), prompt_ids.size(1) + len(steps))  # (B, P+T, H)
+        return rollout
 
     def teacher_forced(self, prompts: list[str], responses: list[str], max_prompt_tokens: int,
                        max_response_tokens: int) -> Rollout:
@@ -356,20 +366,40 @@ class CausalLMPolicy(nn.Module):
     def forward(self, rollout: Rollout, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Log-probs, values and entropies (B, T) of the response tokens, in one pass over prompt + response
         (`entropy=False` skips a pass over the vocabulary that the update does not need)."""
-        P, T = rollout.prompt_ids.size(1), rollout.response_ids.size(1)
-        mask = rollout.response_mask
-        ids, attention = self._sequence(rollout)
-        if self.split:
-            self.prepare(rollout)
-            hidden = self._upper(rollout.frozen_hidden, attention)  # (B, P+T, H)
-        else:
-            hidden, _ = self._hidden(ids, attention)
-        h = hidden[:, P - 1: P + T - 1]  # (B, T, H): the positions that predict response tokens
+        T, mask = rollout.response_ids.size(1), rollout.response_mask
+        h = self._predicting(rollout)  # (B, T, H)
         B, _, H = h.shape
         logits = self.head(h.reshape(B * T, H)).float().view(B, T, -1)  # (B, T, V), only where needed; 2-D: one matmul
         values = self.value_head(h).squeeze(-1) * mask if self.value_head is not None else None
         ent = entropy_from_logits(logits) * mask if entropy else None
         return token_logprobs(logits, rollout.response_ids, mask), values, ent
+
+    def _predicting(self, rollout: Rollout) -> torch.Tensor:
+        """Hidden states (B, T, H) at the positions that predict each response token. Each distinct prompt is read
+        once and its KV cache copied to every response to it (a GRPO group shares one prompt), then the
+        responses are read against that cache: as one pass over prompt + response, but the prompt not B times."""
+        from transformers import DynamicCache
+
+        P = rollout.prompt_ids.size(1)
+        distinct, index = torch.unique(rollout.prompt_ids, dim=0, return_inverse=True)  # (U, P), (B,)
+        first = torch.full((len(distinct),), len(index), device=index.device).scatter_reduce(
+            0, index, torch.arange(len(index), device=index.device), "amin")  # (U,) a row holding each prompt
+        ids, attention = self._sequence(rollout)  # (B, P+T) each
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
+        cache = DynamicCache(config=self.model.config)
+        if self.split:
+            self.prepare(rollout)
+            lower = rollout.frozen_hidden
+            prompt = self._upper(lower[first, :P], attention[first, :P], cache, positions[first, :P])  # (U, P, H)
+            cache.reorder_cache(index)
+            for i in range(self.freeze_layers):  # the frozen blocks do not run; their slots report the prompt's
+                cache.layers[i] = cache.layers[self.freeze_layers]  # length to the attention mask's builder
+            response = self._upper(lower[:, P:], attention, cache, positions[:, P:])  # (B, T, H)
+        else:
+            prompt, _ = self._hidden(ids[first, :P], attention[first, :P], cache, positions[first, :P])  # (U, P, H)
+            cache.reorder_cache(index)
+            response, _ = self._hidden(ids[:, P:], attention, cache, positions[:, P:])  # (B, T, H)
+        return torch.cat([prompt[index, -1:], response[:, :-1]], 1)
 
     def save(self, folder: Path) -> None:
         """transformers' own format (so `from_pretrained` loads it; with LoRA, the adapters only) plus the
@@ -382,25 +412,3 @@ class CausalLMPolicy(nn.Module):
             save_json({"chat_template": self.chat}, tmp / "policy.json")
             if self.value_head is not None:
                 save_weights(self.value_head.state_dict(), tmp / "value_head.safetensors")
-
-
-class AdaptersOff(nn.Module):
-    """The reference of a LoRA policy: the policy's own model with its adapters switched off."""
-
-    kind = "causal_lm"
-
-    def __init__(self, policy: CausalLMPolicy):
-        super().__init__()
-        object.__setattr__(self, "policy", policy)  # not a submodule: these weights are the policy's, not ours
-
-    def as_text(self, prompt: str, response: str) -> str:
-        return self.policy.as_text(prompt, response)
-
-    def sample(self, *args, **kwargs) -> Rollout:
-        with self.policy.model.disable_adapter():
-            return self.policy.sample(*args, **kwargs)
-
-    def forward(self, rollout: Rollout, entropy: bool = True):
-        with self.policy.model.disable_adapter():
-            logprobs, _, ent = self.policy(rollout, entropy)
-        return logprobs, None, ent

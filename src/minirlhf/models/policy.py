@@ -44,8 +44,8 @@ class Rollout:
     logprobs: torch.Tensor  # (B, T) of the sampled tokens under the policy that sampled them (temperature 1)
     values: torch.Tensor | None  # (B, T) value estimates at the positions that predict each token
     entropy: torch.Tensor  # (B, T) of the policy's next-token distribution
-    frozen_hidden: torch.Tensor | None = field(default=None, metadata={"per_process": True})
-    """(B, P+T, H) output of a causal LM's frozen blocks, once computed; a cache each process computes itself"""
+    frozen_hidden: torch.Tensor | None = field(default=None, metadata={"pad": "prompt+response"})
+    """(B, P+T, H) output of a causal LM's frozen blocks (kept from sampling, or computed by `prepare`)"""
 
     def select(self, idx: list[int]) -> "Rollout":
         picked = {}
@@ -217,6 +217,26 @@ def policy_folder(spec: str) -> Path | None:
     if (path / "checkpoint" / "policy").is_dir():
         return path / "checkpoint" / "policy"
     return path if path.is_dir() else None
+
+
+@dataclass
+class PolicyOptions:
+    chat_template: bool = True
+    """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one)"""
+    freeze_layers: int = 0
+    """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs); the
+    reference and a separate critic share them, and their output is computed once per rollout"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (peft) instead of the weights; the reference is the model with its
+    adapters off, so no second copy (causal LMs; 0: off)"""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)"""
+
+    checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
+
+    def as_kwargs(self) -> dict:
+        return dict(chat_template=self.chat_template, freeze_layers=self.freeze_layers, lora_rank=self.lora_rank,
+                    lora_alpha=self.lora_alpha)
 
 
 def load_policy(spec: str, device, value_head: bool = True, **lm_options):
