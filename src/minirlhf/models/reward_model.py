@@ -20,7 +20,7 @@ from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, pad_batch, re
 
 def resolve_model(name: str) -> str:
     """`minilm` and `smollm2` become the folders their pip packages ship; other names pass through."""
-    from minirlhf.models.causal_lm import SMOLLM2, smollm2_path
+    from minirlhf.models.pretrained import SMOLLM2, smollm2_path
 
     if name == SMOLLM2:
         return str(smollm2_path())
