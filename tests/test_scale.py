@@ -84,11 +84,8 @@ def test_resume_refuses_corrupt_or_foreign_checkpoints_in_one_line(tiny_generato
     assert missing.returncode == 2 and "config.yaml" in missing.stderr
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_two_processes_train_as_one(algorithm, tiny_generator, tiny_classifier, tmp_path):
-    extra = ["--steps=2", "--save_every=2"] + (["--group_size=2"] if algorithm == "grpo" else [])
-    args = _args(tiny_generator, tiny_classifier, *extra)
-    args[0] = algorithm
+def _one_and_two(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """The same run in one process (tmp_path/one) and under torchrun in two (tmp_path/two); the latter's result."""
     single = run_cli(*args, "--out", str(tmp_path / "one"), cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -96,6 +93,15 @@ def test_two_processes_train_as_one(algorithm, tiny_generator, tiny_classifier, 
                           "-m", "minirlhf", *args, "--out", str(tmp_path / "two")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    return two
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_two_processes_train_as_one(algorithm, tiny_generator, tiny_classifier, tmp_path):
+    extra = ["--steps=2", "--save_every=2"] + (["--group_size=2"] if algorithm == "grpo" else [])
+    args = _args(tiny_generator, tiny_classifier, *extra)
+    args[0] = algorithm
+    two = _one_and_two(args, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["dist/param_spread"] == 0.0 for r in rows)  # the ranks hold identical weights
     assert "2 process(es)" in two.stdout
@@ -114,13 +120,7 @@ def test_two_processes_share_the_frozen_trunk_of_smollm2(tiny_classifier, tmp_pa
             "--steps=2", "--save_every=2", "--batch_size=4", "--group_size=2", "--minibatch_size=4",
             "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--lr=1e-3",
             "--device=cpu", "--seed=5"]
-    single = run_cli(*args, "--out", str(tmp_path / "one"), cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-2000:]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "minirlhf", *args, "--out", str(tmp_path / "two")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _one_and_two(args, tmp_path)
     for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):
         assert b["dist/param_spread"] == 0.0
         for key in ("reward/mean", "objective/kl", "policy/approx_kl", "policy/loss"):  # misaligned frozen states
