@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from minirlhf import UserError, distributed
 from minirlhf.checkpoint import atomic_dir, atomic_write_text, save_json
 from minirlhf.config import RunConfig, save_config
-from minirlhf.data.preferences import Pair, length_baseline, read_pairs, split_pairs
+from minirlhf.data.preferences import Pair, length_baseline, load_split
 from minirlhf.metrics import MetricsWriter
 from minirlhf.models.policy import PolicyOptions, Rollout, load_policy
 from minirlhf.runtime import make_run_dir, memory_report, peak_memory_mb, pick_device, seed_everything
@@ -265,10 +265,7 @@ def load_pairs(cfg) -> tuple[list[Pair], list[Pair]]:
                         "\"rejected\"}")
     if cfg.loss_type == "ipo" and cfg.label_smoothing:
         raise UserError("label_smoothing is for the sigmoid loss; set label_smoothing=0 with loss_type=ipo")
-    pairs = read_pairs(cfg.preferences)
-    if cfg.eval_file is not None:
-        return pairs[: cfg.max_train], read_pairs(cfg.eval_file)[: cfg.max_eval]
-    return split_pairs(pairs, cfg.eval_fraction, cfg.split_seed, cfg.max_train, cfg.max_eval)
+    return load_split(cfg)
 
 
 def save_checkpoint(run_dir: Path, cfg, step: int, policy) -> None:

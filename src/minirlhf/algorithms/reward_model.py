@@ -22,7 +22,7 @@ from minirlhf.algorithms.classifier import FrozenCache, cached_forward
 from minirlhf.checkpoint import atomic_dir, save_json
 from minirlhf.config import OptimConfig, RunConfig, save_config
 from minirlhf.data.dialogue import dialogue_text
-from minirlhf.data.preferences import Pair, length_baseline, read_pairs, split_pairs
+from minirlhf.data.preferences import Pair, length_baseline, load_split, read_pairs
 from minirlhf.metrics import MetricsWriter
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower
 from minirlhf.models.reward_model import RewardModel, load_scalar_model
@@ -138,10 +138,7 @@ def split_works(model, texts: PairTexts, n: int, pad_id: int, device) -> bool:
 def _load_split(cfg: RewardModelConfig) -> tuple[list[Pair], list[Pair]]:
     if not cfg.preferences:
         raise UserError("the reward model needs preference pairs: pass --preferences FILE.jsonl")
-    pairs = read_pairs(cfg.preferences)
-    if cfg.eval_file is not None:
-        return pairs[: cfg.max_train], read_pairs(cfg.eval_file)[: cfg.max_eval]
-    return split_pairs(pairs, cfg.eval_fraction, cfg.split_seed, cfg.max_train, cfg.max_eval)
+    return load_split(cfg)
 
 
 def _epoch(cfg, model, params, optimizer, scheduler, texts, n, pad_id, device, rng, metrics, step, epoch) -> int:

@@ -21,7 +21,7 @@ from minirlhf.checkpoint import atomic_write_text, save_json
 from minirlhf.config import DataConfig, RunConfig, save_config
 from minirlhf.data.prompts import PromptConfig, load_prompts
 from minirlhf.metrics import MetricsWriter
-from minirlhf.models.policy import PolicyOptions, Rollout, load_policy
+from minirlhf.models.policy import PolicyOptions, Rollout, distinct_rows, load_policy
 from minirlhf.ops import kl_estimate, masked_mean
 from minirlhf.rewards import Reward, RewardConfig
 from minirlhf.runtime import make_run_dir, memory_report, peak_memory_mb, pick_device, seed_everything
@@ -162,9 +162,8 @@ def _shuffled(n: int, group: int, minibatch_size: int, rng) -> list[int]:
 
 def _positions_read(rollout: Rollout, rows: list[int]) -> int:
     """Tokens a minibatch's pass reads: every response, and each distinct prompt once (as the causal LM does)."""
-    prompts, first = torch.unique(rollout.prompt_ids[rows], dim=0, return_inverse=True)
-    prompt_mask = torch.zeros_like(prompts).index_copy_(0, first, rollout.prompt_mask[rows].to(prompts.dtype))
-    return int(prompt_mask.sum() + rollout.response_mask[rows].sum())
+    _, first = distinct_rows(rollout.prompt_ids[rows])
+    return int(rollout.prompt_mask[rows][first].sum() + rollout.response_mask[rows].sum())
 
 
 def _update(cfg, policy, value_model, optimizer, batch: Batch, kl_coef: float, rng) -> dict:
@@ -266,7 +265,7 @@ def _experience(cfg, step: int, models: Models, reward, prompts: list[str], devi
     rows = range(len(batch_prompts))[distributed.share(len(batch_prompts))]
     rollout = models.policy.sample(batch_prompts[rows.start: rows.stop], cfg.response_len,
                                    row_generators(cfg.seed, step, rows, device))
-    models.policy.prepare(rollout)  # a no-op where sampling kept the frozen blocks' output
+    models.policy.prepare(rollout)  # outside the inference mode below; a no-op where sampling kept it
     _, terms = reward(models.policy, rollout)
     with torch.inference_mode():
         ref_logprobs = models.ref(rollout, entropy=False)[0]
@@ -276,7 +275,6 @@ def _experience(cfg, step: int, models: Models, reward, prompts: list[str], devi
     gather = distributed.gather_rows
     terms = {k: gather(v.to(device)) for k, v in terms.items()}
     rollout = distributed.gather_rollout(rollout)
-    models.policy.prepare(rollout)  # where a process's rows came without the frozen blocks' output
     return rollout, terms, gather(ref_logprobs.clone()), rng
 
 

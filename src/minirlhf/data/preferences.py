@@ -63,3 +63,12 @@ def length_baseline(pairs: list[Pair]) -> float:
     score = sum(1.0 if len(p.chosen) > len(p.rejected) else 0.5 if len(p.chosen) == len(p.rejected) else 0.0
                 for p in pairs)
     return score / max(1, len(pairs))
+
+
+def load_split(cfg) -> tuple[list[Pair], list[Pair]]:
+    """(training, held-out) pairs of a stage's config: its `preferences` file split by prompt, or with
+    `eval_file` set, that file held out whole; at most `max_train` / `max_eval` of each."""
+    pairs = read_pairs(cfg.preferences)
+    if cfg.eval_file is not None:
+        return pairs[: cfg.max_train], read_pairs(cfg.eval_file)[: cfg.max_eval]
+    return split_pairs(pairs, cfg.eval_fraction, cfg.split_seed, cfg.max_train, cfg.max_eval)

@@ -15,7 +15,7 @@ from minirlhf.checkpoint import atomic_dir
 from minirlhf.data.dialogue import to_messages
 from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
 from minirlhf.models.lstm import Generators, draw, filter_logits
-from minirlhf.models.policy import Rollout, left_pad, make_value_head, teacher_forcing, token_logprobs
+from minirlhf.models.policy import Rollout, distinct_rows, left_pad, make_value_head, teacher_forcing, token_logprobs
 from minirlhf.models.pretrained import load_causal_lm
 from minirlhf.ops import entropy_from_logits
 
@@ -40,12 +40,6 @@ def _share_frozen(model: nn.Module, frozen: list[nn.Module]) -> nn.Module:
     """A deep copy of `model` in which the `frozen` modules (and their parameters) are the same objects, not copies."""
     memo = {id(m): m for m in frozen} | {id(p): p for m in frozen for p in m.parameters()}
     return copy.deepcopy(model, memo)
-
-
-def _pad_positions(hidden: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, L, H) -> (B, length, H) with zeros after: sampling never runs its last token through the model, and
-    no kept output depends on it (attention is causal; no position predicts from the last)."""
-    return torch.cat([hidden, hidden.new_zeros(hidden.size(0), length - hidden.size(1), hidden.size(2))], 1)
 
 
 class CausalLMPolicy(nn.Module):
@@ -231,19 +225,23 @@ class CausalLMPolicy(nn.Module):
         finally:
             handle.remove()
 
-    def _prefill(self, prompts: list[str], device, frozen: list[torch.Tensor]):
-        """Prompt ids and mask (B, P), last hidden state (B, H) and KV cache; a prompt repeated for a group
-        (GRPO, RLOO) is read once and its cache rows (and frozen blocks' output) copied."""
+    def _read_prompts(self, ids, mask, lower=None):
+        """Each distinct prompt of ids, mask (B, P) read once (a GRPO group shares one), by the whole trunk or, given
+        the frozen blocks' output `lower` (B, P, H), by the upper blocks. Returns the last prompt position's hidden
+        state (B, H), a KV cache whose rows are copied to all B, and index (B,) of each row's distinct prompt."""
         from transformers import DynamicCache
 
-        distinct: dict[str, int] = {}
-        index = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prompts], device=device)  # (B,)
-        ids, mask = (t.to(device) for t in left_pad([self.encode(p) for p in distinct], self.pad_id))  # (U, P)
-        h, cache = self._hidden(ids, mask, DynamicCache(config=self.model.config))
-        if len(distinct) < len(prompts):
-            cache.reorder_cache(index)
-            frozen[:] = [f[index] for f in frozen]
-        return ids[index], mask[index], h[index, -1], cache
+        index, first = distinct_rows(ids)  # (B,), (U,)
+        cache = DynamicCache(config=self.model.config)
+        if lower is None:
+            h = self._hidden(ids[first], mask[first], cache)[0]  # (U, P, H)
+        else:
+            h = self._upper(lower[first], mask[first], cache)  # (U, P, H)
+        cache.reorder_cache(index)
+        if lower is not None:
+            for i in range(self.freeze_layers):  # the frozen blocks do not run again; their slots report the
+                cache.layers[i] = cache.layers[self.freeze_layers]  # prompt's length to the attention-mask builder
+        return h[index, -1], cache, index
 
     @torch.no_grad()
     def sample(self, prompts: list[str], max_new_tokens: int, generator: Generators = None,
@@ -256,8 +254,10 @@ class CausalLMPolicy(nn.Module):
         eos = torch.tensor(self.eos_ids, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         steps: list[tuple] = []
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad([self.encode(p) for p in prompts], self.pad_id))
         with self._frozen_output() as frozen:
-            prompt_ids, prompt_mask, h, cache = self._prefill(prompts, device, frozen)  # (B, P), (B, P), (B, H)
+            h, cache, index = self._read_prompts(prompt_ids, prompt_mask)  # (B, H)
+            frozen[:] = [f[index] for f in frozen]  # (B, P, H): the prompts' rows, copied as the cache was
             mask, position = prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, P), (B, 1)
             for _ in range(max_new_tokens):
                 logits = self.head(h).float()  # (B, V)
@@ -277,7 +277,9 @@ class CausalLMPolicy(nn.Module):
                 h, position = h[:, -1], position + 1
         rollout = self._rollout(prompts, prompt_ids, prompt_mask, steps)
         if frozen:
-            rollout.frozen_hidden = _pad_positions(torch.cat(frozen, 1), prompt_ids.size(1) + len(steps))  # (B, P+T, H)
+            hidden = torch.cat(frozen, 1)  # (B, P+T-1, H) or (B, P+T, H): the last token never runs, and no kept
+            missing = prompt_ids.size(1) + len(steps) - hidden.size(1)  # output depends on it (causal attention)
+            rollout.frozen_hidden = nn.functional.pad(hidden, (0, 0, 0, missing))  # (B, P+T, H)
         return rollout
 
     def teacher_forced(self, prompts: list[str], responses: list[str], max_prompt_tokens: int,
@@ -310,31 +312,21 @@ class CausalLMPolicy(nn.Module):
         return token_logprobs(logits, rollout.response_ids, mask), values, ent
 
     def _predicting(self, rollout: Rollout) -> torch.Tensor:
-        """Hidden states (B, T, H) at the positions that predict each response token. Each distinct prompt is read
-        once and its KV cache copied to every response to it (a GRPO group shares one prompt), then the
-        responses are read against that cache: as one pass over prompt + response, but the prompt not B times."""
-        from transformers import DynamicCache
-
+        """Hidden states (B, T, H) at the positions that predict each response token: the distinct prompts are read
+        once (`_read_prompts`), then the responses against their copied cache. The same as one pass over prompt +
+        response, without reading a shared prompt B times."""
         P = rollout.prompt_ids.size(1)
-        distinct, index = torch.unique(rollout.prompt_ids, dim=0, return_inverse=True)  # (U, P), (B,)
-        first = torch.full((len(distinct),), len(index), device=index.device).scatter_reduce(
-            0, index, torch.arange(len(index), device=index.device), "amin")  # (U,) a row holding each prompt
         ids, attention = self._sequence(rollout)  # (B, P+T) each
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
-        cache = DynamicCache(config=self.model.config)
         if self.split:
             self.prepare(rollout)
             lower = rollout.frozen_hidden
-            prompt = self._upper(lower[first, :P], attention[first, :P], cache, positions[first, :P])  # (U, P, H)
-            cache.reorder_cache(index)
-            for i in range(self.freeze_layers):  # the frozen blocks do not run; their slots report the prompt's
-                cache.layers[i] = cache.layers[self.freeze_layers]  # length to the attention mask's builder
+            last, cache, _ = self._read_prompts(ids[:, :P], attention[:, :P], lower[:, :P])  # (B, H)
             response = self._upper(lower[:, P:], attention, cache, positions[:, P:])  # (B, T, H)
         else:
-            prompt, _ = self._hidden(ids[first, :P], attention[first, :P], cache, positions[first, :P])  # (U, P, H)
-            cache.reorder_cache(index)
-            response, _ = self._hidden(ids[:, P:], attention, cache, positions[:, P:])  # (B, T, H)
-        return torch.cat([prompt[index, -1:], response[:, :-1]], 1)
+            last, cache, _ = self._read_prompts(ids[:, :P], attention[:, :P])
+            response = self._hidden(ids[:, P:], attention, cache, positions[:, P:])[0]  # (B, T, H)
+        return torch.cat([last.unsqueeze(1), response[:, :-1]], 1)
 
     def save(self, folder: Path) -> None:
         """transformers' own format (so `from_pretrained` loads it; with LoRA, the adapters only) plus the

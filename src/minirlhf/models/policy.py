@@ -55,6 +55,14 @@ class Rollout:
         return Rollout(**picked)
 
 
+def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of ids (B, L): index (B,) of each row's distinct row, and first (U,) the first row holding each."""
+    _, index = torch.unique(ids, dim=0, return_inverse=True)
+    rows = torch.arange(len(index), device=index.device)
+    first = torch.full((int(index.max()) + 1,), len(index), device=index.device).scatter_reduce(0, index, rows, "amin")
+    return index, first
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids (B, P) and mask (B, P): every prompt ends at the same column."""
     P = max(1, max(len(s) for s in seqs))
