@@ -193,7 +193,8 @@ def _watch(store: Store, pool) -> None:
 def _finish(pool) -> None:
     """Let the batch being sampled end: a thread cannot be stopped inside torch, and one left running when Python
     exits aborts it. A second Ctrl-C quits at once (every pair and judgement is committed already)."""
-    pool.join(0.5)
+    if pool.is_alive():  # (not yet started, if the Ctrl-C came first)
+        pool.join(0.5)
     if not pool.is_alive():
         return
     print("finishing the pairs being sampled (Ctrl-C again to quit now)", flush=True)
@@ -227,13 +228,13 @@ def serve(args) -> int:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port, "
                         "or --port 0 for a free one") from None
     url = app.config["PUBLIC_URL"] = public_url(args.host, server.effective_port)
-    print(f"feedback: {source.describe()}; database {store.path}", flush=True)
-    print(f"serving on {url} (port {server.effective_port})", flush=True)
-    print(f"admin link (keep it to yourself; it also lets you judge): {url}/admin?token={admin_token}", flush=True)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    pool.start()
-    threading.Thread(target=server.run, daemon=True, name="minirlhf-http").start()
-    try:
+    try:  # from here a Ctrl-C, however early (a script may stop the server as soon as it prints its link), stops cleanly
+        pool.start()
+        threading.Thread(target=server.run, daemon=True, name="minirlhf-http").start()
+        print(f"feedback: {source.describe()}; database {store.path}", flush=True)
+        print(f"serving on {url} (port {server.effective_port})", flush=True)
+        print(f"admin link (keep it to yourself; it also lets you judge): {url}/admin?token={admin_token}", flush=True)
         _watch(store, pool)
     except KeyboardInterrupt:
         print("stopping; every judgement so far is in the database", flush=True)
