@@ -6,7 +6,8 @@ import torch
 from minirlhf import UserError
 from minirlhf.algorithms.classifier import binary_scores
 from minirlhf.models.classifier import (DEFAULT_ENCODER, SentimentClassifier, Truncator, freeze_lower, load_pretrained,
-                                        lower_hidden, pad_batch, start_at_layer)
+                                        pad_batch)
+from minirlhf.models.trunk import lower_hidden, start_at_layer
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from minirlhf.checkpoint import atomic_dir, save_json
 from minirlhf.config import DataConfig, OptimConfig, RunConfig, save_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.metrics import MetricsWriter
-from minirlhf.models.classifier import (DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained, lower_hidden,
-                                        pad_batch, start_at_layer)
+from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained
+from minirlhf.models.trunk import FrozenCache, cached_forward
 from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import length_grouped_batches, length_sorted_batches, make_optimizer, optimizer_step, progress
 
@@ -62,40 +62,6 @@ def binary_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
     return {"accuracy": (pred == labels).float().mean().item(), "f1": f1,
             "loss": F.cross_entropy(logits, labels).item()}
-
-
-class FrozenCache:
-    """The frozen layers' outputs for a list of texts, packed into one (total_tokens, D) fp16 tensor.
-
-    One allocation instead of one per text: no allocator fragmentation, and fp16 halves the memory.
-    """
-
-    def __init__(self, model, seqs: list[list[int]], pad_id: int, n: int, batch_size: int, device):
-        self.lengths = [len(s) for s in seqs]
-        self.offsets = [0]
-        for length in self.lengths:
-            self.offsets.append(self.offsets[-1] + length)
-        self.data = torch.empty(self.offsets[-1], model.config.hidden_size, dtype=torch.float16)  # (sum T_i, D)
-        model.eval()
-        for idx in progress(length_sorted_batches(self.lengths, batch_size), desc=f"caching layers 0-{n - 1}", unit="batch"):
-            ids, mask = pad_batch([seqs[i] for i in idx], pad_id, device)
-            hidden = lower_hidden(model, ids, mask, n)  # (B, T, D)
-            for row, i in enumerate(idx):
-                self.data[self.offsets[i]: self.offsets[i + 1]] = hidden[row, : self.lengths[i]].cpu()
-
-    def batch(self, idx: list[int], device) -> torch.Tensor:
-        """Right-padded hidden states of texts idx, (B, T, D) in fp32."""
-        rows = [self.data[self.offsets[i]: self.offsets[i + 1]] for i in idx]
-        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, torch.float32)
-
-
-def cached_forward(model, idx, seqs, cache: FrozenCache | None, n, pad_id, device) -> torch.Tensor:
-    """Logits (B, num_labels) for texts idx, from the cache (upper layers only) or the full model."""
-    ids, mask = pad_batch([seqs[i] for i in idx], pad_id, device)
-    if cache is None:
-        return model(input_ids=ids, attention_mask=mask).logits
-    with start_at_layer(model, n, cache.batch(idx, device)):
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 @torch.inference_mode()

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import UserError
-from minirlhf.algorithms.classifier import FrozenCache, cached_forward
 from minirlhf.checkpoint import atomic_dir, save_json
 from minirlhf.config import OptimConfig, RunConfig, save_config
 from minirlhf.data.dialogue import dialogue_text
@@ -26,6 +25,7 @@ from minirlhf.data.preferences import Pair, length_baseline, load_split, read_pa
 from minirlhf.metrics import MetricsWriter
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower
 from minirlhf.models.reward_model import RewardModel, load_scalar_model
+from minirlhf.models.trunk import FrozenCache, cached_forward, split_works
 from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import length_sorted_batches, make_optimizer, optimizer_step, progress
 
@@ -121,20 +121,6 @@ def evaluate(model, texts: PairTexts, n_frozen, pad_id, batch_size, device) -> t
     return pair_scores(r[: texts.n], r[texts.n:]), r
 
 
-@torch.no_grad()
-def split_works(model, texts: PairTexts, n: int, pad_id: int, device) -> bool:
-    """Whether running the upper layers on the frozen layers' output reproduces the whole model on a few texts."""
-    model.eval()
-    seqs = texts.seqs[:2]
-    idx = list(range(len(seqs)))
-    whole = cached_forward(model, idx, seqs, None, 0, pad_id, device)
-    cache = FrozenCache(model, seqs, pad_id, n, len(seqs), device)
-    ok = torch.allclose(cached_forward(model, idx, seqs, cache, n, pad_id, device), whole, atol=1e-2, rtol=1e-2)  # fp16
-    if not ok:
-        print(f"note: {type(model.base).__name__} cannot be run from its layer {n}; the frozen layers are recomputed")
-    return ok
-
-
 def _load_split(cfg: RewardModelConfig) -> tuple[list[Pair], list[Pair]]:
     if not cfg.preferences:
         raise UserError("the reward model needs preference pairs: pass --preferences FILE.jsonl")
@@ -180,7 +166,7 @@ def train(cfg: RewardModelConfig) -> Path:
     print(f"reward model {cfg.model.name}: lowest {n} layers frozen; trainable parameters {trainable:,} of {total:,}")
     truncate, pad_id = Truncator(tokenizer, cfg.model.max_length, "tail"), tokenizer.pad_token_id
     texts = {"train": PairTexts(train_pairs, truncate), "eval": PairTexts(eval_pairs, truncate)}
-    if cfg.model.cache_frozen and n > 0 and split_works(model, texts["eval"], n, pad_id, device):
+    if cfg.model.cache_frozen and n > 0 and split_works(model, texts["eval"].seqs, n, pad_id, device):
         for part in texts.values():
             part.cache = FrozenCache(model, part.seqs, pad_id, n, cfg.train.eval_batch_size, device)
     else:

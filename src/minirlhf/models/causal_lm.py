@@ -3,7 +3,6 @@ KV-cached sampling, a shared frozen trunk, and prompts read once per group."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -17,23 +16,13 @@ from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
 from minirlhf.models.lstm import Generators, draw, filter_logits
 from minirlhf.models.policy import Rollout, distinct_rows, left_pad, make_value_head, teacher_forcing, token_logprobs
 from minirlhf.models.pretrained import load_causal_lm
+from minirlhf.models.trunk import find_trunk
 from minirlhf.ops import entropy_from_logits
 
 
-def _layer_list(trunk: nn.Module, n_layers: int) -> str:
-    """The name of the trunk's list of transformer blocks (`layers` in Llama/Qwen, `h` in GPT-2, ...)."""
-    for name, module in trunk.named_children():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return name
-    raise UserError(f"cannot find the transformer blocks of {type(trunk).__name__}; use --policy_options.freeze_layers=0")
-
-
-class _Stop(Exception):
-    """Raised by a forward hook to end a pass early, carrying the hidden state it reached."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, L) counted over real tokens only, so left padding shifts nothing."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _share_frozen(model: nn.Module, frozen: list[nn.Module]) -> nn.Module:
@@ -57,7 +46,7 @@ class CausalLMPolicy(nn.Module):
                  lora_rank: int = 0, lora_alpha: float = 16.0):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.trunk, self.head = model.get_decoder(), model.get_output_embeddings()
+        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         self.value_head = make_value_head(model.config.hidden_size) if value_head else None
         self.chat = bool(chat_template and getattr(tokenizer, "chat_template", None))
         eos = model.generation_config.eos_token_id
@@ -71,19 +60,18 @@ class CausalLMPolicy(nn.Module):
         n_layers = model.config.num_hidden_layers
         if freeze_layers > n_layers:
             raise UserError(f"freeze_layers={freeze_layers} but the model has only {n_layers} layers")
+        self.trunk = None  # the block-by-block view of the model (models/trunk.py), needed to split or adapt it
         if freeze_layers > 0 or lora_rank > 0:
-            self.layers_name = _layer_list(self.trunk, n_layers)
+            self.trunk = find_trunk(model, "--policy_options." + ("freeze_layers" if freeze_layers else "lora_rank"))
         for module in self.frozen_modules():
             module.requires_grad_(False)  # the LM head too, where it is tied to the embeddings
-        if lora_rank > 0:
-            self.model = with_lora(model, getattr(self.trunk, self.layers_name), lora_rank, lora_alpha, freeze_layers)
+        if lora_rank > 0:  # peft wraps the model but adapts the same block modules, so the trunk stays valid
+            self.model = with_lora(model, self.trunk.blocks, lora_rank, lora_alpha, freeze_layers)
         self.lora = hasattr(self.model, "peft_config")
 
     def frozen_modules(self) -> list[nn.Module]:
         """The input embeddings and the lowest `freeze_layers` blocks: never trained, so shared by every copy."""
-        if self.freeze_layers == 0:
-            return []
-        return [self.model.get_input_embeddings(), *getattr(self.trunk, self.layers_name)[: self.freeze_layers]]
+        return self.trunk.frozen_modules(self.freeze_layers) if self.trunk is not None else []
 
     @classmethod
     def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
@@ -106,24 +94,21 @@ class CausalLMPolicy(nn.Module):
     def _check_logits(self) -> None:
         """The policy computes logits as head(trunk(x)); refuse models whose forward does more (soft-capping)."""
         ids = torch.arange(3, 11).remainder(self.model.config.vocab_size).unsqueeze(0)  # (1, 8) ordinary tokens
-        ours = self.head(self.trunk(input_ids=ids).last_hidden_state)
+        ours = self.head(self.decoder(input_ids=ids).last_hidden_state)
         if not torch.allclose(ours, self.model(input_ids=ids).logits, atol=1e-4):
             raise UserError(f"{type(self.model).__name__} transforms its logits beyond lm_head(hidden state), "
                             "which this policy does not reproduce; use a Llama-, Qwen-, Mistral- or GPT-2-style model")
 
     @torch.no_grad()
     def _check_split(self) -> bool:
-        """Whether running the frozen blocks, then the rest from their output, reproduces the whole trunk;
-        if it does, the frozen blocks' output is computed once per rollout and reused by every pass."""
+        """Whether the trunk's loop, frozen blocks then the rest, reproduces the model's own forward (a one-time
+        check of the adapter: a family member whose forward does more fails it); if it does, the frozen blocks'
+        output is computed once per rollout and reused by every pass."""
         if self.freeze_layers == 0:
             return False
         ids = torch.arange(3, 11).remainder(self.model.config.vocab_size).unsqueeze(0)  # (1, 8)
         mask = torch.ones_like(ids)
-        whole = self._hidden(ids, mask)[0]
-        try:
-            ok = torch.allclose(self._upper(self._lower(ids, mask), mask), whole, atol=1e-4)
-        except (TypeError, ValueError, RuntimeError):
-            ok = False
+        ok = torch.allclose(self._upper(self._lower(ids, mask), mask), self._hidden(ids, mask), atol=1e-4)
         if not ok:
             print(f"note: {type(self.model).__name__} cannot be run from its layer {self.freeze_layers}; the frozen "
                   "layers are shared but recomputed on every pass")
@@ -166,28 +151,15 @@ class CausalLMPolicy(nn.Module):
         ids = self.tokenizer(prompt)["input_ids"]
         return ids or [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_id]
 
-    def _lower(self, ids, mask) -> torch.Tensor:
-        """Output (B, L, H) of the frozen blocks: a hook ends the trunk's pass right after the last of them."""
-        def stop(module, args, output):
-            raise _Stop(output[0] if isinstance(output, tuple) else output)
-
-        handle = getattr(self.trunk, self.layers_name)[self.freeze_layers - 1].register_forward_hook(stop)
-        try:
-            self._hidden(ids, mask)
-        except _Stop as reached:
-            return reached.hidden
-        finally:
-            handle.remove()
-        raise RuntimeError("the frozen blocks never ran")
+    def _lower(self, ids, mask, cache=None, positions=None) -> torch.Tensor:
+        """Output (B, L, H) of the embeddings and the frozen blocks for tokens ids (B, L); mask (B, cached + L)."""
+        positions = _positions(mask)[:, -ids.size(1):] if positions is None else positions  # (B, L)
+        return self.trunk.run(self.trunk.embed(ids, positions), mask, 0, self.freeze_layers, positions, cache)
 
     def _upper(self, lower: torch.Tensor, mask, cache=None, positions=None) -> torch.Tensor:
-        """Last hidden states (B, L, H) of the trainable blocks (and final norm), from the frozen blocks' output."""
-        blocks = getattr(self.trunk, self.layers_name)
-        setattr(self.trunk, self.layers_name, nn.ModuleList(blocks[self.freeze_layers:]))
-        try:
-            return self._hidden(None, mask, cache, positions, embeds=lower)[0]
-        finally:
-            setattr(self.trunk, self.layers_name, blocks)
+        """Last hidden states (B, L, H) of the trainable blocks and the final norm, from the frozen blocks' output."""
+        positions = _positions(mask)[:, -lower.size(1):] if positions is None else positions  # (B, L)
+        return self.trunk.norm(self.trunk.run(lower, mask, self.freeze_layers, None, positions, cache))
 
     @torch.no_grad()
     def prepare(self, rollout: Rollout) -> None:
@@ -203,45 +175,38 @@ class CausalLMPolicy(nn.Module):
         mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], 1)  # (B, P+T)
         return ids, mask
 
-    def _hidden(self, ids, mask, cache=None, positions=None, embeds=None):
-        """Last hidden states (B, L, H) of the trunk, with position ids that skip left padding."""
-        if positions is None:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.trunk(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=cache is not None)
-        return out.last_hidden_state, out.past_key_values
+    def _hidden(self, ids, mask, cache=None, positions=None) -> torch.Tensor:
+        """Last hidden states (B, L, H) of the model's own decoder forward, with position ids that skip left padding."""
+        positions = _positions(mask)[:, -ids.size(1):] if positions is None else positions  # (B, L)
+        return self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=cache is not None).last_hidden_state
 
-    @contextlib.contextmanager
-    def _frozen_output(self):
-        """A list that collects the frozen blocks' output of every pass while open (empty without a split)."""
-        out: list[torch.Tensor] = []
+    def _step(self, ids, mask, cache, positions, frozen: list[torch.Tensor]) -> torch.Tensor:
+        """Last hidden states (B, L, H) of new tokens ids (B, L) against the cache; with a split trunk the frozen
+        blocks' output (B, L, H) goes to `frozen`, for the training passes to start from."""
         if not self.split:
-            yield out
-            return
-        handle = getattr(self.trunk, self.layers_name)[self.freeze_layers - 1].register_forward_hook(
-            lambda module, args, output: out.append(output[0] if isinstance(output, tuple) else output))
-        try:
-            yield out
-        finally:
-            handle.remove()
+            return self._hidden(ids, mask, cache, positions)
+        lower = self._lower(ids, mask, cache, positions)
+        frozen.append(lower)
+        return self._upper(lower, mask, cache, positions)
 
     def _read_prompts(self, ids, mask, lower=None):
-        """Each distinct prompt of ids, mask (B, P) read once (a GRPO group shares one), by the whole trunk or, given
-        the frozen blocks' output `lower` (B, P, H), by the upper blocks. Returns the last prompt position's hidden
-        state (B, H), a KV cache whose rows are copied to all B, and index (B,) of each row's distinct prompt."""
+        """Each distinct prompt of ids, mask (B, P) read once (a GRPO group shares one). Returns the last prompt
+        position's hidden state (B, H), a KV cache whose rows are copied to all B, and with a split trunk the frozen
+        blocks' output (B, P, H), else None. Given that output `lower` (B, P, H), only the upper blocks run: the
+        cache's slots of the frozen blocks stay empty, since nothing runs those blocks against it again."""
         from transformers import DynamicCache
 
         index, first = distinct_rows(ids)  # (B,), (U,)
         cache = DynamicCache(config=self.model.config)
-        if lower is None:
-            h = self._hidden(ids[first], mask[first], cache)[0]  # (U, P, H)
+        if not self.split:
+            h, frozen = self._hidden(ids[first], mask[first], cache), None  # (U, P, H)
         else:
-            h = self._upper(lower[first], mask[first], cache)  # (U, P, H)
+            frozen = self._lower(ids[first], mask[first], cache) if lower is None else lower[first]  # (U, P, H)
+            h = self._upper(frozen, mask[first], cache)  # (U, P, H)
+            frozen = frozen[index]  # (B, P, H)
         cache.reorder_cache(index)
-        if lower is not None:
-            for i in range(self.freeze_layers):  # the frozen blocks do not run again; their slots report the
-                cache.layers[i] = cache.layers[self.freeze_layers]  # prompt's length to the attention-mask builder
-        return h[index, -1], cache, index
+        return h[index, -1], cache, frozen
 
     @torch.no_grad()
     def sample(self, prompts: list[str], max_new_tokens: int, generator: Generators = None,
@@ -255,26 +220,25 @@ class CausalLMPolicy(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         steps: list[tuple] = []
         prompt_ids, prompt_mask = (t.to(device) for t in left_pad([self.encode(p) for p in prompts], self.pad_id))
-        with self._frozen_output() as frozen:
-            h, cache, index = self._read_prompts(prompt_ids, prompt_mask)  # (B, H)
-            frozen[:] = [f[index] for f in frozen]  # (B, P, H): the prompts' rows, copied as the cache was
-            mask, position = prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, P), (B, 1)
-            for _ in range(max_new_tokens):
-                logits = self.head(h).float()  # (B, V)
-                logp = logits.log_softmax(-1)
-                probs = logp.exp() if (temperature, top_k, top_p) == (1.0, 0, 1.0) else \
-                    filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-                token = draw(probs, generator)  # (B,)
-                token = torch.where(done, torch.full_like(token, self.pad_id), token)
-                value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
-                steps.append((token, logp.gather(1, token.unsqueeze(1)).squeeze(1), value, entropy_from_logits(logits),
-                              ~done))
-                done = done | torch.isin(token, eos)
-                if done.all():
-                    break
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-                h, cache = self._hidden(token.unsqueeze(1), mask, cache, position)
-                h, position = h[:, -1], position + 1
+        h, cache, prompt_frozen = self._read_prompts(prompt_ids, prompt_mask)  # (B, H)
+        frozen = [prompt_frozen] if self.split else []  # the frozen blocks' output, (B, P, H) then (B, 1, H) a step
+        mask, position = prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, P), (B, 1)
+        for _ in range(max_new_tokens):
+            logits = self.head(h).float()  # (B, V)
+            logp = logits.log_softmax(-1)
+            probs = logp.exp() if (temperature, top_k, top_p) == (1.0, 0, 1.0) else \
+                filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            token = draw(probs, generator)  # (B,)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
+            steps.append((token, logp.gather(1, token.unsqueeze(1)).squeeze(1), value, entropy_from_logits(logits),
+                          ~done))
+            done = done | torch.isin(token, eos)
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
+            h = self._step(token.unsqueeze(1), mask, cache, position, frozen)[:, -1]  # (B, H)
+            position = position + 1
         rollout = self._rollout(prompts, prompt_ids, prompt_mask, steps)
         if frozen:
             hidden = torch.cat(frozen, 1)  # (B, P+T-1, H) or (B, P+T, H): the last token never runs, and no kept
@@ -317,7 +281,7 @@ class CausalLMPolicy(nn.Module):
         response, without reading a shared prompt B times."""
         P = rollout.prompt_ids.size(1)
         ids, attention = self._sequence(rollout)  # (B, P+T) each
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
+        positions = _positions(attention)  # (B, P+T)
         if self.split:
             self.prepare(rollout)
             lower = rollout.frozen_hidden
@@ -325,7 +289,7 @@ class CausalLMPolicy(nn.Module):
             response = self._upper(lower[:, P:], attention, cache, positions[:, P:])  # (B, T, H)
         else:
             last, cache, _ = self._read_prompts(ids[:, :P], attention[:, :P])
-            response = self._hidden(ids[:, P:], attention, cache, positions[:, P:])[0]  # (B, T, H)
+            response = self._hidden(ids[:, P:], attention, cache, positions[:, P:])  # (B, T, H)
         return torch.cat([last.unsqueeze(1), response[:, :-1]], 1)
 
     def save(self, folder: Path) -> None:

