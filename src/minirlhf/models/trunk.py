@@ -71,7 +71,7 @@ class EncoderTrunk(Trunk):
         owner = getattr(base, "encoder", None)
         owner = getattr(base, "transformer", None) if owner is None else owner  # DistilBERT: transformer
         blocks = getattr(owner, "layer", None)
-        if isinstance(blocks, nn.ModuleList) and hasattr(base, "embeddings") and not base.config.is_decoder:
+        if isinstance(blocks, nn.ModuleList) and hasattr(base, "embeddings") and not getattr(base.config, "is_decoder", False):
             return cls(base, [base.embeddings], blocks)
         return None
 
@@ -113,6 +113,11 @@ class DecoderTrunk(Trunk):
         """(1, L) positions after what the cache holds at `layer`: the model's default without position ids."""
         seen = cache.get_seq_length(layer) if cache is not None else 0
         return (torch.arange(length, device=device) + seen).unsqueeze(0)
+
+    def forward(self, ids, mask, positions=None, cache=None):
+        if positions is None:  # once, for the embeddings (GPT-2's are positional) and the blocks alike
+            positions = self.positions(ids.size(1), cache, 0, ids.device)
+        return super().forward(ids, mask, positions, cache)
 
     def embed(self, ids, positions=None):
         return self.base.embed_tokens(ids)  # (B, T, H)
