@@ -33,12 +33,7 @@ def load_pretrained(name: str, num_labels: int = 2):
     """(model, tokenizer) for a transformers encoder by hub name or path, with a fresh head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from minirlhf.runtime import hub_reachable, quiet_transformers
-
-    quiet_transformers()
     path = resolve_encoder(name)
-    if not Path(path).exists():
-        hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -46,7 +41,7 @@ def load_pretrained(name: str, num_labels: int = 2):
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160]
         raise UserError(f"cannot load encoder {name!r} ({first}); give a local model folder, "
-                        f"or the offline default --model.name={DEFAULT_ENCODER}") from None
+                        f"or the offline default --model.name={DEFAULT_ENCODER}") from e
     return model, tokenizer
 
 
@@ -181,9 +176,7 @@ class SentimentClassifier:
 
         from minirlhf.algorithms.classifier import ClassifierConfig
         from minirlhf.config import load_saved
-        from minirlhf.runtime import quiet_transformers
 
-        quiet_transformers()
         run_dir = Path(run_dir)
         cfg = load_saved(ClassifierConfig, run_dir / "config.yaml")
         model_dir = run_dir / "model"

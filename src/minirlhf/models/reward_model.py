@@ -84,12 +84,7 @@ def load_scalar_model(name: str, pooling: str = "auto") -> tuple[ScalarRewardMod
     """(model, tokenizer): a pretrained model by hub name or folder with a fresh scalar head."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from minirlhf.runtime import hub_reachable, quiet_transformers
-
-    quiet_transformers()
     path = resolve_model(name)
-    if not Path(path).exists():
-        hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
@@ -97,7 +92,7 @@ def load_scalar_model(name: str, pooling: str = "auto") -> tuple[ScalarRewardMod
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160]
         raise UserError(f"cannot load {name!r} as a reward model ({first}); give a local model folder, "
-                        f"or the offline --model.name=minilm or smollm2") from None
+                        f"or the offline --model.name=minilm or smollm2") from e
     if tokenizer.pad_token_id is None:  # padding is masked out, so any id will do
         tokenizer.pad_token = tokenizer.eos_token
     decoder = "CausalLM" in "".join(config.architectures or []) or getattr(config, "is_decoder", False)
@@ -122,9 +117,7 @@ class RewardModel:
         from transformers import AutoModel, AutoTokenizer
 
         from minirlhf.checkpoint import load_json, load_weights
-        from minirlhf.runtime import quiet_transformers
 
-        quiet_transformers()
         folder = Path(run_dir) / "model"
         if not (folder / "reward_model.json").is_file():
             raise UserError(f"{run_dir} is not a trained reward-model run (model/reward_model.json is missing); "
