@@ -18,7 +18,7 @@ from common import ROOT, failed, new_run_dir, run_minirlhf
 
 HH = ROOT.parent / "shared" / "data" / "preferences" / "hh_rlhf.jsonl"
 PPO = ["--policy=smollm2", "--policy_options.freeze_layers=15", "--steps=30", "--batch_size=16", "--response_len=32",
-       "--ppo_epochs=2", "--minibatch_size=8", "--lr=3e-5", "--kl_coef=0.1", "--kl_target=6", "--kl_horizon=1000",
+       "--ppo_epochs=2", "--minibatch_size=8", "--train.lr=3e-5", "--kl_coef=0.1", "--kl_target=6", "--kl_horizon=1000",
        "--target_kl=0.1", "--prompts.max_eval=48", "--sample_every=10", "--save_every=10"]
 MAX_PROMPT_CHARS = 500  # shorter conversations: a 2-core CPU's time goes to the policy's reply, not to reading
 

@@ -17,8 +17,8 @@ from common import ROOT, failed, new_run_dir, run_minirlhf
 
 PAIRS = Path(os.environ.get("DPO_PAIRS", ROOT.parent / "shared" / "data" / "preferences" / "hh_rlhf.jsonl"))
 SETTINGS = ["--policy=smollm2", "--max_train=256", "--max_eval=128", "--policy_options.freeze_layers=24",
-            "--max_prompt_tokens=128", "--max_response_tokens=64", "--batch_size=16", "--micro_batch_size=4",
-            "--epochs=1", "--lr=1e-4", "--beta=0.1", "--eval_every=8", "--samples=3", "--device=cpu"]
+            "--max_prompt_tokens=128", "--max_response_tokens=64", "--train.batch_size=16", "--train.micro_batch_size=4",
+            "--train.epochs=1", "--train.lr=1e-4", "--beta=0.1", "--eval_every=8", "--samples=3", "--device=cpu"]
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,11 +37,15 @@ import torch
 
 from common import ROOT, new_run_dir
 
+from minirlhf.models.rewards import RewardConfig
+from minirlhf.pipeline import load_classifier
+from minirlhf.rundir import RunDir
+
 SHARED = ROOT.parent / "shared" / "data" / "imdb"
 TEMPLATE = "Continue this movie review: {}"
-PPO = ["--ppo_epochs=2", "--minibatch_size=8", "--lr=3e-5", "--kl_coef=0.15", "--kl_target=6", "--kl_horizon=1000",
+PPO = ["--ppo_epochs=2", "--minibatch_size=8", "--train.lr=3e-5", "--kl_coef=0.15", "--kl_target=6", "--kl_horizon=1000",
        "--target_kl=0.1"]
-GRPO = ["--group_size=4", "--ppo_epochs=1", "--minibatch_size=16", "--lr=3e-5", "--kl_coef=0.04"]  # as TRL's run
+GRPO = ["--group_size=4", "--ppo_epochs=1", "--minibatch_size=16", "--train.lr=3e-5", "--kl_coef=0.04"]  # as TRL's run
 FOUR_UPDATES = ["--ppo_epochs=2", "--minibatch_size=8"]  # 2 passes of 2 minibatches per batch, as TRL's 4-update run
 SYSTEMS = {
     "minirlhf_ppo_full": ["ppo", *PPO],
@@ -71,11 +76,11 @@ def write_prompts(work: Path) -> tuple[Path, Path]:
 def classifier() -> Path:
     """The stage-1 classifier on the offline tweets, trained once (demo settings) and reused."""
     path = ROOT / "runs" / "classifier-tweets"
-    if not (path / "results.json").is_file():
-        from minirlhf.rewards import train_classifier
-
+    found = RunDir.find(path)
+    if found is None or not found.results.is_file():
+        shutil.rmtree(path, ignore_errors=True)  # unfinished, or made before runs recorded their kind
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON report
-            train_classifier(path, None, "cpu")
+            load_classifier(RewardConfig(classifier=str(path), train_missing=True), "cpu")
     return path
 
 

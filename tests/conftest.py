@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from minirlhf.runtime import configure_process
+
 ROOT = Path(__file__).resolve().parents[1]
+configure_process()  # the test session is an entry point: process-wide settings once, as the CLI makes them
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from minirlhf.algorithms.grpo import GRPOConfig
 from minirlhf.algorithms.ppo import PPOConfig
 from minirlhf.algorithms.rl import train
 from minirlhf.config import load_config
-from minirlhf.models.policy import load_policy
+from minirlhf.models.load import load_policy
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_two_steps_on_smollm2_train_only_the_unfrozen_layers(cls, lora, tiny_cla
     cfg = load_config(cls, overrides=[
         "--policy=smollm2", f"--reward.classifier={tiny_classifier}", f"--out={tmp_path / 'run'}", "--device=cpu",
         "--policy_options.freeze_layers=28", "--steps=2", "--batch_size=4", "--minibatch_size=2",
-        "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--lr=1e-3",
+        "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--train.lr=1e-3",
         *(["--group_size=2"] if cls is GRPOConfig else []), *(["--policy_options.lora_rank=4"] if lora else [])])
     run = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -18,7 +18,8 @@ from minirlhf.config import DataConfig, load_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel
-from minirlhf.models.policy import LSTMPolicy, load_policy
+from minirlhf.models.load import load_policy
+from minirlhf.models.policy import LSTMPolicy
 
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
          "logps/rejected", "logps/margin")
@@ -141,8 +142,8 @@ def _dpo(policy, pairs, out, *extra):
 
 def test_two_steps_on_the_lstm_change_the_policy(tiny_generator, tmp_path):
     pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 24)
-    run = _dpo(tiny_generator, pairs, tmp_path / "run", "--steps=2", "--batch_size=4", "--micro_batch_size=2",
-               "--lr=1e-2", "--max_response_tokens=16", "--samples=2")
+    run = _dpo(tiny_generator, pairs, tmp_path / "run", "--train.steps=2", "--train.batch_size=4", "--train.micro_batch_size=2",
+               "--train.lr=1e-2", "--max_response_tokens=16", "--samples=2")
     rows = _rows(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[0]["eval/rewards/accuracy"] == 0.0 and rows[0]["eval/loss"] == pytest.approx(math.log(2))
@@ -162,9 +163,9 @@ def test_two_steps_on_the_lstm_change_the_policy(tiny_generator, tmp_path):
 
 def test_two_steps_on_smollm2_with_frozen_layers(smol, tmp_path):
     pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 8)
-    run = _dpo("smollm2", pairs, tmp_path / "run", "--steps=2", "--batch_size=2", "--micro_batch_size=2",
+    run = _dpo("smollm2", pairs, tmp_path / "run", "--train.steps=2", "--train.batch_size=2", "--train.micro_batch_size=2",
                "--policy_options.freeze_layers=28", "--max_prompt_tokens=24", "--max_response_tokens=12",
-               "--max_eval=2", "--lr=1e-4", "--samples=1")
+               "--max_eval=2", "--train.lr=1e-4", "--samples=1")
     rows = _rows(run)
     assert len(rows) == 3 and all(math.isfinite(rows[-1][k]) for k in STATS)
     assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-4)
@@ -177,7 +178,7 @@ def test_two_steps_on_smollm2_with_frozen_layers(smol, tmp_path):
 
 def test_cli_runs_dpo_and_generate_loads_the_result(cli, tiny_generator, tmp_path):
     pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 16)
-    done = cli("dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--steps=2", "--batch_size=4",
+    done = cli("dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--train.steps=2", "--train.batch_size=4",
                "--loss_type=ipo", "--max_response_tokens=8", "--samples=0", "--out", "run")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "implicit-reward accuracy" in done.stdout and (tmp_path / "run" / "rewards.png").is_file()
@@ -212,8 +213,8 @@ def test_missing_policy_or_preferences_is_one_line(cli, tiny_generator):
 
 def test_two_processes_train_as_one(tiny_generator, tmp_path):
     pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 24)
-    args = ["dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--steps=3", "--batch_size=5",
-            "--micro_batch_size=2", "--lr=1e-2", "--max_response_tokens=12", "--samples=0", "--eval_every=1",
+    args = ["dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--train.steps=3", "--train.batch_size=5",
+            "--train.micro_batch_size=2", "--train.lr=1e-2", "--max_response_tokens=12", "--samples=0", "--eval_every=1",
             "--device=cpu"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # the same arithmetic in both runs
     single = run_cli(*args, "--out", str(tmp_path / "one"), cwd=tmp_path, env=env)
@@ -239,8 +240,8 @@ def test_dpo_learns_to_prefer_positive_tweets(tiny_generator, tmp_path):
     implicit reward must rank the positive tweet higher more often than chance, and the policy's own
     log-prob margin must grow."""
     pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 400, seed=1)
-    run = _dpo(tiny_generator, pairs, tmp_path / "run", "--epochs=3", "--batch_size=16", "--micro_batch_size=16",
-               "--lr=3e-3", "--max_response_tokens=40", "--eval_fraction=0.2", "--eval_every=0", "--samples=0")
+    run = _dpo(tiny_generator, pairs, tmp_path / "run", "--train.epochs=3", "--train.batch_size=16", "--train.micro_batch_size=16",
+               "--train.lr=3e-3", "--max_response_tokens=40", "--eval_fraction=0.2", "--eval_every=0", "--samples=0")
     results = json.loads((run / "results.json").read_text())
     before, after = results["before"], results["after"]
     assert results["pairs_eval"] >= 60

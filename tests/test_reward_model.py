@@ -125,7 +125,7 @@ def test_cli_errors_are_one_line(tmp_path, cli):
 
 
 def test_chat_policy_reads_a_dialogue_turn_by_turn():
-    from minirlhf.models.policy import load_policy
+    from minirlhf.models.load import load_policy
 
     policy = load_policy("smollm2", "cpu", value_head=False)
     ids = policy.encode(HH)

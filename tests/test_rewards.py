@@ -9,7 +9,8 @@ import torch
 from minirlhf import UserError
 from minirlhf.config import DataConfig
 from minirlhf.models.policy import Rollout
-from minirlhf.rewards import Reward, RewardConfig, RunningMoments, load_function, load_classifier, repetition
+from minirlhf.models.rewards import Reward, RewardConfig, RunningMoments, load_function, repetition
+from minirlhf.pipeline import load_classifier
 
 
 class TextPolicy:

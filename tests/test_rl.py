@@ -15,7 +15,8 @@ from minirlhf.algorithms.rloo import RLOOConfig
 from minirlhf.config import load_config
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel
-from minirlhf.models.policy import LSTMPolicy, load_policy
+from minirlhf.models.load import load_policy
+from minirlhf.models.policy import LSTMPolicy
 
 METRICS = ("reward/mean", "reward/std", "objective/kl", "objective/kl_coef", "objective/entropy", "policy/approx_kl",
            "policy/clipfrac", "policy/ratio_max", "time/rollout_s", "time/update_s")
@@ -168,7 +169,7 @@ def test_a_non_finite_reward_stops_the_run_and_keeps_the_last_checkpoint(tiny_ge
 def test_ppo_raises_the_reward_of_the_lstm(tiny_generator, learned_classifier, tmp_path):
     """Learning test: 25 PPO steps raise the held-out reward over the reference's."""
     run = _run(PPOConfig, tiny_generator, learned_classifier, tmp_path / "ppo", "--steps=25", "--batch_size=32",
-               "--lr=1e-3", "--prompts.max_eval=64")
+               "--train.lr=1e-3", "--prompts.max_eval=64")
     results = json.loads((run / "results.json").read_text())
     rows = _rows(run)
     first = sum(r["reward/mean"] for r in rows[:5]) / 5
@@ -181,7 +182,7 @@ def test_ppo_raises_the_reward_of_the_lstm(tiny_generator, learned_classifier, t
 def test_grpo_raises_the_reward_of_the_lstm(tiny_generator, learned_classifier, tmp_path):
     """Learning test for the critic-free path: group baselines alone raise the reward."""
     run = _run(GRPOConfig, tiny_generator, learned_classifier, tmp_path / "grpo", "--steps=25", "--batch_size=32",
-               "--lr=1e-3", "--ppo_epochs=4", "--minibatch_size=16", "--prompts.max_eval=64")
+               "--train.lr=1e-3", "--ppo_epochs=4", "--minibatch_size=16", "--prompts.max_eval=64")
     rows = _rows(run)
     first = sum(r["reward/mean"] for r in rows[:5]) / 5
     last = sum(r["reward/mean"] for r in rows[-5:]) / 5

@@ -118,7 +118,7 @@ def test_two_processes_share_the_frozen_trunk_of_smollm2(tiny_classifier, tmp_pa
     padded left, response columns right), and the result is the single process's."""
     args = ["grpo", "--policy=smollm2", f"--reward.classifier={tiny_classifier}", "--policy_options.freeze_layers=28",
             "--steps=2", "--save_every=2", "--batch_size=4", "--group_size=2", "--minibatch_size=4",
-            "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--lr=1e-3",
+            "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--train.lr=1e-3",
             "--device=cpu", "--seed=5"]
     _one_and_two(args, tmp_path)
     for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):

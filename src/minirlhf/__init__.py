@@ -6,5 +6,22 @@ __version__ = "0.1.0"
 class UserError(Exception):
     """A problem the user can fix (bad input, missing file, bad config value).
 
-    The CLI prints it as one line and exits with code 2; it never shows a traceback.
+    The CLI prints it as one line and exits with code 2; `--debug` (or MINIRLHF_DEBUG=1) shows the traceback,
+    and the cause, which every raise keeps (`raise ... from e`).
     """
+
+
+class ConfigError(UserError):
+    """A config key, value or file that cannot be used."""
+
+
+class DataError(UserError):
+    """A data file (corpus, prompts, preference pairs) that cannot be read as asked."""
+
+
+class RunError(UserError):
+    """A run directory or checkpoint that is missing, damaged, or of another kind."""
+
+
+class ModelError(UserError):
+    """A model that cannot be loaded or used as asked."""

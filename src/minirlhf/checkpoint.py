@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from minirlhf import UserError
+from minirlhf import RunError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -60,10 +60,10 @@ def load_json(path: Path):
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; point at a complete run directory") from None
+    except FileNotFoundError as e:
+        raise RunError(f"{path} is missing; point at a complete run directory") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e}); re-run the stage that wrote it") from None
+        raise RunError(f"{path} is corrupt ({e}); re-run the stage that wrote it") from e
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -75,11 +75,23 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
 def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} is missing; point at a complete run directory")
+        raise RunError(f"{path} is missing; point at a complete run directory")
     try:
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises several error types for a damaged file
-        raise UserError(f"{path} is not a readable safetensors file ({e}); re-run the stage that wrote it") from None
+        raise RunError(f"{path} is not a readable safetensors file ({e}); re-run the stage that wrote it") from e
+
+
+def old_copy(path: Path) -> Path:
+    """Where `atomic_dir` keeps the previous folder while it swaps in the new one."""
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: Path) -> None:
+    """Undo a crash between `atomic_dir`'s two renames: the previous folder, complete, goes back in place."""
+    path = Path(path)
+    if not path.exists() and old_copy(path).is_dir():
+        old_copy(path).rename(path)
 
 
 @contextmanager
@@ -100,7 +112,7 @@ def atomic_dir(path: Path):
                     os.fsync(fh.fileno())
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = old_copy(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
@@ -136,5 +148,5 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
             raise ValueError(f"parameter {misfit[0]} has another shape or does not exist")
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        raise UserError(f"the optimizer state in {where} does not fit this model ({str(e).splitlines()[0][:120]}); "
-                        "resume with the config the run was started with") from None
+        raise RunError(f"the optimizer state in {where} does not fit this model ({str(e).splitlines()[0][:120]}); "
+                       "resume with the config the run was started with") from e

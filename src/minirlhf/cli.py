@@ -1,16 +1,39 @@
-"""The `minirlhf` command: one sub-command per stage, plus doctor, generate, classify and the demo.
+"""The `minirlhf` command: one sub-command per stage (the RL algorithms from the registry), plus doctor, generate,
+classify, evaluate, feedback and the demo.
 
-Training commands take `--config FILE.yaml`, `--data SOURCE`, `--out RUN_DIR`, `--device`, `--seed` and
-any config key as a dotted override (`--train.lr=3e-5`); `--help` lists every key with its default.
+Training commands take `--config FILE.yaml`, `--data SOURCE`, `--out RUN_DIR`, `--device`, `--seed`, `--resume RUN_DIR`
+and any config key as a dotted override (`--train.lr=3e-5`); `--help` lists every key with its default. Errors the
+user can fix print as one line and exit 2; `--debug` (or MINIRLHF_DEBUG=1) shows the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+import traceback
+from pathlib import Path
 
-from minirlhf import UserError, __version__
+import torch
+
+from minirlhf import ConfigError, UserError, __version__, doctor
+from minirlhf.algorithms import classifier, dpo, generator, registry, reward_model, rl
+from minirlhf.algorithms.evaluate import evaluate_run
+from minirlhf.config import describe, load_config, load_saved
+from minirlhf.data.sentiment import read_source
+from minirlhf.feedback import store
+from minirlhf.models.classifier import SentimentClassifier
+from minirlhf.models.load import load_policy
+from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
+from minirlhf.rundir import RunDir
+from minirlhf.runtime import configure_process, pick_device, seed_everything
+
+RESUME_FIXED = {"out", "seed", "policy", "policy_options", "reward", "data", "prompts", "batch_size", "group_size",
+                "model", "vocab", "preferences", "eval_file", "eval_fraction", "max_train", "max_eval", "split_seed",
+                "train.batch_size", "train.micro_batch_size"}
+"""what a resumed run may not change: it would no longer repeat the uninterrupted run"""
 
 
 def _overrides(extra: list[str]) -> list[str]:
@@ -19,32 +42,23 @@ def _overrides(extra: list[str]) -> list[str]:
     while i < len(extra):
         item = extra[i]
         if not item.startswith("--"):
-            raise UserError(f"unexpected argument {item!r}; options look like --section.key=value")
+            raise ConfigError(f"unexpected argument {item!r}; options look like --section.key=value")
         if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             item, i = f"{item}={extra[i + 1]}", i + 1
         elif "=" not in item:
-            raise UserError(f"option {item} needs a value; write {item}=VALUE")
+            raise ConfigError(f"option {item} needs a value; write {item}=VALUE")
         out.append(item)
         i += 1
     return out
 
 
-RESUME_FIXED = {"out", "seed", "policy", "policy_options", "reward", "data", "prompts", "batch_size", "group_size"}
-"""what a resumed run may not change: it would no longer repeat the uninterrupted run"""
-
-
 def _reward_key(run: str | None) -> str:
     """`--reward RUN` names a sentiment classifier run or a preference reward-model run; either is the reward."""
-    from pathlib import Path
-
-    return "reward.reward_model" if run and (Path(run) / "model" / "reward_model.json").is_file() else "reward.classifier"
+    found = RunDir.find(run)
+    return "reward.reward_model" if found is not None and found.stage == "reward_model" else "reward.classifier"
 
 
 def _stage_config(cls, args, extra):
-    import dataclasses
-
-    from minirlhf.config import load_config
-
     data_key = "data.source" if dataclasses.is_dataclass(getattr(cls(), "data", None)) else "data"
     cli = [f"--{key}={value}" for key, value in
            ((data_key, getattr(args, "data", None)), ("out", args.out), ("device", args.device), ("seed", args.seed),
@@ -58,28 +72,23 @@ def _stage_config(cls, args, extra):
 
 def _resume_config(cls, args, overrides: list[str]):
     """The config a run was started with, under the overrides that keep it the same run (e.g. --steps=200)."""
-    from pathlib import Path
-
-    from minirlhf.config import load_config, load_saved
-
-    fixed = [o.split("=")[0] for o in overrides if o[2:].split("=")[0].split(".")[0] in RESUME_FIXED]
+    keys = [o[2:].split("=")[0] for o in overrides]
+    fixed = [f"--{k}" for k in keys if k in RESUME_FIXED or k.split(".")[0] in RESUME_FIXED]
     if args.config is not None or fixed:
-        raise UserError(f"--resume repeats the run as it was configured; {(fixed or ['--config'])[0]} cannot change "
-                        "(others, such as --steps, can)")
+        raise ConfigError(f"--resume repeats the run as it was configured; {(fixed or ['--config'])[0]} cannot "
+                          "change (others, such as --steps, can)")
     base = load_saved(cls, Path(args.resume) / "config.yaml")
     return load_config(cls, None, overrides + [f"--out={args.resume}"], base=base)
 
 
 def _config_help(cls) -> str:
-    from minirlhf.config import describe
-
     rows = describe(cls())
     width = max(len(k) for k, _, _ in rows)
     lines = [f"  --{k:<{width}}  {doc} (default: {v!r})" for k, v, doc in rows]
     return "config keys (set with --KEY=VALUE or in the --config YAML file):\n" + "\n".join(lines)
 
 
-def _add_stage(sub, name: str, cls, help: str, run, rl: bool = False):
+def _add_stage(sub, name: str, cls, help: str, run, resume: bool = True) -> None:
     p = sub.add_parser(name, help=help, description=help, epilog=_config_help(cls),
                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", help="YAML file of config values (overrides then apply on top)")
@@ -88,83 +97,61 @@ def _add_stage(sub, name: str, cls, help: str, run, rl: bool = False):
                        "\"rejected\"} (e.g. from `minirlhf feedback export`); sets the `preferences` key")
     if hasattr(cls(), "data"):
         p.add_argument("--data", help="corpus name (tweets, imdb), aclImdb folder, or .jsonl/.csv file")
+    if hasattr(cls(), "reward"):
+        p.add_argument("--reward", metavar="RUN", help="the reward: a classifier run (sets reward.classifier) or a "
+                       "reward-model run (sets reward.reward_model)")
     p.add_argument("--out", help="run directory (default: a new folder under runs/)")
     p.add_argument("--device", help="auto, cpu, cuda or mps")
     p.add_argument("--seed", type=int)
-    if rl:
-        p.add_argument("--reward", metavar="RUN", help="the reward: a classifier run (sets reward.classifier) or a "
-                       "reward-model run (sets reward.reward_model)")
-        p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint "
-                       "(its own config; --steps=N to train longer)")
-        p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra), args.resume), stage=True)
-        return
-    p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra)), stage=True)
+    if resume:
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint (its own "
+                       "config; --steps=N or more epochs to train longer)")
+    p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra), getattr(args, "resume", None)),
+                   stage=True)
 
 
-def _train_classifier(cfg) -> int:
-    from minirlhf.algorithms.classifier import train
-
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}  (plots: loss.png, accuracy.png; model: model/)")
-    return 0
-
-
-def _train_generator(cfg) -> int:
-    from minirlhf.algorithms.generator import train
-
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}  (plots: loss.png, perplexity.png; samples: samples.md)")
-    return 0
+def _finished(what: str):
+    """A stage's command: train, then say where the run is and what to do with it (not on the other processes)."""
+    def command(train, cfg, resume) -> int:
+        if hasattr(cfg, "reward"):
+            train_missing_reward(cfg)
+        run_dir = train(cfg, resume)
+        if run_dir is not None:
+            print(f"run directory: {run_dir}  ({what.format(run=run_dir)})")
+        return 0
+    return command
 
 
-def _train_reward_model(cfg) -> int:
-    from minirlhf.algorithms.reward_model import train
-
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}  (results.json, plots; model/: `minirlhf eval-reward-model {run_dir} --preferences "
-          f"FILE`, or the RLHF reward term --reward.reward_model={run_dir})")
-    return 0
-
-
-def _eval_reward_model(args, extra) -> int:
-    from minirlhf.algorithms.reward_model import evaluate_run
-
-    evaluate_run(args.run_dir, args.preferences, args.device, args.batch_size)
-    return 0
-
-
-def _rl(cfg, resume: str | None = None) -> int:
-    from minirlhf.algorithms.rl import train
-
-    run_dir = train(cfg, resume)
-    if run_dir is not None:  # None on the other processes under torchrun
-        print(f"run directory: {run_dir}  (report.md, results.json, samples.md, plots; checkpoint/: "
-              f"`minirlhf generate {run_dir}`, `minirlhf evaluate {run_dir}`, `--resume {run_dir}`)")
-    return 0
+RL_DONE = ("report.md, results.json, samples.md, plots; checkpoint/: `minirlhf generate {run}`, "
+           "`minirlhf evaluate {run}`, `--resume {run}`")
+STAGE_COMMANDS = (
+    ("train-classifier", classifier.ClassifierConfig, classifier.train,
+     "stage 1: fine-tune an encoder as sentiment classifier", "plots: loss.png, accuracy.png; model: model/"),
+    ("train-generator", generator.GeneratorConfig, generator.train, "stage 3: train the word-level LSTM language "
+     "model", "plots: loss.png, perplexity.png; samples: samples.md"),
+    ("train-reward-model", reward_model.RewardModelConfig, reward_model.train, "a Bradley-Terry reward model from "
+     "preference pairs (--preferences FILE.jsonl)", "results.json, plots; model/: `minirlhf eval-reward-model {run} "
+     "--preferences FILE`, or the RLHF reward term --reward.reward_model={run}"),
+    ("dpo", dpo.DPOConfig, dpo.train, "DPO/IPO from preference pairs, no reward model (--policy GENERATOR_RUN|smollm2|"
+     "MODEL --preferences FILE.jsonl)", "report.md, results.json, plots; checkpoint/policy: `minirlhf generate {run}`, "
+     "or --policy {run} for a later stage"),
+)
 
 
-def _dpo(cfg) -> int:
-    from minirlhf.algorithms.dpo import train
-
-    run_dir = train(cfg)
-    if run_dir is not None:  # None on the other processes under torchrun
-        print(f"run directory: {run_dir}  (report.md, results.json, plots; checkpoint/policy: "
-              f"`minirlhf generate {run_dir}`, or --policy {run_dir} for a later stage)")
-    return 0
-
-
-def _demo(cfg) -> int:
-    from minirlhf.pipeline import run_demo
-
-    run_demo(cfg)
-    return 0
+def _add_stages(sub) -> None:
+    _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end",
+               lambda cfg, resume: run_demo(cfg) and 0, resume=False)
+    for name, cls, train, help, what in STAGE_COMMANDS:
+        _add_stage(sub, name, cls, help, lambda cfg, resume, t=train, w=what: _finished(w)(t, cfg, resume))
+    for algo in registry.ALGORITHMS.values():
+        _add_stage(sub, algo.name.replace("_", "-"), algo.config, f"RLHF with {algo.summary} (--policy "
+                   "GENERATOR_RUN|smollm2|MODEL --reward CLASSIFIER_RUN)",
+                   lambda cfg, resume: _finished(RL_DONE)(rl.train, cfg, resume))
 
 
 def _classify(args, extra) -> int:
-    from minirlhf.models.classifier import SentimentClassifier
-    from minirlhf.runtime import pick_device
-
-    clf = SentimentClassifier.from_run(args.run_dir, pick_device(args.device)[0])
+    run = RunDir.open(args.run_dir, "classifier", command="train-classifier")
+    clf = SentimentClassifier.from_run(run.path, pick_device(args.device)[0])
     probs, logits = clf.score(args.texts)
     for text, p, z in zip(args.texts, probs.tolist(), logits.tolist()):
         print(json.dumps({"text": text, "p_positive": round(p, 4), "positive_logit": round(z, 4)}, ensure_ascii=False))
@@ -172,29 +159,18 @@ def _classify(args, extra) -> int:
 
 
 def _eval_classifier(args, extra) -> int:
-    import torch
-
-    from minirlhf.algorithms.classifier import binary_scores
-    from minirlhf.data.sentiment import read_source
-    from minirlhf.models.classifier import SentimentClassifier
-    from minirlhf.runtime import pick_device
-
     parts = read_source(args.data)
     rows = parts.get("all") or parts["test"]
-    clf = SentimentClassifier.from_run(args.run_dir, pick_device(args.device)[0])
+    run = RunDir.open(args.run_dir, "classifier", command="train-classifier")
+    clf = SentimentClassifier.from_run(run.path, pick_device(args.device)[0])
     logits = clf.logits([t for t, _ in rows], batch_size=args.batch_size, show_progress=True)
-    scores = binary_scores(logits, torch.tensor([y for _, y in rows]))
+    scores = classifier.binary_scores(logits, torch.tensor([y for _, y in rows]))
     print(json.dumps({"data": args.data, "n": len(rows), "accuracy": round(scores["accuracy"], 4),
                       "f1": round(scores["f1"], 4)}))
     return 0
 
 
 def _generate(args, extra) -> int:
-    import torch
-
-    from minirlhf.models.policy import load_policy
-    from minirlhf.runtime import pick_device, seed_everything
-
     seed_everything(args.seed)
     device = pick_device(args.device)[0]
     policy = load_policy(args.run_dir, device, value_head=False)
@@ -206,18 +182,9 @@ def _generate(args, extra) -> int:
     return 0
 
 
-def _evaluate(args, extra) -> int:
-    from minirlhf.evaluate import evaluate_run
-
-    evaluate_run(args.run_dir, args.prompts, args.n, args.seed, args.device)
-    return 0
-
-
 def _feedback(args, extra) -> int:
-    from minirlhf.feedback import store
-
     if args.feedback_command == "serve":
-        from minirlhf.feedback.app import serve
+        from minirlhf.feedback.app import serve  # flask and waitress are needed for serving only
 
         return serve(args)
     if args.feedback_command == "export":
@@ -227,6 +194,16 @@ def _feedback(args, extra) -> int:
     added, skipped = store.import_jsonl(args.files, args.db)
     print(f"{added} pairs imported into {args.db}" + (f" ({skipped} already there)" if skipped else ""))
     return 0
+
+
+def _add_sampling(p, max_new_tokens: int) -> None:
+    """The sampling flags of `generate` and `feedback serve`."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
 
 
 def _add_feedback(sub) -> None:
@@ -243,12 +220,7 @@ def _add_feedback(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     s.add_argument("--ahead", type=int, default=16, help="unjudged pairs kept ready")
     s.add_argument("--overlap", type=float, default=0.2, help="fraction of pairs wanted from two annotators")
-    s.add_argument("--max-new-tokens", type=int, default=48)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+    _add_sampling(s, 48)
     e = fsub.add_parser("export", help="write the A/B judgements as {prompt, chosen, rejected} JSONL")
     e.add_argument("--db", **db)
     e.add_argument("--out", required=True, metavar="FILE.jsonl")
@@ -258,81 +230,50 @@ def _add_feedback(sub) -> None:
     p.set_defaults(func=_feedback)
 
 
-def _doctor(args, extra) -> int:
-    from minirlhf.doctor import run
-
-    return run()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from minirlhf.algorithms.classifier import ClassifierConfig
-    from minirlhf.algorithms.dpo import DPOConfig
-    from minirlhf.algorithms.generator import GeneratorConfig
-    from minirlhf.algorithms.grpo import GRPOConfig
-    from minirlhf.algorithms.ppo import A2CConfig, PPOConfig
-    from minirlhf.algorithms.reward_model import RewardModelConfig
-    from minirlhf.algorithms.rloo import RLOOConfig
-    from minirlhf.pipeline import DemoConfig
-
-    parser = argparse.ArgumentParser(prog="minirlhf", description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--version", action="version", version=f"minirlhf {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("doctor", help="check the environment: versions, device, offline models and data")
-    p.set_defaults(func=_doctor)
-    _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo)
-    _add_stage(sub, "train-classifier", ClassifierConfig, "stage 1: fine-tune an encoder as sentiment classifier", _train_classifier)
-    _add_stage(sub, "train-generator", GeneratorConfig, "stage 3: train the word-level LSTM language model", _train_generator)
-    _add_stage(sub, "train-reward-model", RewardModelConfig, "a Bradley-Terry reward model from preference pairs "
-               "(--preferences FILE.jsonl)", _train_reward_model)
-    for name, cls, what in (("ppo", PPOConfig, "PPO with a value head, GAE and adaptive KL"),
-                            ("grpo", GRPOConfig, "GRPO: group-standardised rewards, no critic"),
-                            ("rloo", RLOOConfig, "RLOO: leave-one-out baselines, no critic"),
-                            ("a2c", A2CConfig, "A2C: one unclipped policy-gradient step per rollout")):
-        _add_stage(sub, name, cls, f"RLHF with {what} (--policy GENERATOR_RUN|smollm2|MODEL --reward CLASSIFIER_RUN)",
-                   _rl, rl=True)
-    _add_stage(sub, "dpo", DPOConfig, "DPO/IPO from preference pairs, no reward model (--policy GENERATOR_RUN|smollm2|MODEL "
-               "--preferences FILE.jsonl)", _dpo)
-
+def _add_tools(sub) -> None:
+    """The commands that read a run rather than train one."""
     p = sub.add_parser("evaluate", help="an RL run's policy vs its reference on held-out prompts: JSON and report.md")
     p.add_argument("run_dir")
     p.add_argument("--prompts", help="held-out prompts, a .jsonl file of {\"prompt\": ...} (default: the run's own)")
     p.add_argument("-n", type=int, help="use at most this many held-out prompts (default: the run's prompts.max_eval)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=_evaluate)
-
+    p.set_defaults(func=lambda a, extra: evaluate_run(a.run_dir, a.prompts, a.n, a.seed, a.device) and 0)
     p = sub.add_parser("eval-reward-model", help="held-out pair accuracy, mean margin and the length baseline (JSON)")
     p.add_argument("run_dir")
     p.add_argument("--preferences", required=True, help=".jsonl of {\"prompt\", \"chosen\", \"rejected\"}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=_eval_reward_model)
-
+    p.set_defaults(func=lambda a, extra: reward_model.evaluate_run(a.run_dir, a.preferences, a.device,
+                                                                   a.batch_size) and 0)
     p = sub.add_parser("classify", help="P(positive) and positive logit of texts under a classifier run")
     p.add_argument("run_dir")
     p.add_argument("texts", nargs="+")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_classify)
-
     p = sub.add_parser("eval-classifier", help="accuracy and F1 (JSON) of a classifier run on labelled data")
     p.add_argument("run_dir")
     p.add_argument("--data", required=True, help="labelled .jsonl/.csv file, aclImdb folder or corpus name")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval_classifier)
-
     p = sub.add_parser("generate", help="sample responses from a generator run, an RL run, or a causal LM")
     p.add_argument("run_dir")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     p.add_argument("-n", type=int, default=5, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    _add_sampling(p, 30)
     p.set_defaults(func=_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minirlhf", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"minirlhf {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or MINIRLHF_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("doctor", help="check the environment: versions, device, offline models and data")
+    p.set_defaults(func=lambda args, extra: doctor.run())
+    _add_stages(sub)
+    _add_tools(sub)
     _add_feedback(sub)
     return parser
 
@@ -340,13 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_sampling(args) -> None:
     n = getattr(args, "n", 1)
     if (n is not None and n < 1) or getattr(args, "max_new_tokens", 1) < 1:
-        raise UserError("-n and --max-new-tokens must be at least 1")
+        raise ConfigError("-n and --max-new-tokens must be at least 1")
     if getattr(args, "temperature", 1.0) <= 0:
-        raise UserError(f"--temperature must be > 0, got {args.temperature}")
+        raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < getattr(args, "top_p", 1.0) <= 1 or getattr(args, "top_k", 0) < 0:
-        raise UserError("--top-p must be in (0, 1] and --top-k >= 0")
+        raise ConfigError("--top-p must be in (0, 1] and --top-k >= 0")
     if getattr(args, "batch_size", 1) < 1:
-        raise UserError("--batch-size must be at least 1")
+        raise ConfigError("--batch-size must be at least 1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,10 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "stage", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get("MINIRLHF_DEBUG", "") not in ("", "0")
     try:
+        configure_process()
         _check_sampling(args)
         return args.func(args, extra)
     except UserError as e:
+        if debug:
+            traceback.print_exc()
         print(f"minirlhf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

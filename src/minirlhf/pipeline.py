@@ -1,24 +1,60 @@
-"""`minirlhf demo`: data, reward classifier, LSTM generator, PPO, evaluation and report, on the offline default."""
+"""Stages run one after another: `minirlhf demo` (data, reward classifier, LSTM generator, PPO, evaluation and
+report, on the offline default), and the reward classifier an RL run trains first when asked to
+(`reward.train_missing`): a reward itself never trains anything."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minirlhf import distributed
+from minirlhf.algorithms import classifier, generator, rl
 from minirlhf.algorithms.classifier import ClassifierConfig, ClassifierModelConfig, ClassifierTrainConfig
 from minirlhf.algorithms.generator import GeneratorConfig
 from minirlhf.algorithms.ppo import PPOConfig
+from minirlhf.checkpoint import load_json
 from minirlhf.config import DataConfig, RunConfig, save_config
 from minirlhf.data.prompts import PromptConfig
-from minirlhf.runtime import make_run_dir, peak_memory_mb
+from minirlhf.models import rewards
+from minirlhf.models.rewards import RewardConfig
+from minirlhf.rundir import RunDir
+from minirlhf.runtime import peak_memory_mb, pick_device
 
 
 def demo_classifier() -> ClassifierConfig:
     return ClassifierConfig(data=DataConfig(max_train=6000, max_eval=1000),
                             model=ClassifierModelConfig(freeze_layers=4, max_length=64),
                             train=ClassifierTrainConfig(epochs=2))
+
+
+def load_classifier(cfg: RewardConfig, device, data: DataConfig | None = None):
+    """The reward classifier `cfg.classifier`, trained first with the demo's quick settings when it does not exist
+    and `cfg.train_missing` is set, so that a fresh checkout can run RLHF."""
+    path = Path(cfg.classifier) if cfg.classifier else None
+    if path is not None and cfg.train_missing and not path.exists():
+        print(f"reward classifier {path} does not exist yet: training it first (once; it is reused afterwards)")
+        clf = demo_classifier()
+        if data is not None:
+            clf = dataclasses.replace(clf, data=dataclasses.replace(data, max_train=clf.data.max_train,
+                                                                    max_eval=clf.data.max_eval))
+        tmp = path.with_name(f".{path.name}.training")  # renamed into place only when complete
+        shutil.rmtree(tmp, ignore_errors=True)
+        classifier.train(dataclasses.replace(clf, out=str(tmp), device=str(device)))
+        os.replace(tmp, path)
+    return rewards.load_classifier(cfg, device)
+
+
+def train_missing_reward(cfg) -> None:
+    """Before an RL run: its reward classifier, if it is to be trained first (once, by the first process)."""
+    if cfg.reward.train_missing and cfg.reward.classifier and not Path(cfg.reward.classifier).exists():
+        distributed.init()
+        with distributed.main_first():
+            if not Path(cfg.reward.classifier).exists():
+                load_classifier(cfg.reward, pick_device(cfg.device)[0], cfg.data)
 
 
 @dataclass
@@ -39,22 +75,29 @@ def _stage(cfg, demo: DemoConfig, out: Path):
 
 
 def run_demo(cfg: DemoConfig) -> Path:
-    from minirlhf.algorithms import classifier, generator, ppo
-    from minirlhf.checkpoint import load_json
-
     t0 = time.time()
-    run_dir = make_run_dir(cfg.out, "demo")
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = RunDir.create(cfg.out, "demo")
+    save_config(cfg, run_dir.config)
     print(f"== 1/3 reward classifier -> {run_dir / 'classifier'}")
     clf_dir = classifier.train(_stage(cfg.classifier, cfg, run_dir / "classifier"))
     print(f"== 2/3 LSTM generator -> {run_dir / 'generator'}")
     gen_dir = generator.train(_stage(cfg.generator, cfg, run_dir / "generator"))
     print(f"== 3/3 PPO: the generator learns to write what the classifier scores as positive -> {run_dir / 'ppo'}")
     ppo_cfg = _stage(cfg.ppo, cfg, run_dir / "ppo")
-    ppo_cfg = dataclasses.replace(ppo_cfg, policy=str(gen_dir), reward=dataclasses.replace(ppo_cfg.reward, classifier=str(clf_dir)))
-    ppo_dir = ppo.train(ppo_cfg)
+    ppo_cfg = dataclasses.replace(ppo_cfg, policy=str(gen_dir), reward=dataclasses.replace(ppo_cfg.reward,
+                                                                                           classifier=str(clf_dir)))
+    ppo_dir = rl.train(ppo_cfg)
+    _summary(load_json(ppo_dir / "results.json"))
+    print(f"\ndemo finished in {time.time() - t0:.0f}s, peak memory {peak_memory_mb():.0f} MB")
+    print(f"run directory: {run_dir}")
+    print(f"  plots:   {clf_dir / 'accuracy.png'}, {gen_dir / 'perplexity.png'}, {ppo_dir / 'reward.png'}, "
+          f"{ppo_dir / 'kl.png'}")
+    print(f"  samples: {gen_dir / 'samples.md'}, {ppo_dir / 'samples.md'}")
+    print(f"  report:  {ppo_dir / 'report.md'}")
+    return run_dir.path
 
-    after = load_json(ppo_dir / "results.json")
+
+def _summary(after: dict) -> None:
     print("\nheld-out prompts, after PPO (reward = the classifier's positive logit):")
     print(f"  reference {after['reward_reference']:+.2f}  policy {after['reward_policy']:+.2f}  "
           f"win rate {after['win_rate']:.2f}  KL {after['kl']:.2f} nats per response")
@@ -64,9 +107,3 @@ def run_demo(cfg: DemoConfig) -> Path:
     for row in after["samples"][:6]:
         print(f"  {row['prompt']!r}: reference {row['reference']!r} ({row['reference_reward']:+.1f}) | "
               f"policy {row['policy']!r} ({row['policy_reward']:+.1f})")
-    print(f"\ndemo finished in {time.time() - t0:.0f}s, peak memory {peak_memory_mb():.0f} MB")
-    print(f"run directory: {run_dir}")
-    print(f"  plots:   {clf_dir / 'accuracy.png'}, {gen_dir / 'perplexity.png'}, {ppo_dir / 'reward.png'}, {ppo_dir / 'kl.png'}")
-    print(f"  samples: {gen_dir / 'samples.md'}, {ppo_dir / 'samples.md'}")
-    print(f"  report:  {ppo_dir / 'report.md'}")
-    return run_dir

@@ -1,15 +1,34 @@
-"""Where and how a run executes: device choice, seeding, run directories."""
+"""Where and how a run executes: the process-wide settings made once at the entry point, device choice,
+seeding, memory."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import random
-from pathlib import Path
+import resource
+import socket
+from urllib.parse import urlparse
 
 import torch
 
 from minirlhf import UserError
+
+
+def configure_process() -> None:
+    """Process-wide settings, made once by the entry point (the CLI, or a test session), never by a library call:
+    transformers' per-load progress bars and expected warnings off; the Hugging Face hub put in offline mode when
+    it does not answer, so loading a hub name uses the local cache or fails at once instead of retrying for half
+    a minute."""
+    from transformers.utils import logging  # heavy: imported only by the entry point that calls this
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if not hub_reachable():
+        from huggingface_hub import constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+
 
 def pick_device(preference: str = "auto") -> tuple[torch.device, str]:
     """Return the device to use and a sentence saying why."""
@@ -40,46 +59,15 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def make_run_dir(out: str | None, stage: str) -> Path:
-    """Create the run directory: `out` if given, else a new time-stamped folder under runs/."""
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{stage}-{stamp}"
-        n = 1
-        while path.exists():
-            n += 1
-            path = Path("runs") / f"{stage}-{stamp}-{n}"
-    else:
-        path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file; give a directory path")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (and finished children) in MiB."""
-    import resource
-
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 / 1024 if os.uname().sysname != "Darwin" else 1 / 2**20  # KiB on Linux, bytes on macOS
     return own * scale
 
 
-def quiet_transformers() -> None:
-    """Silence transformers' per-load progress bars and expected warnings (e.g. "new head initialised")."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers. If not, put huggingface_hub in offline mode, so loading a
-    hub name uses the local cache or fails at once instead of retrying for half a minute."""
-    import socket
-    from urllib.parse import urlparse
-
+    """Whether the Hugging Face hub answers (False at once when HF_HUB_OFFLINE is set)."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
@@ -89,8 +77,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
         return True
     except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True
         return False
 
 

@@ -1,8 +1,11 @@
-"""Stage 1: fine-tune a pretrained encoder as a sentiment classifier (the reward model of RLHF)."""
+"""Stage 1: fine-tune a pretrained encoder as a sentiment classifier (the reward model of RLHF).
+
+The embeddings and lower layers are frozen; their output is computed once and cached, so each step trains only the
+upper layers. The lifecycle (checkpoints, --resume, results) is the shared runner's: `ClassifierJob` is this stage.
+"""
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,14 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minirlhf.checkpoint import atomic_dir, save_json
-from minirlhf.config import DataConfig, OptimConfig, RunConfig, save_config
+from minirlhf import runner
+from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
+from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
 from minirlhf.data.sentiment import load_splits
-from minirlhf.metrics import MetricsWriter
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained
 from minirlhf.models.trunk import FrozenCache, cached_forward
-from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
-from minirlhf.training import length_grouped_batches, length_sorted_batches, make_optimizer, optimizer_step, progress
+from minirlhf.training import EpochPlan, length_grouped, length_sorted_batches, make_optimizer, optimizer_step
 
 
 @dataclass
@@ -47,7 +49,7 @@ class ClassifierTrainConfig(OptimConfig):
 
 
 @dataclass
-class ClassifierConfig(RunConfig):
+class ClassifierConfig(TrainingRunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
     train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
@@ -73,83 +75,109 @@ def _evaluate(model, seqs, labels, cache, n, pad_id, batch_size, device) -> dict
     return binary_scores(logits, torch.tensor(labels))
 
 
-def train(cfg: ClassifierConfig) -> Path:
-    """Fine-tune, keep the best model by validation accuracy, report test accuracy and F1."""
-    t0 = time.time()
-    run_dir = make_run_dir(cfg.out, "classifier")
-    save_config(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.seed)
-    device, why = pick_device(cfg.device)
-    print(f"device: {device} ({why})")
+class ClassifierJob:
+    """Fine-tune, keep the best model by validation accuracy (model/), report test accuracy and F1."""
 
-    splits = load_splits(cfg.data)
-    print(splits.summary())
-    model, tokenizer = load_pretrained(cfg.model.name)
-    model.to(device)
-    n = cfg.model.freeze_layers
-    trainable = freeze_lower(model, n)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"encoder {cfg.model.name}: embeddings and lowest {n} layers frozen; "
-          f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
+    stage, name, algorithm, base = "classifier", "classifier", None, None
+    progress_keys = {"loss": "train/loss"}
 
-    truncate = Truncator(tokenizer, cfg.model.max_length, cfg.model.truncation)
-    pad_id = tokenizer.pad_token_id or 0
-    seqs = {name: truncate([t for t, _ in rows]) for name, rows in
-            (("train", splits.train), ("val", splits.val), ("test", splits.test))}
-    labels = {name: [y for _, y in rows] for name, rows in
-              (("train", splits.train), ("val", splits.val), ("test", splits.test))}
-    use_cache = cfg.model.cache_frozen and n > 0
-    t_cache = time.time()
-    cache = {k: FrozenCache(model, seqs[k], pad_id, n, cfg.train.eval_batch_size, device) if use_cache else None
-             for k in ("train", "val")}
-    cache_seconds = time.time() - t_cache
+    def __init__(self, cfg: ClassifierConfig):
+        self.cfg, self.best, self.recent, self.t0 = cfg, -1.0, [], time.time()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps_per_epoch = -(-len(seqs["train"]) // cfg.train.batch_size)
-    optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.epochs * steps_per_epoch)
-    rng = random.Random(cfg.seed)
-    metrics = MetricsWriter(run_dir)
-    train_y = torch.tensor(labels["train"])
-    best, step, recent = -1.0, 0, []
-    for epoch in range(1, cfg.train.epochs + 1):
-        t_epoch = time.time()
-        model.train()
-        bar = progress(length_grouped_batches([len(s) for s in seqs["train"]], cfg.train.batch_size, rng),
-                   desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch")
-        for idx in bar:
-            logits = cached_forward(model, idx, seqs["train"], cache["train"], n, pad_id, device)
-            loss = F.cross_entropy(logits, train_y[idx].to(device))
-            grad_norm = optimizer_step(loss, params, optimizer, scheduler, cfg.train.max_grad_norm)
-            step += 1
-            recent.append(loss.item())
-            bar.set_postfix(loss=f"{recent[-1]:.3f}", refresh=False)
-            if step % cfg.train.log_every == 0:
-                mean_loss, recent = sum(recent) / len(recent), []  # mean since the last log: a readable curve
-                metrics.log(step, **{"train/loss": mean_loss, "train/grad_norm": grad_norm,
-                                     "train/lr": scheduler.get_last_lr()[0]})
-        val = _evaluate(model, seqs["val"], labels["val"], cache["val"], n, pad_id, cfg.train.eval_batch_size, device)
-        metrics.log(step, epoch=epoch, **{f"val/{k}": v for k, v in val.items()}, **{"time/epoch_s": time.time() - t_epoch})
-        print(f"epoch {epoch}: val accuracy {val['accuracy']:.4f}  F1 {val['f1']:.4f}  loss {val['loss']:.4f}")
-        if val["accuracy"] > best:
-            best = val["accuracy"]
-            with atomic_dir(run_dir / "model") as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-    train_seconds = time.time() - t0
-    del cache
+    def setup(self, run: runner.Run) -> None:
+        cfg, device, self.run = self.cfg, run.device, run
+        splits = load_splits(cfg.data)
+        run.say(splits.summary())
+        self.model, self.tokenizer = load_pretrained(cfg.model.name)
+        self.model.to(device)
+        self.n = cfg.model.freeze_layers
+        self.trainable, self.total = freeze_lower(self.model, self.n), sum(p.numel() for p in self.model.parameters())
+        run.say(f"encoder {cfg.model.name}: embeddings and lowest {self.n} layers frozen; trainable parameters "
+                f"{self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.1f}%)")
+        truncate = Truncator(self.tokenizer, cfg.model.max_length, cfg.model.truncation)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+        self.seqs = {k: truncate([t for t, _ in rows]) for k, rows in parts.items()}
+        self.labels = {k: [y for _, y in rows] for k, rows in parts.items()}
+        t_cache = time.time()
+        use_cache = cfg.model.cache_frozen and self.n > 0
+        self.cache = {k: FrozenCache(self.model, self.seqs[k], self.pad_id, self.n, cfg.train.eval_batch_size, device)
+                      if use_cache else None for k in ("train", "val")}
+        self.cache_s = time.time() - t_cache
+        self.plan = EpochPlan(length_grouped([len(s) for s in self.seqs["train"]], cfg.train.batch_size),
+                              cfg.train.epochs, cfg.seed)
+        self.steps = self.plan.steps
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, self.steps)
 
-    from transformers import AutoModelForSequenceClassification
+    def begin(self, run: runner.Run) -> None:
+        self.epoch_t0 = time.time()
 
-    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").to(device)  # the best epoch
-    test = _evaluate(model, seqs["test"], labels["test"], None, 0, pad_id, cfg.train.eval_batch_size, device) if seqs["test"] else {}
-    metrics.log(step, **{f"test/{k}": v for k, v in test.items()})
-    metrics.close()
-    metrics.plot(run_dir / "loss.png", ["train/loss", "val/loss"], "classifier loss")
-    metrics.plot(run_dir / "accuracy.png", ["val/accuracy", "val/f1"], "classifier validation accuracy")
-    results = {"train_examples": len(seqs["train"]), "test_examples": len(seqs["test"]), "best_val_accuracy": best, **{f"test_{k}": v for k, v in test.items()},
-               "trainable_params": trainable, "total_params": total, "cache_seconds": round(cache_seconds, 1), "train_seconds": round(train_seconds, 1),
-               "total_seconds": round(time.time() - t0, 1), "peak_memory_mb": round(peak_memory_mb())}
-    save_json(results, run_dir / "results.json")
-    print(f"test accuracy {test.get('accuracy', float('nan')):.4f}  F1 {test.get('f1', float('nan')):.4f}  "
-          f"({results['total_seconds']:.0f}s, peak memory {results['peak_memory_mb']} MB)")
-    return run_dir
+    def step(self, step: int) -> dict | None:
+        cfg, device = self.cfg, self.run.device
+        epoch, idx, last = self.plan.at(step)
+        self.model.train()
+        logits = cached_forward(self.model, idx, self.seqs["train"], self.cache["train"], self.n, self.pad_id, device)
+        loss = F.cross_entropy(logits, torch.tensor([self.labels["train"][i] for i in idx], device=device))
+        grad_norm = optimizer_step(loss, self.params, self.optimizer, self.scheduler, cfg.train.max_grad_norm)
+        self.recent.append(loss.item())
+        row = {}
+        if step % cfg.train.log_every == 0:  # the mean since the last log: a readable curve
+            row = {"train/loss": sum(self.recent) / len(self.recent), "train/grad_norm": grad_norm,
+                   "train/lr": self.scheduler.get_last_lr()[0]}
+            self.recent = []
+        return row | self._end_of_epoch(epoch) if last else row
+
+    def _end_of_epoch(self, epoch: int) -> dict:
+        """Validation figures; the model is kept (model/) when they are the best so far."""
+        val = _evaluate(self.model, self.seqs["val"], self.labels["val"], self.cache["val"], self.n, self.pad_id,
+                        self.cfg.train.eval_batch_size, self.run.device)
+        self.run.say(f"epoch {epoch}: val accuracy {val['accuracy']:.4f}  F1 {val['f1']:.4f}  loss {val['loss']:.4f}")
+        if val["accuracy"] > self.best and self.run.main:
+            self.best = val["accuracy"]
+            with atomic_dir(self.run.dir.model) as tmp:
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+        row = {"epoch": epoch, **{f"val/{k}": v for k, v in val.items()}, "time/epoch_s": time.time() - self.epoch_t0}
+        self.epoch_t0 = time.time()
+        return row
+
+    def save(self, folder: Path) -> dict:
+        save_weights(self.model.state_dict(), folder / "model.safetensors")
+        return {"best": self.best, "recent": self.recent}
+
+    def load(self, folder: Path, state: dict) -> None:
+        self.model.load_state_dict(load_weights(folder / "model.safetensors", self.run.device))
+        self.best, self.recent = float(state["best"]), list(state["recent"])
+
+    def end(self) -> None:
+        self.cache = None
+
+    def modules(self) -> list:
+        return [self.model]
+
+    def finish(self, run: runner.Run) -> dict:
+        """The best epoch's model on the test split; plots and results."""
+        from transformers import AutoModelForSequenceClassification  # heavy: only where it is used
+
+        cfg, train_s = self.cfg, time.time() - self.t0
+        model = AutoModelForSequenceClassification.from_pretrained(run.dir.model).to(run.device)
+        test = _evaluate(model, self.seqs["test"], self.labels["test"], None, 0, self.pad_id, cfg.train.eval_batch_size,
+                         run.device) if self.seqs["test"] else {}
+        run.metrics.log(self.steps, **{f"test/{k}": v for k, v in test.items()})
+        run.metrics.plot(run.dir.plot("loss"), ["train/loss", "val/loss"], "classifier loss")
+        run.metrics.plot(run.dir.plot("accuracy"), ["val/accuracy", "val/f1"], "classifier validation accuracy")
+        return {"train_examples": len(self.seqs["train"]), "test_examples": len(self.seqs["test"]),
+                "best_val_accuracy": self.best, **{f"test_{k}": v for k, v in test.items()},
+                "trainable_params": self.trainable, "total_params": self.total, "cache_seconds": round(self.cache_s, 1),
+                "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - self.t0, 1)}
+
+    def report(self, run: runner.Run, results: dict) -> None:
+        run.say(f"test accuracy {results.get('test_accuracy', float('nan')):.4f}  F1 "
+                f"{results.get('test_f1', float('nan')):.4f}  ({results['total_seconds']:.0f}s, peak memory "
+                f"{results['peak_memory_mb']} MB)")
+
+
+def train(cfg: ClassifierConfig, resume: str | Path | None = None) -> Path:
+    """Fine-tune the classifier; returns the run directory."""
+    return runner.run(ClassifierJob(cfg), cfg, resume)

@@ -5,15 +5,15 @@ response over the rejected one, measured against the frozen starting policy (the
 of a response is beta * (log pi(y|x) - log pi_ref(y|x)). The reference's log-probs of every pair are computed once,
 before training. `loss_type=ipo` swaps the logistic loss for IPO's squared one (Azar et al., 2023).
 
-Each optimizer step takes `batch_size` pairs; the step batches are drawn once and kept (their order reshuffled
+Each optimizer step takes `train.batch_size` pairs; the step batches are drawn once and kept (their order reshuffled
 each epoch), so a causal LM's frozen blocks run once per pair (`cache_frozen`). Under torchrun each process takes
-its share of every step batch; the per-pair sums are all-reduced and rank 0 writes.
+its share of every step batch; the per-pair sums are all-reduced and rank 0 writes. The lifecycle (checkpoints,
+--resume, results) is the shared runner's: `DPOJob` is what DPO gives it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import random
 import time
@@ -23,43 +23,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minirlhf import UserError, distributed
-from minirlhf.checkpoint import atomic_dir, atomic_write_text, save_json
-from minirlhf.config import RunConfig, save_config
+from minirlhf import ConfigError, distributed, runner
+from minirlhf.algorithms.evaluate import md_cell
+from minirlhf.checkpoint import atomic_write_text
+from minirlhf.config import OptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.preferences import Pair, length_baseline, load_split
-from minirlhf.metrics import MetricsWriter
-from minirlhf.models.policy import PolicyOptions, Rollout, load_policy
-from minirlhf.runtime import make_run_dir, memory_report, peak_memory_mb, pick_device, seed_everything
+from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
+from minirlhf.models.policy import Rollout
 from minirlhf.training import make_optimizer, progress
 
 
 @dataclass
-class DPOConfig(RunConfig):
-    policy: str = ""
-    """the starting policy, also the reference: an LSTM generator run, an RL or DPO run, a causal LM folder or hub
-    name, or `smollm2` (SmolLM2-135M-Instruct, offline)"""
-    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
-    """how a causal LM policy is set up (with LoRA the reference is the model with its adapters off)"""
-    preferences: str = ""
-    """preference pairs, .jsonl of {"prompt", "chosen", "rejected"} (e.g. from `minirlhf feedback export`)"""
-    eval_file: str | None = None
-    """held-out pairs (.jsonl); default: hold out `eval_fraction` of the prompts of `preferences`"""
-    eval_fraction: float = 0.1
-    """share of the prompts whose pairs are held out"""
-    max_train: int | None = None
-    """use at most this many training pairs (None: all)"""
-    max_eval: int | None = 200
-    """use at most this many held-out pairs (None: all)"""
-    split_seed: int = 0
-    """seed of the shuffle that splits the pairs by prompt"""
-    beta: float = 0.1
-    """strength of the implicit KL constraint: the implicit reward is beta * log(pi / pi_ref)"""
-    loss_type: str = "sigmoid"
-    """`sigmoid` (DPO's logistic loss) or `ipo` (IPO's squared loss, which does not push margins to infinity)"""
-    label_smoothing: float = 0.0
-    """assumed probability that a pair's label is flipped (conservative DPO; sigmoid loss only)"""
+class DPOTrainConfig(OptimConfig):
     epochs: int = 1
-    """passes over the training pairs"""
     steps: int = 0
     """optimizer steps (0: `epochs` passes); more than a pass goes round the pairs again"""
     batch_size: int = 16
@@ -67,13 +43,28 @@ class DPOConfig(RunConfig):
     micro_batch_size: int = 4
     """pairs per forward pass; a step accumulates the gradients of batch_size / micro_batch_size passes"""
     lr: float = 5e-5
-    """peak AdamW learning rate"""
-    warmup_ratio: float = 0.1
-    """fraction of steps with linear warm-up; the rest decays linearly to zero"""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay"""
-    max_grad_norm: float = 1.0
-    """clip the global gradient norm to this"""
+    log_every: int = 1
+
+    checks = {**OptimConfig.checks, "steps": ">= 0", "micro_batch_size": ">= 1"}
+
+
+@dataclass
+class DPOConfig(PreferenceDataConfig, TrainingRunConfig):
+    policy: str = ""
+    """the starting policy, also the reference: an LSTM generator run, an RL or DPO run, a causal LM folder or hub
+    name, or `smollm2` (SmolLM2-135M-Instruct, offline)"""
+    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    """how a causal LM policy is set up (with LoRA the reference is the model with its adapters off)"""
+    max_eval: int | None = 200
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    """the optimiser and the passes over the pairs"""
+    beta: float = 0.1
+    """strength of the implicit KL constraint: the implicit reward is beta * log(pi / pi_ref)"""
+    loss_type: str = "sigmoid"
+    """`sigmoid` (DPO's logistic loss) or `ipo` (IPO's squared loss, which does not push margins to infinity)"""
+    label_smoothing: float = 0.0
+    """assumed probability that a pair's label is flipped (conservative DPO; sigmoid loss only)"""
     max_prompt_tokens: int = 256
     """tokens per prompt (after any chat template); a longer prompt keeps its end"""
     max_response_tokens: int = 128
@@ -84,16 +75,13 @@ class DPOConfig(RunConfig):
     eval_every: int = 20
     """log the held-out `eval/` metrics every this many steps (0: only before training and at the end)"""
     save_every: int = 100
-    """checkpoint the policy every this many steps (and at the end)"""
     samples: int = 4
     """held-out prompts that the reference and the trained policy answer in report.md (0: none)"""
 
     algorithm = "dpo"
-    checks = {**RunConfig.checks, "eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1",
-              "beta": "> 0", "loss_type": "{sigmoid,ipo}", "label_smoothing": "[0, 0.5)", "epochs": ">= 1",
-              "steps": ">= 0", "batch_size": ">= 1", "micro_batch_size": ">= 1", "lr": "> 0", "warmup_ratio": "[0, 1]",
-              "weight_decay": ">= 0", "max_grad_norm": "> 0", "max_prompt_tokens": ">= 1",
-              "max_response_tokens": ">= 1", "eval_every": ">= 0", "save_every": ">= 1", "samples": ">= 0"}
+    checks = {**TrainingRunConfig.checks, **PreferenceDataConfig.checks, "beta": "> 0",
+              "loss_type": "{sigmoid,ipo}", "label_smoothing": "[0, 0.5)", "max_prompt_tokens": ">= 1",
+              "max_response_tokens": ">= 1", "eval_every": ">= 0", "samples": ">= 0"}
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -165,8 +153,8 @@ def make_batches(policy, ref, pairs: list[Pair], rows: list[int], cfg, bar=None)
     """This process's share of `rows` as forward passes of similar lengths, with the reference log-probs."""
     mine = sorted(rows[distributed.share(len(rows))], key=lambda i: _size(pairs[i], cfg))
     batches = []
-    for start in range(0, len(mine), cfg.micro_batch_size):
-        chunk = [pairs[i] for i in mine[start: start + cfg.micro_batch_size]]
+    for start in range(0, len(mine), cfg.train.micro_batch_size):
+        chunk = [pairs[i] for i in mine[start: start + cfg.train.micro_batch_size]]
         rollout = policy.teacher_forced([p.prompt for p in chunk] * 2, [p.chosen for p in chunk] +
                                         [p.rejected for p in chunk], cfg.max_prompt_tokens, cfg.max_response_tokens)
         policy.prepare(rollout)  # frozen blocks' output, outside inference mode: the training passes reuse it
@@ -216,14 +204,14 @@ def plan(cfg, n_train: int) -> tuple[list[list[int]], int]:
     """The step batches (pair indices, drawn once, sizes within one of each other) and the number of steps."""
     order = list(range(n_train))
     random.Random(f"{cfg.seed}-dpo").shuffle(order)
-    n = math.ceil(n_train / cfg.batch_size)
+    n = math.ceil(n_train / cfg.train.batch_size)
     bounds = [round(i * n_train / n) for i in range(n + 1)]
     batches = [order[a:b] for a, b in zip(bounds, bounds[1:])]
     k = distributed.world_size()
     if min(len(b) for b in batches) < k:
-        raise UserError(f"with {k} processes every step needs at least {k} pairs; raise batch_size (now "
-                        f"{cfg.batch_size}) or give more training pairs (now {n_train})")
-    return batches, cfg.steps or cfg.epochs * n
+        raise ConfigError(f"with {k} processes every step needs at least {k} pairs; raise train.batch_size (now "
+                          f"{cfg.train.batch_size}) or give more training pairs (now {n_train})")
+    return batches, cfg.train.steps or cfg.train.epochs * n
 
 
 def batch_of_step(step: int, n_batches: int, seed: int) -> int:
@@ -248,9 +236,9 @@ def train_step(train_policy, batches: list[PairBatch], n_pairs: int, optimizer, 
         sums += s
     row = means(sums)
     if not distributed.everywhere(math.isfinite(row["loss"]), sums.device):
-        raise UserError(f"the DPO loss became {row['loss']}; lower the learning rate (checkpoints saved so far are "
-                        "intact)")
-    row["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        raise ConfigError(f"the DPO loss became {row['loss']}; lower the learning rate (checkpoints saved so far are "
+                          "intact)")
+    row["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm).item()
     row["lr"] = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -259,100 +247,107 @@ def train_step(train_policy, batches: list[PairBatch], n_pairs: int, optimizer, 
 
 def load_pairs(cfg) -> tuple[list[Pair], list[Pair]]:
     if not cfg.policy:
-        raise UserError("dpo needs --policy (a generator run, an RL or DPO run, a causal LM, or smollm2)")
+        raise ConfigError("dpo needs --policy (a generator run, an RL or DPO run, a causal LM, or smollm2)")
     if not cfg.preferences:
-        raise UserError("dpo needs preference pairs: pass --preferences FILE.jsonl of {\"prompt\", \"chosen\", "
-                        "\"rejected\"}")
+        raise ConfigError("dpo needs preference pairs: pass --preferences FILE.jsonl of {\"prompt\", \"chosen\", "
+                          "\"rejected\"}")
     if cfg.loss_type == "ipo" and cfg.label_smoothing:
-        raise UserError("label_smoothing is for the sigmoid loss; set label_smoothing=0 with loss_type=ipo")
+        raise ConfigError("label_smoothing is for the sigmoid loss; set label_smoothing=0 with loss_type=ipo")
     return load_split(cfg)
 
 
-def save_checkpoint(run_dir: Path, cfg, step: int, policy) -> None:
-    """checkpoint/policy/ (what `minirlhf generate RUN_DIR` and later stages load) and state.json, replaced whole."""
-    with atomic_dir(run_dir / "checkpoint") as tmp:
-        policy.save(tmp / "policy")
-        save_json({"algorithm": cfg.algorithm, "step": step, "policy_from": cfg.policy}, tmp / "state.json")
+class DPOJob:
+    """DPO as a job of the shared runner: the reference log-probs once in `begin`, then one step batch a step."""
+
+    stage, name, algorithm, scheduler = "dpo", "dpo", None, None
+    progress_keys = {"loss": "loss", "acc": "rewards/accuracy"}
+
+    def __init__(self, cfg: DPOConfig):
+        self.cfg, self.base, self.train_s, self.last = cfg, cfg.policy, 0.0, {}
+
+    def setup(self, run: runner.Run) -> None:
+        cfg, self.run = self.cfg, run
+        self.train_pairs, self.eval_pairs = load_pairs(cfg)  # bad input fails here, on every process alike
+        self.step_rows, self.steps = plan(cfg, len(self.train_pairs))
+        self.policy = load_policy(cfg.policy, run.device, value_head=False, **cfg.policy_options.as_kwargs())
+        self.ref = self.policy.frozen_copy()
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the policy has no trainable parameters; lower policy_options.freeze_layers")
+        run.say(f"dpo: policy {cfg.policy} ({self.policy.kind}), {len(self.train_pairs)} training pairs, "
+                f"{len(self.eval_pairs)} held-out pairs; {self.steps} steps of {cfg.train.batch_size} pairs, "
+                f"beta {cfg.beta}, {cfg.loss_type} loss")
+        self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, self.steps)
+
+    def begin(self, run: runner.Run) -> dict:
+        """The reference's log-probs of every pair (and the frozen blocks' output), on every process at once."""
+        t0 = time.time()
+        with progress(total=len(self.train_pairs) + len(self.eval_pairs), desc="reference log-probs", unit="pair",
+                      disable=not run.main, iterable=None) as bar:
+            self.batches = [make_batches(self.policy, self.ref, self.train_pairs, rows, self.cfg, bar)
+                            for rows in self.step_rows]
+            self.eval_batches = make_batches(self.policy, self.ref, self.eval_pairs, list(range(len(self.eval_pairs))),
+                                             self.cfg, bar)
+        self.ref_s = time.time() - t0
+        self.train_policy = distributed.wrap(self.policy)
+        self.before = reference_eval(self.eval_batches, self.cfg, run.device)
+        return self.before | {"time/ref_s": self.ref_s}
+
+    def step(self, step: int) -> dict | None:
+        cfg, t0 = self.cfg, time.time()
+        k = batch_of_step(step, len(self.batches), cfg.seed)
+        row = train_step(self.train_policy, self.batches[k], len(self.step_rows[k]), self.optimizer, self.scheduler,
+                         self.params, cfg)
+        row["time/step_s"] = time.time() - t0
+        self.train_s += row["time/step_s"]
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == self.steps:
+            row |= evaluate(self.policy, self.eval_batches, cfg)
+            self.last = row
+        if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
+            row["dist/param_spread"] = distributed.spread(sum(p.double().sum() for p in self.params))
+        logged = step % cfg.train.log_every == 0 or "eval/loss" in row
+        return row if logged else None
+
+    def save(self, folder: Path) -> dict:
+        self.policy.save(folder / "policy")
+        return {"policy_from": self.cfg.policy, "train_s": self.train_s}
+
+    def load(self, folder: Path, state: dict) -> None:
+        restore_policy(self.policy, folder / "policy", self.run.device, **self.cfg.policy_options.as_kwargs())
+        self.train_s = float(state.get("train_s", 0.0))
+
+    def end(self) -> None:
+        self.train_policy = None  # DDP's reducer (in a reference cycle) must go before the process group
+
+    def modules(self) -> list:
+        return [self.policy, self.ref]
+
+    def finish(self, run: runner.Run) -> dict:
+        """Plots and results: held-out figures before and after, the length baseline, timings, samples."""
+        cfg, metrics = self.cfg, run.metrics
+        metrics.plot(run.dir.plot("loss"), ["loss", "eval/loss"], f"DPO loss ({cfg.loss_type})")
+        metrics.plot(run.dir.plot("rewards"), ["rewards/accuracy", "eval/rewards/accuracy", "rewards/margin",
+                                               "eval/rewards/margin"], "implicit reward: accuracy and margin")
+        metrics.plot(run.dir.plot("logps"), ["eval/logps/margin", "eval/logps/chosen", "eval/logps/rejected"],
+                     "held-out log-probs of the policy")
+        after = self.last or evaluate(self.policy, self.eval_batches, cfg)
+        strip = lambda d: {k[len("eval/"):]: v for k, v in d.items() if k.startswith("eval/")}  # noqa: E731
+        return {"pairs_train": len(self.train_pairs), "pairs_eval": len(self.eval_pairs), "steps": self.steps,
+                "before": strip(self.before), "after": strip(after), "length_baseline": length_baseline(self.eval_pairs),
+                "time_ref_s": round(self.ref_s, 1), "time_train_s": round(self.train_s, 1),
+                "samples": answer_samples(self.policy, self.ref, self.eval_pairs, cfg)}
+
+    def report(self, run: runner.Run, results: dict) -> None:
+        write_report(run.dir, results, self.cfg)
+        b, a = results["before"], results["after"]
+        run.say(f"held-out pairs: implicit-reward accuracy {b['rewards/accuracy']:.3f} -> {a['rewards/accuracy']:.3f}, "
+                f"log-prob margin (chosen - rejected) {b['logps/margin']:.2f} -> {a['logps/margin']:.2f} nats")
 
 
-def train(cfg: DPOConfig) -> Path | None:
+def train(cfg: DPOConfig, resume: str | Path | None = None) -> Path | None:
     """Reference log-probs once, then DPO steps over the training pairs; returns the run directory (None on the
     other processes under torchrun)."""
-    distributed.init()
-    main = distributed.is_main()
-    seed_everything(cfg.seed)
-    device, why = (distributed.device(), "torchrun") if distributed.device() else pick_device(cfg.device)
-    train_pairs, eval_pairs = load_pairs(cfg)  # bad input fails here, on every process alike
-    step_rows, steps = plan(cfg, len(train_pairs))
-    with distributed.main_first():
-        policy = load_policy(cfg.policy, device, value_head=False, **cfg.policy_options.as_kwargs())
-    ref = policy.frozen_copy()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("the policy has no trainable parameters; lower policy_options.freeze_layers")
-    run_dir = make_run_dir(cfg.out, cfg.algorithm) if main else None
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
-        print(f"device: {device} ({why}), {distributed.world_size()} process(es)\n"
-              f"dpo: policy {cfg.policy} ({policy.kind}), {len(train_pairs)} training pairs, {len(eval_pairs)} "
-              f"held-out pairs; {steps} steps of {cfg.batch_size} pairs, beta {cfg.beta}, {cfg.loss_type} loss")
-    t0 = time.time()
-    with progress(total=len(train_pairs) + len(eval_pairs), desc="reference log-probs", unit="pair",
-                  disable=not main, iterable=None) as bar:
-        batches = [make_batches(policy, ref, train_pairs, rows, cfg, bar) for rows in step_rows]
-        eval_batches = make_batches(policy, ref, eval_pairs, list(range(len(eval_pairs))), cfg, bar)
-    ref_s = time.time() - t0
-    optimizer, scheduler = make_optimizer(params, cfg, steps)
-    train_policy = distributed.wrap(policy)
-    metrics = MetricsWriter(run_dir) if main else None
-    before = reference_eval(eval_batches, cfg, device)
-    if main:
-        metrics.log(0, **before, **{"time/ref_s": ref_s})
-    train_s, row = 0.0, {}
-    for step in progress(range(1, steps + 1), desc="dpo", unit="step", disable=not main):
-        t1 = time.time()
-        k = batch_of_step(step, len(batches), cfg.seed)
-        row = train_step(train_policy, batches[k], len(step_rows[k]), optimizer, scheduler, params, cfg)
-        row["time/step_s"] = time.time() - t1
-        train_s += row["time/step_s"]
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-            row |= evaluate(policy, eval_batches, cfg)
-        if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
-            row["dist/param_spread"] = distributed.spread(sum(p.double().sum() for p in params))
-        if main:
-            metrics.log(step, **row)
-        if main and (step % cfg.save_every == 0 or step == steps):
-            save_checkpoint(run_dir, cfg, step, policy)
-    if main:
-        metrics.close()
-        _finish(run_dir, cfg, metrics, policy, ref, eval_pairs, before, row, steps, train_s, ref_s, optimizer,
-                len(train_pairs))
-    del train_policy  # DDP's reducer (in a reference cycle) must go before the process group, or the exit
-    gc.collect()  # can abort ("terminate called without an active exception")
-    distributed.barrier()
-    distributed.close()
-    return run_dir
-
-
-def _finish(run_dir, cfg, metrics, policy, ref, eval_pairs, before, after, steps, train_s, ref_s, optimizer,
-            n_train) -> None:
-    """Plots, results.json and report.md."""
-    metrics.plot(run_dir / "loss.png", ["loss", "eval/loss"], f"DPO loss ({cfg.loss_type})")
-    metrics.plot(run_dir / "rewards.png", ["rewards/accuracy", "eval/rewards/accuracy", "rewards/margin",
-                                           "eval/rewards/margin"], "implicit reward: accuracy and margin")
-    metrics.plot(run_dir / "logps.png", ["eval/logps/margin", "eval/logps/chosen", "eval/logps/rejected"],
-                 "held-out log-probs of the policy")
-    strip = lambda d: {k[len("eval/"):]: v for k, v in d.items() if k.startswith("eval/")}  # noqa: E731
-    results = {"pairs_train": n_train, "pairs_eval": len(eval_pairs), "steps": steps,
-               "before": strip(before), "after": strip(after), "length_baseline": length_baseline(eval_pairs),
-               "time_ref_s": round(ref_s, 1), "time_train_s": round(train_s, 1),
-               "memory": memory_report([policy, ref], optimizer), "peak_memory_mb": round(peak_memory_mb()),
-               "samples": answer_samples(policy, ref, eval_pairs, cfg)}
-    save_json(results, run_dir / "results.json")
-    write_report(run_dir, results, cfg)
-    b, a = results["before"], results["after"]
-    print(f"held-out pairs: implicit-reward accuracy {b['rewards/accuracy']:.3f} -> {a['rewards/accuracy']:.3f}, "
-          f"log-prob margin (chosen - rejected) {b['logps/margin']:.2f} -> {a['logps/margin']:.2f} nats")
+    return runner.run(DPOJob(cfg), cfg, resume)
 
 
 @torch.no_grad()
@@ -368,8 +363,6 @@ def answer_samples(policy, ref, pairs: list[Pair], cfg) -> list[dict]:
 
 
 def write_report(run_dir: Path, results: dict, cfg) -> None:
-    from minirlhf.evaluate import md_cell
-
     b, a = results["before"], results["after"]
     lines = [f"# DPO run `{run_dir}`", "", f"Policy `{cfg.policy}`, preferences `{cfg.preferences}`: "
              f"{results['pairs_train']} training and {results['pairs_eval']} held-out pairs; beta {cfg.beta}, "

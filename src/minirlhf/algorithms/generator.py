@@ -1,10 +1,12 @@
-"""Stage 3: a word-level LSTM language model trained from scratch on the corpus texts."""
+"""Stage 3: a word-level LSTM language model trained from scratch on the corpus texts.
+
+The best model by validation perplexity is the run's policy folder (model.safetensors, vocab.json, checkpoint.json
+at the top of the run directory, as `--policy RUN` reads it). The lifecycle is the shared runner's: `GeneratorJob`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,15 +15,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minirlhf import UserError
-from minirlhf.checkpoint import atomic_write_text, load_json, load_weights, save_json, save_weights
-from minirlhf.config import DataConfig, OptimConfig, RunConfig, save_config
+from minirlhf import runner
+from minirlhf.checkpoint import atomic_write_text, load_weights, save_weights
+from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
-from minirlhf.metrics import MetricsWriter
-from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, lm_loss, sample
-from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
-from minirlhf.training import length_grouped_batches, length_sorted_batches, make_optimizer, optimizer_step, progress
+from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, lm_loss, load_generator, sample, save_generator
+from minirlhf.training import EpochPlan, length_grouped, length_sorted_batches, make_optimizer, optimizer_step
+
+__all__ = ["GeneratorConfig", "train", "load_generator", "generate_texts", "perplexity", "unigram_perplexity"]
 
 
 @dataclass
@@ -66,7 +68,7 @@ class SampleConfig:
 
 
 @dataclass
-class GeneratorConfig(RunConfig):
+class GeneratorConfig(TrainingRunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     vocab: VocabConfig = field(default_factory=VocabConfig)
     model: LSTMConfig = field(default_factory=LSTMConfig)
@@ -107,30 +109,6 @@ def unigram_perplexity(train: list[list[int]], val: list[list[int]], vocab: Voca
     return math.exp(nll / max(len(targets), 1))
 
 
-def save_generator(run_dir: Path, model: LSTMLanguageModel, vocab: Vocab, step: int, extra: dict) -> None:
-    """The checkpoint: weights (safetensors), vocabulary and model config + step (JSON)."""
-    save_weights(model.state_dict(), run_dir / "model.safetensors")
-    vocab.save(run_dir / "vocab.json")
-    save_json({"model": dataclasses.asdict(model.cfg), "vocab_size": len(vocab), "step": step, **extra},
-              run_dir / "checkpoint.json")
-
-
-def load_generator(run_dir: str | Path, device="cpu") -> tuple[LSTMLanguageModel, Vocab]:
-    """The model and vocabulary a `train-generator` run saved."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint.json").is_file():
-        raise UserError(f"{run_dir} is not a generator run (no checkpoint.json); run `minirlhf train-generator` first")
-    meta = load_json(run_dir / "checkpoint.json")
-    vocab = Vocab.load(run_dir / "vocab.json")
-    model = LSTMLanguageModel(LSTMConfig(**meta["model"]), meta["vocab_size"])
-    state = load_weights(run_dir / "model.safetensors")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{run_dir}/model.safetensors does not match checkpoint.json ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), vocab
-
-
 def generate_texts(model, vocab: Vocab, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
                    top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> list[tuple[str, str]]:
     """n samples per prompt as (prompt, continuation) pairs, batched."""
@@ -148,64 +126,93 @@ def _write_samples(path: Path, rows: list[tuple[str, str]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def train(cfg: GeneratorConfig) -> Path:
+class GeneratorJob:
     """Train with teacher forcing, keep the best model by validation perplexity, write samples."""
-    t0 = time.time()
-    run_dir = make_run_dir(cfg.out, "generator")
-    save_config(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.seed)
-    device, why = pick_device(cfg.device)
-    print(f"device: {device} ({why})")
-    splits = load_splits(cfg.data)
-    print(splits.summary())
-    vocab = Vocab.build([t for t, _ in splits.train], cfg.vocab.min_freq, cfg.vocab.max_size)
-    cut = cfg.train.max_tokens + 1
-    seqs = {k: [vocab.encode(t)[:cut] for t, _ in rows] for k, rows in (("train", splits.train), ("val", splits.val))}
-    model = LSTMLanguageModel(cfg.model, len(vocab)).to(device)
-    unigram = unigram_perplexity(seqs["train"], seqs["val"], vocab)
-    print(f"vocabulary {len(vocab)} words; LSTM {model.num_params():,} parameters; unigram val perplexity {unigram:.1f}")
 
-    params = list(model.parameters())
-    optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.epochs * -(-len(seqs["train"]) // cfg.train.batch_size))
-    metrics = MetricsWriter(run_dir)
-    rng = random.Random(cfg.seed)
-    best, step, recent = math.inf, 0, []
-    for epoch in range(1, cfg.train.epochs + 1):
-        model.train()
-        bar = progress(length_grouped_batches([len(s) for s in seqs["train"]], cfg.train.batch_size, rng),
-                       desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch")
-        for idx in bar:
-            inputs, targets = _batch(seqs["train"], idx, vocab.pad_id, device)
-            logits, _, _ = model(inputs)
-            loss = lm_loss(logits, targets, vocab.pad_id)
-            grad_norm = optimizer_step(loss, params, optimizer, scheduler, cfg.train.max_grad_norm)
-            step += 1
-            recent.append(loss.item())
-            bar.set_postfix(loss=f"{recent[-1]:.3f}", refresh=False)
-            if step % cfg.train.log_every == 0:
-                mean_loss, recent = sum(recent) / len(recent), []  # mean since the last log: a readable curve
-                metrics.log(step, **{"train/loss": mean_loss, "train/perplexity": math.exp(mean_loss),
-                                     "train/grad_norm": grad_norm})
-        val_ppl = perplexity(model, seqs["val"], vocab.pad_id, device)
-        metrics.log(step, epoch=epoch, **{"val/perplexity": val_ppl, "val/unigram_perplexity": unigram})
-        print(f"epoch {epoch}: val perplexity {val_ppl:.1f} (unigram {unigram:.1f})")
-        if val_ppl < best:
-            best = val_ppl
-            save_generator(run_dir, model, vocab, step, {"epoch": epoch, "val_perplexity": val_ppl})
-    train_seconds = time.time() - t0
+    stage, name, algorithm, base = "generator", "generator", None, None
+    progress_keys = {"loss": "train/loss"}
 
-    model, vocab = load_generator(run_dir, device)
-    s = cfg.samples
-    rows = generate_texts(model, vocab, s.prompts, s.n, s.max_new_tokens, s.temperature, s.top_k, s.top_p, seed=cfg.seed)
-    _write_samples(run_dir / "samples.md", rows)
-    metrics.close()
-    metrics.plot(run_dir / "loss.png", ["train/loss"], "generator training loss")
-    metrics.plot(run_dir / "perplexity.png", ["val/perplexity", "val/unigram_perplexity"], "validation perplexity")
-    results = {"val_perplexity": best, "unigram_perplexity": unigram, "ratio_to_unigram": best / unigram,
-               "params": model.num_params(), "vocab_size": len(vocab), "train_seconds": round(train_seconds, 1),
-               "peak_memory_mb": round(peak_memory_mb())}
-    save_json(results, run_dir / "results.json")
-    print(f"best val perplexity {best:.1f} = {best / unigram:.2f} x unigram ({unigram:.1f}); {train_seconds:.0f}s")
-    for p, c in rows[:: s.n]:
-        print(f"  {p} ... {c}")
-    return run_dir
+    def __init__(self, cfg: GeneratorConfig):
+        self.cfg, self.best, self.recent, self.t0 = cfg, math.inf, [], time.time()
+
+    def setup(self, run: runner.Run) -> None:
+        cfg, self.run = self.cfg, run
+        splits = load_splits(cfg.data)
+        run.say(splits.summary())
+        self.vocab = Vocab.build([t for t, _ in splits.train], cfg.vocab.min_freq, cfg.vocab.max_size)
+        cut = cfg.train.max_tokens + 1
+        self.seqs = {k: [self.vocab.encode(t)[:cut] for t, _ in rows] for k, rows in (("train", splits.train),
+                                                                                    ("val", splits.val))}
+        self.model = LSTMLanguageModel(cfg.model, len(self.vocab)).to(run.device)
+        self.unigram = unigram_perplexity(self.seqs["train"], self.seqs["val"], self.vocab)
+        run.say(f"vocabulary {len(self.vocab)} words; LSTM {self.model.num_params():,} parameters; unigram val "
+                f"perplexity {self.unigram:.1f}")
+        self.plan = EpochPlan(length_grouped([len(s) for s in self.seqs["train"]], cfg.train.batch_size),
+                              cfg.train.epochs, cfg.seed)
+        self.steps = self.plan.steps
+        self.optimizer, self.scheduler = make_optimizer(list(self.model.parameters()), cfg.train, self.steps)
+
+    def begin(self, run: runner.Run) -> None:
+        return None
+
+    def step(self, step: int) -> dict | None:
+        cfg, pad_id = self.cfg, self.vocab.pad_id
+        epoch, idx, last = self.plan.at(step)
+        self.model.train()
+        inputs, targets = _batch(self.seqs["train"], idx, pad_id, self.run.device)
+        loss = lm_loss(self.model(inputs)[0], targets, pad_id)
+        grad_norm = optimizer_step(loss, list(self.model.parameters()), self.optimizer, self.scheduler,
+                                   cfg.train.max_grad_norm)
+        self.recent.append(loss.item())
+        row = {}
+        if step % cfg.train.log_every == 0:  # the mean since the last log: a readable curve
+            mean_loss, self.recent = sum(self.recent) / len(self.recent), []
+            row = {"train/loss": mean_loss, "train/perplexity": math.exp(mean_loss), "train/grad_norm": grad_norm}
+        return row | self._end_of_epoch(step, epoch) if last else row
+
+    def _end_of_epoch(self, step: int, epoch: int) -> dict:
+        val_ppl = perplexity(self.model, self.seqs["val"], self.vocab.pad_id, self.run.device)
+        self.run.say(f"epoch {epoch}: val perplexity {val_ppl:.1f} (unigram {self.unigram:.1f})")
+        if val_ppl < self.best and self.run.main:
+            self.best = val_ppl
+            save_generator(self.run.dir.path, self.model, self.vocab, step, {"epoch": epoch, "val_perplexity": val_ppl})
+        return {"epoch": epoch, "val/perplexity": val_ppl, "val/unigram_perplexity": self.unigram}
+
+    def save(self, folder: Path) -> dict:
+        save_weights(self.model.state_dict(), folder / "model.safetensors")
+        return {"best": self.best, "recent": self.recent}
+
+    def load(self, folder: Path, state: dict) -> None:
+        self.model.load_state_dict(load_weights(folder / "model.safetensors", self.run.device))
+        self.best, self.recent = float(state["best"]), list(state["recent"])
+
+    def end(self) -> None:
+        return None
+
+    def modules(self) -> list:
+        return [self.model]
+
+    def finish(self, run: runner.Run) -> dict:
+        """The best model's samples; plots and results."""
+        s, train_s = self.cfg.samples, time.time() - self.t0
+        model, vocab = load_generator(run.dir.path, run.device)
+        self.rows = generate_texts(model, vocab, s.prompts, s.n, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                                   seed=self.cfg.seed)
+        _write_samples(run.dir.samples, self.rows)
+        run.metrics.plot(run.dir.plot("loss"), ["train/loss"], "generator training loss")
+        run.metrics.plot(run.dir.plot("perplexity"), ["val/perplexity", "val/unigram_perplexity"],
+                         "validation perplexity")
+        return {"val_perplexity": self.best, "unigram_perplexity": self.unigram,
+                "ratio_to_unigram": self.best / self.unigram, "params": model.num_params(),
+                "vocab_size": len(vocab), "train_seconds": round(train_s, 1)}
+
+    def report(self, run: runner.Run, results: dict) -> None:
+        run.say(f"best val perplexity {self.best:.1f} = {self.best / self.unigram:.2f} x unigram ({self.unigram:.1f}); "
+                f"{results['train_seconds']:.0f}s")
+        for p, c in self.rows[:: self.cfg.samples.n]:
+            run.say(f"  {p} ... {c}")
+
+
+def train(cfg: GeneratorConfig, resume: str | Path | None = None) -> Path:
+    """Train the LSTM; returns the run directory."""
+    return runner.run(GeneratorJob(cfg), cfg, resume)

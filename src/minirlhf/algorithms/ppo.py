@@ -1,21 +1,19 @@
-"""PPO for RLHF (Ziegler et al., 2019; Stiennon et al., 2020): make a policy write what the reward
-model prefers while a per-token KL penalty keeps it near the frozen reference.
+"""PPO for RLHF (Ziegler et al., 2019; Stiennon et al., 2020): make a policy write what the reward model prefers
+while a per-token KL penalty keeps it near the frozen reference.
 
-What is PPO's own: the per-token reward (score on the last token, KL penalty on every token), GAE over
-a learned value, the clipped value loss, and A2C as its one-epoch, one-minibatch case. The loop, the
-clipped policy loss and the adaptive KL controller are shared with the other algorithms (rl.py).
+What is PPO's own: the per-token reward (score on the last token, KL penalty on every token), GAE over a learned
+value, the clipped value loss, and A2C as its one-epoch, one-minibatch case. The loop, the clipped policy loss and
+the adaptive KL controller are shared with the other algorithms (rl.py, rl_core.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
-
-from minirlhf.algorithms.rl import RLConfig
-from minirlhf.algorithms.rl import train as rl_train
-from minirlhf.ops import gae, masked_mean, masked_var, masked_whiten, token_rewards
+from minirlhf import ConfigError
+from minirlhf.algorithms.rl_core import Algorithm, Batch, RLConfig, value_loss  # noqa: F401 (value_loss: PPO's)
+from minirlhf.config import OptimizerConfig
+from minirlhf.ops import gae, masked_whiten, token_rewards
 
 
 @dataclass
@@ -45,33 +43,26 @@ class A2CConfig(PPOConfig):
     """passes over each batch of rollouts (1 for A2C)"""
     minibatch_size: int = 64
     """responses per gradient step (at least batch_size for A2C: one step per rollout)"""
-    lr: float = 1e-3
-    """Adam learning rate"""
+    train: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3))
 
     algorithm = "a2c"
     checks = {**PPOConfig.checks, "ppo_epochs": "[1, 1]"}
 
 
-def value_loss(values, old_values, returns, mask, clip_value: float) -> torch.Tensor:
-    """Clipped value loss: 0.5 E[max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)]. All (B, T)."""
-    clipped = old_values + (values - old_values).clamp(-clip_value, clip_value)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
-
-
-def advantages(scores, kl, values, mask, kl_coef: float, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
     """Per-token rewards (score on the last token, -kl_coef * KL on each), then GAE; advantages whitened.
-    scores (B,), kl, values, mask (B, T) -> advantages, returns (B, T)."""
-    rewards = token_rewards(scores, kl, mask, kl_coef)
-    adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)
-    return masked_whiten(adv, mask), returns
+    scores (B,), kl.penalty and rollout.values (B, T) -> advantages and returns (B, T)."""
+    mask = rollout.response_mask
+    rewards = token_rewards(scores, kl.penalty, mask, kl_coef)
+    adv, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
+    return Batch(rollout, kl.ref_logprobs, masked_whiten(adv, mask), rollout.values, returns)
 
 
-def explained_variance(values, returns, mask) -> float:
-    """1 - Var[R - V] / Var[R] over real tokens: 1 is a perfect critic, 0 no better than a constant."""
-    var = masked_var(returns, mask)
-    return (1 - masked_var(returns - values, mask) / var).item() if var > 0 else float("nan")
+def one_step_per_rollout(cfg) -> None:
+    if cfg.ppo_epochs != 1 or cfg.minibatch_size < cfg.batch_size:
+        raise ConfigError("a2c makes one gradient step per rollout: keep ppo_epochs=1 and minibatch_size >= batch_size")
 
 
-def train(cfg: PPOConfig) -> Path:
-    """PPO (or A2C, with an A2CConfig); returns the run directory."""
-    return rl_train(cfg)
+PPO = Algorithm("ppo", PPOConfig, "PPO with a value head, GAE and adaptive KL", advantages, critic=True)
+A2C = Algorithm("a2c", A2CConfig, "A2C: one unclipped policy-gradient step per rollout", advantages, critic=True,
+                check=one_step_per_rollout)

@@ -9,7 +9,6 @@ margin and the length-only baseline. The run is then the `reward_model` term of 
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +16,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minirlhf import UserError
-from minirlhf.checkpoint import atomic_dir, save_json
-from minirlhf.config import OptimConfig, RunConfig, save_config
+from minirlhf import ConfigError, runner
+from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
+from minirlhf.config import OptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.preferences import Pair, length_baseline, load_split, read_pairs
-from minirlhf.metrics import MetricsWriter
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower
 from minirlhf.models.reward_model import RewardModel, load_scalar_model
 from minirlhf.models.trunk import FrozenCache, cached_forward, split_works
-from minirlhf.runtime import make_run_dir, peak_memory_mb, pick_device, seed_everything
-from minirlhf.training import length_sorted_batches, make_optimizer, optimizer_step, progress
+from minirlhf.runtime import pick_device
+from minirlhf.training import EpochPlan, length_sorted_batches, make_optimizer, optimizer_step, shuffled_batches
 
 
 @dataclass
@@ -61,23 +59,11 @@ class RewardModelTrainConfig(OptimConfig):
 
 
 @dataclass
-class RewardModelConfig(RunConfig):
-    preferences: str = ""
-    """preference pairs, .jsonl of {"prompt", "chosen", "rejected"} (e.g. from `minirlhf feedback export`)"""
-    eval_file: str | None = None
-    """held-out pairs (.jsonl); default: hold out `eval_fraction` of the prompts of `preferences`"""
-    eval_fraction: float = 0.1
-    """share of the prompts whose pairs are held out"""
-    max_train: int | None = None
-    """use at most this many training pairs (None: all)"""
-    max_eval: int | None = None
-    """use at most this many held-out pairs (None: all)"""
-    split_seed: int = 0
-    """seed of the shuffle that splits the pairs by prompt"""
+class RewardModelConfig(PreferenceDataConfig, TrainingRunConfig):
     model: RewardModelModelConfig = field(default_factory=RewardModelModelConfig)
     train: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
 
-    checks = {**RunConfig.checks, "eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1"}
+    checks = {**TrainingRunConfig.checks, **PreferenceDataConfig.checks}
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -121,85 +107,110 @@ def evaluate(model, texts: PairTexts, n_frozen, pad_id, batch_size, device) -> t
     return pair_scores(r[: texts.n], r[texts.n:]), r
 
 
-def _load_split(cfg: RewardModelConfig) -> tuple[list[Pair], list[Pair]]:
-    if not cfg.preferences:
-        raise UserError("the reward model needs preference pairs: pass --preferences FILE.jsonl")
-    return load_split(cfg)
+class RewardModelJob:
+    """Fit the reward model; report held-out accuracy and margin against the length-only baseline."""
 
+    stage, name, algorithm = "reward_model", "reward-model", None
+    progress_keys = {"loss": "train/loss"}
 
-def _epoch(cfg, model, params, optimizer, scheduler, texts, n, pad_id, device, rng, metrics, step, epoch) -> int:
-    model.train()
-    order = list(range(texts.n))
-    rng.shuffle(order)
-    batches = [order[i: i + cfg.train.batch_size] for i in range(0, len(order), cfg.train.batch_size)]
-    bar = progress(batches, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch")
-    recent: list[tuple[float, float]] = []
-    for idx in bar:
-        r = texts.rewards(model, idx + [texts.n + i for i in idx], n, pad_id, device)  # (2B,) chosen then rejected
+    def __init__(self, cfg: RewardModelConfig):
+        self.cfg, self.base, self.recent, self.t0 = cfg, cfg.model.name, [], time.time()
+
+    def setup(self, run: runner.Run) -> None:
+        cfg, device, self.run = self.cfg, run.device, run
+        if not cfg.preferences:
+            raise ConfigError("the reward model needs preference pairs: pass --preferences FILE.jsonl")
+        self.train_pairs, self.eval_pairs = load_split(cfg)
+        run.say(f"{len(self.train_pairs)} training pairs, {len(self.eval_pairs)} held-out pairs")
+        self.model, self.tokenizer = load_scalar_model(cfg.model.name, cfg.model.pooling)
+        self.model.to(device)
+        n = cfg.model.freeze_layers
+        self.trainable, self.total = freeze_lower(self.model, n), sum(p.numel() for p in self.model.parameters())
+        run.say(f"reward model {cfg.model.name}: lowest {n} layers frozen; trainable parameters {self.trainable:,} "
+                f"of {self.total:,}")
+        truncate, self.pad_id = Truncator(self.tokenizer, cfg.model.max_length, "tail"), self.tokenizer.pad_token_id
+        self.texts = {"train": PairTexts(self.train_pairs, truncate), "eval": PairTexts(self.eval_pairs, truncate)}
+        if cfg.model.cache_frozen and n > 0 and split_works(self.model, self.texts["eval"].seqs, n, self.pad_id, device):
+            for part in self.texts.values():
+                part.cache = FrozenCache(self.model, part.seqs, self.pad_id, n, cfg.train.eval_batch_size, device)
+        else:
+            n = 0  # the whole model runs (its frozen layers only skip gradients)
+        self.n = n
+        self.plan = EpochPlan(shuffled_batches(self.texts["train"].n, cfg.train.batch_size), cfg.train.epochs, cfg.seed)
+        self.steps = self.plan.steps
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, self.steps)
+
+    def _evaluate(self, part: str) -> tuple[dict, torch.Tensor]:
+        return evaluate(self.model, self.texts[part], self.n, self.pad_id, self.cfg.train.eval_batch_size,
+                        self.run.device)
+
+    def begin(self, run: runner.Run) -> dict:
+        self.first, _ = self._evaluate("eval")
+        return {f"eval/{k}": v for k, v in self.first.items()}
+
+    def step(self, step: int) -> dict | None:
+        cfg, texts = self.cfg, self.texts["train"]
+        epoch, idx, last = self.plan.at(step)
+        self.model.train()
+        r = texts.rewards(self.model, idx + [texts.n + i for i in idx], self.n, self.pad_id, self.run.device)  # (2B,)
         chosen, rejected = r[: len(idx)], r[len(idx):]
         loss = bradley_terry_loss(chosen, rejected).mean()
-        grad_norm = optimizer_step(loss, params, optimizer, scheduler, cfg.train.max_grad_norm)
-        step += 1
-        recent.append((loss.item(), (chosen > rejected).float().mean().item()))
-        bar.set_postfix(loss=f"{recent[-1][0]:.3f}", refresh=False)
+        grad_norm = optimizer_step(loss, self.params, self.optimizer, self.scheduler, cfg.train.max_grad_norm)
+        self.recent.append((loss.item(), (chosen > rejected).float().mean().item()))
+        row = {}
         if step % cfg.train.log_every == 0:
-            losses, accs = zip(*recent)
-            recent = []
-            metrics.log(step, **{"train/loss": sum(losses) / len(losses), "train/accuracy": sum(accs) / len(accs),
-                                 "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0]})
-    return step
+            losses, accs = zip(*self.recent)
+            self.recent = []
+            row = {"train/loss": sum(losses) / len(losses), "train/accuracy": sum(accs) / len(accs),
+                   "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
+        if last:
+            self.held, _ = self._evaluate("eval")
+            self.run.say(f"epoch {epoch}: held-out accuracy {self.held['accuracy']:.4f}  margin "
+                         f"{self.held['margin']:.3f}  loss {self.held['loss']:.4f}")
+            row |= {"epoch": epoch, **{f"eval/{k}": v for k, v in self.held.items()}}
+        return row
+
+    def save(self, folder: Path) -> dict:
+        save_weights(self.model.state_dict(), folder / "model.safetensors")
+        return {"recent": self.recent}
+
+    def load(self, folder: Path, state: dict) -> None:
+        self.model.load_state_dict(load_weights(folder / "model.safetensors", self.run.device))
+        self.recent = [tuple(r) for r in state["recent"]]
+
+    def end(self) -> None:
+        return None
+
+    def modules(self) -> list:
+        return [self.model]
+
+    def finish(self, run: runner.Run) -> dict:
+        """model/ (with the mean and std of its rewards on the training responses), plots and results."""
+        cfg = self.cfg
+        held = getattr(self, "held", None) or self._evaluate("eval")[0]
+        _, train_r = self._evaluate("train")
+        with atomic_dir(run.dir.model) as tmp:
+            self.model.save(tmp, self.tokenizer, {"base": cfg.model.name, "max_length": cfg.model.max_length,
+                                                  "mean": train_r.mean().item(),
+                                                  "std": max(train_r.std().item(), 1e-6)})
+        run.metrics.plot(run.dir.plot("loss"), ["train/loss", "eval/loss"], "Bradley-Terry loss")
+        run.metrics.plot(run.dir.plot("accuracy"), ["train/accuracy", "eval/accuracy"],
+                         "pair accuracy (chosen scores higher)")
+        return {"train_pairs": self.texts["train"].n, "eval_pairs": self.texts["eval"].n,
+                **{f"eval_{k}": v for k, v in held.items()}, "eval_accuracy_step0": self.first["accuracy"],
+                "length_baseline": length_baseline(self.eval_pairs), "trainable_params": self.trainable,
+                "total_params": self.total, "total_seconds": round(time.time() - self.t0, 1)}
+
+    def report(self, run: runner.Run, results: dict) -> None:
+        run.say(f"held-out accuracy {results['eval_accuracy']:.4f} (longer-response baseline "
+                f"{results['length_baseline']:.4f}), margin {results['eval_margin']:.3f}  "
+                f"({results['total_seconds']:.0f}s, peak memory {results['peak_memory_mb']} MB)")
 
 
-def train(cfg: RewardModelConfig) -> Path:
-    """Fit the reward model; report held-out accuracy and margin against the length-only baseline."""
-    t0 = time.time()
-    run_dir = make_run_dir(cfg.out, "reward-model")
-    save_config(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.seed)
-    device, why = pick_device(cfg.device)
-    train_pairs, eval_pairs = _load_split(cfg)
-    print(f"device: {device} ({why}); {len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-    model, tokenizer = load_scalar_model(cfg.model.name, cfg.model.pooling)
-    model.to(device)
-    n = cfg.model.freeze_layers
-    trainable, total = freeze_lower(model, n), sum(p.numel() for p in model.parameters())
-    print(f"reward model {cfg.model.name}: lowest {n} layers frozen; trainable parameters {trainable:,} of {total:,}")
-    truncate, pad_id = Truncator(tokenizer, cfg.model.max_length, "tail"), tokenizer.pad_token_id
-    texts = {"train": PairTexts(train_pairs, truncate), "eval": PairTexts(eval_pairs, truncate)}
-    if cfg.model.cache_frozen and n > 0 and split_works(model, texts["eval"].seqs, n, pad_id, device):
-        for part in texts.values():
-            part.cache = FrozenCache(model, part.seqs, pad_id, n, cfg.train.eval_batch_size, device)
-    else:
-        n = 0  # the whole model runs (its frozen layers only skip gradients)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps_per_epoch = -(-texts["train"].n // cfg.train.batch_size)
-    optimizer, scheduler = make_optimizer(params, cfg.train, cfg.train.epochs * steps_per_epoch)
-    metrics, rng, step = MetricsWriter(run_dir), random.Random(cfg.seed), 0
-    first, _ = evaluate(model, texts["eval"], n, pad_id, cfg.train.eval_batch_size, device)
-    metrics.log(0, **{f"eval/{k}": v for k, v in first.items()})
-    for epoch in range(1, cfg.train.epochs + 1):
-        step = _epoch(cfg, model, params, optimizer, scheduler, texts["train"], n, pad_id, device, rng, metrics,
-                      step, epoch)
-        held, _ = evaluate(model, texts["eval"], n, pad_id, cfg.train.eval_batch_size, device)
-        metrics.log(step, epoch=epoch, **{f"eval/{k}": v for k, v in held.items()})
-        print(f"epoch {epoch}: held-out accuracy {held['accuracy']:.4f}  margin {held['margin']:.3f}  "
-              f"loss {held['loss']:.4f}")
-    _, train_r = evaluate(model, texts["train"], n, pad_id, cfg.train.eval_batch_size, device)
-    with atomic_dir(run_dir / "model") as tmp:
-        model.save(tmp, tokenizer, {"base": cfg.model.name, "max_length": cfg.model.max_length,
-                                    "mean": train_r.mean().item(), "std": max(train_r.std().item(), 1e-6)})
-    metrics.close()
-    metrics.plot(run_dir / "loss.png", ["train/loss", "eval/loss"], "Bradley-Terry loss")
-    metrics.plot(run_dir / "accuracy.png", ["train/accuracy", "eval/accuracy"], "pair accuracy (chosen scores higher)")
-    results = {"train_pairs": texts["train"].n, "eval_pairs": texts["eval"].n, **{f"eval_{k}": v for k, v in held.items()},
-               "eval_accuracy_step0": first["accuracy"], "length_baseline": length_baseline(eval_pairs),
-               "trainable_params": trainable, "total_params": total, "total_seconds": round(time.time() - t0, 1),
-               "peak_memory_mb": round(peak_memory_mb())}
-    save_json(results, run_dir / "results.json")
-    print(f"held-out accuracy {held['accuracy']:.4f} (longer-response baseline {results['length_baseline']:.4f}), "
-          f"margin {held['margin']:.3f}  ({results['total_seconds']:.0f}s, peak memory {results['peak_memory_mb']} MB)")
-    return run_dir
+def train(cfg: RewardModelConfig, resume: str | Path | None = None) -> Path:
+    """Fit the reward model; returns the run directory."""
+    return runner.run(RewardModelJob(cfg), cfg, resume)
 
 
 def evaluate_run(run_dir: str, preferences: str, device_name: str = "auto", batch_size: int = 32) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from minirlhf import UserError
+from minirlhf import DataError
 
 ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
 _SPEAKER = re.compile(r"\n\n(Human|Assistant|System):")
@@ -41,15 +41,15 @@ def to_messages(prompt: str) -> list[dict]:
 def from_messages(messages: list, where: str = "messages") -> str:
     """HH text of a conversation that ends with a user turn (the assistant's reply is what is asked for)."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
     out = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: each message needs a role (system, user or assistant) and a string "
+            raise DataError(f"{where}: each message needs a role (system, user or assistant) and a string "
                             f"content, got {m!r}")
         out.append(f"\n\n{ROLES[m['role']]}: {m['content'].strip()}")
     if messages[-1]["role"] != "user":
-        raise UserError(f"{where}: the last message must be the user's (the policy writes the assistant's reply)")
+        raise DataError(f"{where}: the last message must be the user's (the policy writes the assistant's reply)")
     return "".join(out) + "\n\nAssistant:"
 
 
@@ -59,7 +59,7 @@ def prompt_of(obj: dict, where: str) -> str:
     if isinstance(value, list):
         return from_messages(value, where)
     if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{where}: \"prompt\" must be a non-empty string or a list of messages, got {value!r}")
+        raise DataError(f"{where}: \"prompt\" must be a non-empty string or a list of messages, got {value!r}")
     return value
 
 

@@ -11,8 +11,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from minirlhf import UserError
+from minirlhf import DataError
 from minirlhf.data.dialogue import prompt_of
+from minirlhf.data.sentiment import jsonl_objects
 
 
 @dataclass(frozen=True)
@@ -24,19 +25,17 @@ class Pair:
 
 def read_pairs(path: str | Path) -> list[Pair]:
     """Every pair of a .jsonl file; a bad line stops with `file:line: problem`."""
-    from minirlhf.data.sentiment import jsonl_objects
-
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"preference file {path} does not exist; give a .jsonl file of "
+        raise DataError(f"preference file {path} does not exist; give a .jsonl file of "
                         "{\"prompt\", \"chosen\", \"rejected\"} (e.g. from `minirlhf feedback export`)")
     pairs = []
     for where, obj in jsonl_objects(path, ("chosen", "rejected"), "\"prompt\", \"chosen\" and \"rejected\""):
         if "prompt" not in obj and "messages" not in obj:
-            raise UserError(f"{where}: missing field 'prompt'; each line needs \"prompt\", \"chosen\" and \"rejected\"")
+            raise DataError(f"{where}: missing field 'prompt'; each line needs \"prompt\", \"chosen\" and \"rejected\"")
         for key in ("chosen", "rejected"):
             if not isinstance(obj[key], str):
-                raise UserError(f"{where}: field {key!r} must be a string, got {obj[key]!r}")
+                raise DataError(f"{where}: field {key!r} must be a string, got {obj[key]!r}")
         pairs.append(Pair(prompt_of(obj, where), obj["chosen"], obj["rejected"]))
     return pairs
 
@@ -53,7 +52,7 @@ def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int = 0,
     random.Random(f"{seed}-preferences-order").shuffle(train)
     random.Random(f"{seed}-preferences-eval-order").shuffle(evals)  # max_eval then takes a sample, not a file's head
     if not train or not evals:
-        raise UserError(f"{len(pairs)} preference pairs over {len(prompts)} prompts are too few to hold some out; "
+        raise DataError(f"{len(pairs)} preference pairs over {len(prompts)} prompts are too few to hold some out; "
                         "give pairs for at least two different prompts")
     return train[:max_train], evals[:max_eval]
 

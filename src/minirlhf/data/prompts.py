@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
-from minirlhf import UserError
+from minirlhf import DataError
 from minirlhf.config import DataConfig
 from minirlhf.data.dialogue import prompt_of
+from minirlhf.data.sentiment import jsonl_objects, load_splits
 from minirlhf.data.vocab import detokenize, tokenize
 
 
@@ -40,16 +42,12 @@ def first_words(texts: list[str], words: int) -> list[str]:
 
 def read_prompts(path: str) -> list[str]:
     """The prompts of a .jsonl file, conversations as HH text; a bad line stops with `file:line: problem`."""
-    from pathlib import Path
-
-    from minirlhf.data.sentiment import jsonl_objects
-
     if not Path(path).is_file():
-        raise UserError(f"prompt file {path} does not exist; give a .jsonl file with one {{\"prompt\": ...}} per line")
+        raise DataError(f"prompt file {path} does not exist; give a .jsonl file with one {{\"prompt\": ...}} per line")
     prompts = []
     for where, obj in jsonl_objects(Path(path), (), "a \"prompt\" (string, HH text or messages) or \"messages\""):
         if "prompt" not in obj and "messages" not in obj:
-            raise UserError(f"{where}: missing field 'prompt'; each line needs a \"prompt\" or a \"messages\" list")
+            raise DataError(f"{where}: missing field 'prompt'; each line needs a \"prompt\" or a \"messages\" list")
         prompts.append(prompt_of(obj, where))
     return prompts
 
@@ -57,7 +55,7 @@ def read_prompts(path: str) -> list[str]:
 def load_prompts(cfg: PromptConfig, data: DataConfig) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts), templated; the same on every machine for the same config."""
     if "{prompt}" not in cfg.template:
-        raise UserError(f"prompts.template must contain {{prompt}}, got {cfg.template!r}")
+        raise DataError(f"prompts.template must contain {{prompt}}, got {cfg.template!r}")
     if cfg.file is not None:
         train = read_prompts(cfg.file)
         if cfg.eval_file is None:
@@ -65,14 +63,12 @@ def load_prompts(cfg: PromptConfig, data: DataConfig) -> tuple[list[str], list[s
             n_eval = min(cfg.max_eval, max(1, round(len(train) * data.val_fraction)))
             held, train = train[:n_eval], train[n_eval:]
     else:
-        from minirlhf.data.sentiment import load_splits
-
         splits = load_splits(data)
         train = first_words([t for t, _ in splits.train], cfg.words)
         held = first_words([t for t, _ in splits.val], cfg.words)
     if cfg.eval_file is not None:
         held = read_prompts(cfg.eval_file)
     if not train or not held:
-        raise UserError(f"{'training' if not train else 'held-out'} prompts are empty; give more prompts")
+        raise DataError(f"{'training' if not train else 'held-out'} prompts are empty; give more prompts")
     fill = lambda ps: [cfg.template.replace("{prompt}", p) for p in ps]  # noqa: E731
     return fill(train), fill(held[: cfg.max_eval])

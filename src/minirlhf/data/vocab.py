@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from minirlhf import UserError
+from minirlhf import DataError
 from minirlhf.checkpoint import load_json, save_json
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -40,7 +40,7 @@ def detokenize(tokens: list[str]) -> str:
 class Vocab:
     def __init__(self, itos: list[str]):
         if itos[: len(SPECIALS)] != SPECIALS:
-            raise UserError(f"vocabulary must start with {SPECIALS}; the vocab file is damaged")
+            raise DataError(f"vocabulary must start with {SPECIALS}; the vocab file is damaged")
         self.itos = list(itos)
         self.stoi = {w: i for i, w in enumerate(self.itos)}
 
@@ -78,5 +78,5 @@ class Vocab:
     def load(cls, path: Path) -> "Vocab":
         data = load_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("itos"), list):
-            raise UserError(f"{path} is not a minirlhf vocabulary file (expected {{\"itos\": [...]}})")
+            raise DataError(f"{path} is not a minirlhf vocabulary file (expected {{\"itos\": [...]}})")
         return cls(data["itos"])

@@ -19,13 +19,18 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import torch
+
 from minirlhf import UserError
+from minirlhf.data.dialogue import is_dialogue, to_messages
+from minirlhf.feedback.pairs import PairPool, Sampling, resolve_source
 from minirlhf.feedback.store import CHOICES, Store, agreement, win_rate
+from minirlhf.runtime import pick_device
 
 try:  # only serving needs flask; export and import do not
     from flask import Flask, Response, current_app, g, redirect, render_template, request, url_for
-except ImportError:
-    raise UserError("the feedback page needs flask and waitress; pip install -r requirements.txt") from None
+except ImportError as e:
+    raise UserError("the feedback page needs flask and waitress; pip install -r requirements.txt") from e
 
 COOKIE = "minirlhf_token"
 NAME = re.compile(r"[\w .@'-]{1,40}")
@@ -104,7 +109,6 @@ def healthz():
 
 
 def annotate():
-    from minirlhf.data.dialogue import is_dialogue, to_messages
 
     store, me = _store(), g.who["id"]
     pair, mine = store.next_pair(me), store.counts(me)
@@ -207,15 +211,13 @@ def _finish(pool) -> None:
 
 def serve(args) -> int:
     """`minirlhf feedback serve`: the page, the generator thread and the progress lines, until Ctrl-C."""
-    from minirlhf.feedback.pairs import PairPool, Sampling, resolve_source
-    from minirlhf.runtime import pick_device
-
     try:
         from waitress import create_server
-    except ImportError:
-        raise UserError("the feedback page needs waitress; pip install -r requirements.txt") from None
+    except ImportError as e:
+        raise UserError("the feedback page needs waitress; pip install -r requirements.txt") from e
     if args.ahead < 1 or not 0 <= args.overlap <= 1:
         raise UserError(f"--ahead must be >= 1 and --overlap in [0, 1], got {args.ahead} and {args.overlap}")
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core left to the web server keeps pages quick
     store = Store(args.db)
     source = resolve_source(args.policy, args.prompts)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
@@ -226,7 +228,7 @@ def serve(args) -> int:
         server = create_server(app, host=args.host, port=args.port, threads=8, ident="minirlhf")
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port, "
-                        "or --port 0 for a free one") from None
+                        "or --port 0 for a free one") from e
     url = app.config["PUBLIC_URL"] = public_url(args.host, server.effective_port)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:  # from here a Ctrl-C, however early (a script may stop the server as soon as it prints its link), stops cleanly

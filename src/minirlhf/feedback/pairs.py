@@ -1,6 +1,6 @@
 """What the feedback pairs compare, and the thread that keeps them coming.
 
-An RL run (checkpoint/policy/ and checkpoint/state.json) is put against its reference, the policy it started from,
+An RL run (with a checkpoint) is put against its reference, the policy it started from,
 on its own held-out prompts: the judgements then give the policy's win rate as people see it. Any other policy
 (a generator run, a model folder or name, `smollm2`) is put against itself: two samples for the same prompt, the
 raw material of a preference data set. Which response is A is a coin flip per pair; every response keeps the
@@ -15,7 +15,16 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minirlhf import UserError
+import torch
+
+from minirlhf import ModelError
+from minirlhf.algorithms.evaluate import rl_run
+from minirlhf.config import DataConfig
+from minirlhf.data.prompts import PromptConfig, first_words, load_prompts, read_prompts
+from minirlhf.data.sentiment import load_splits
+from minirlhf.models.load import load_policy, policy_folder, policy_kind
+from minirlhf.models.pretrained import SMOLLM2
+from minirlhf.rundir import RunDir, newest
 
 CORPUS_TEMPLATE = 'Write a short tweet that starts with "{prompt}".'
 """how a chat model is asked about the corpus's first words (an LSTM just continues them)"""
@@ -53,17 +62,12 @@ class Source:
 
 def newest_run(root: Path = Path("runs")) -> Path | None:
     """The RL run under `root` whose checkpoint was written last."""
-    states = [s for s in root.glob("**/checkpoint/state.json") if (s.parent / "policy").is_dir()]
-    newest = max(states, key=lambda s: s.stat().st_mtime, default=None)
-    return newest.parent.parent if newest is not None else None
+    run = newest(root, "rl")
+    return run.path if run is not None else None
 
 
 def corpus_prompts(template: str) -> list[str]:
     """The first words of the default corpus's texts, as RL training uses them, put in `template`."""
-    from minirlhf.config import DataConfig
-    from minirlhf.data.prompts import PromptConfig, first_words
-    from minirlhf.data.sentiment import load_splits
-
     splits = load_splits(DataConfig())
     words = first_words([t for t, _ in splits.train + splits.val], PromptConfig().words)
     return [template.replace("{prompt}", w) for w in words]
@@ -71,35 +75,27 @@ def corpus_prompts(template: str) -> list[str]:
 
 def resolve_source(policy: str | None, prompts_file: str | None) -> Source:
     """--policy (default: the newest RL run under runs/, else smollm2) and --prompts, checked before serving."""
-    from minirlhf.data.prompts import read_prompts
-    from minirlhf.models.pretrained import SMOLLM2
-    from minirlhf.models.policy import policy_folder
-
     if policy is None:
         run = newest_run()
         policy = str(run) if run is not None else SMOLLM2
-    if (Path(policy) / "checkpoint" / "state.json").is_file():
-        return run_source(Path(policy), prompts_file)
+    found = RunDir.find(policy)
+    if found is not None and found.stage == "rl":
+        return run_source(found.path, prompts_file)
     if prompts_file is not None:
         return Source(policy, None, read_prompts(prompts_file))
-    folder = policy_folder(policy)
-    is_lstm = folder is not None and (folder / "vocab.json").is_file()
+    is_lstm = policy_kind(policy_folder(policy)) == "lstm"
     return Source(policy, None, corpus_prompts("{prompt}" if is_lstm else CORPUS_TEMPLATE))
 
 
-def run_source(run: Path, prompts_file: str | None) -> Source:
+def run_source(path: Path, prompts_file: str | None) -> Source:
     """An RL run against its reference on its held-out prompts (or --prompts), templated as in training."""
-    from minirlhf.checkpoint import load_json
-    from minirlhf.data.prompts import load_prompts
-    from minirlhf.evaluate import run_config
-
-    cfg = run_config(run)
+    run, cfg = rl_run(path)
     prompt_cfg = dataclasses.replace(cfg.prompts, max_eval=10 ** 9)
     if prompts_file is not None:
         prompt_cfg = dataclasses.replace(prompt_cfg, eval_file=prompts_file)
     _, held = load_prompts(prompt_cfg, cfg.data)
-    step = load_json(run / "checkpoint" / "state.json").get("step")
-    return Source(str(run), cfg.policy, held, step, {"chat_template": cfg.policy_options.chat_template})
+    return Source(str(path), cfg.policy, held, run.checkpoint_step(),
+                  {"chat_template": cfg.policy_options.chat_template})
 
 
 def _spec(spec: str) -> str:
@@ -136,13 +132,6 @@ class PairPool(threading.Thread):
             self.error, self.state = e, "failed"
 
     def _load(self) -> None:
-        import os
-
-        import torch
-
-        from minirlhf.models.policy import load_policy
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core left to the web server keeps pages quick
         src = self.source
         self.policy = load_policy(src.policy, self.device, value_head=False, **src.options)
         self.reference = None if src.reference is None else \
@@ -153,8 +142,6 @@ class PairPool(threading.Thread):
 
     def _sample(self, model, prompts: list[str]) -> list[tuple[str, int]]:
         """(response, seed) per prompt; one generator per row, so each response depends on its seed alone."""
-        import torch
-
         s = self.sampling
         seeds = [self.rng.randrange(2 ** 31) for _ in prompts]
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
@@ -185,5 +172,5 @@ class PairPool(threading.Thread):
             self.store.add_pair(prompt, sides[0][0], sides[1][0], sides[0][1], sides[1][1], wanted)
             self.generated += 1
         if self.generated == 0 and self.identical >= 50:
-            raise UserError(f"the two responses were identical {self.identical} times; sample more freely "
+            raise ModelError(f"the two responses were identical {self.identical} times; sample more freely "
                             "(raise --temperature or --top-p) or give a policy that has changed")

@@ -26,6 +26,8 @@ from itertools import combinations
 from pathlib import Path
 
 from minirlhf import UserError
+from minirlhf.checkpoint import atomic_write_text
+from minirlhf.data.preferences import read_pairs
 
 CHOICES = ("a", "b", "tie", "skip")
 ASSIGNMENT_TTL_S = 600.0
@@ -84,7 +86,7 @@ class Store:
         try:
             self.conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise UserError(f"{self.path} is not a feedback database ({e}); give another --db path") from None
+            raise UserError(f"{self.path} is not a feedback database ({e}); give another --db path") from e
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -135,8 +137,6 @@ class Store:
 
     def admin_token(self, file: Path) -> str:
         """The admin's token, kept in a 0600 file beside the database so that the admin link survives restarts."""
-        from minirlhf.checkpoint import atomic_write_text
-
         if file.is_file():
             token = file.read_text(encoding="utf-8").strip()
             row = self.annotator(token)
@@ -278,8 +278,6 @@ def win_rate(scores: list[float]) -> dict:
 
 def export_jsonl(db: str | Path, out: str | Path) -> int:
     """Write every live a/b judgement as {"prompt", "chosen", "rejected", "annotator", "pair_id"}, atomically."""
-    from minirlhf.checkpoint import atomic_write_text
-
     store = Store(db, create=False)
     rows = store.conn.execute(
         "SELECT p.id, p.prompt, p.response_a, p.response_b, j.choice, a.name FROM judgements j "
@@ -298,8 +296,6 @@ def import_jsonl(paths: list[str], db: str | Path) -> tuple[int, int]:
     """Load preference files as pairs judged by `import:FILENAME`; (pairs added, pairs already there).
 
     Every file is validated before anything is written; importing a file again adds nothing."""
-    from minirlhf.data.preferences import read_pairs
-
     files = [(Path(p), read_pairs(p)) for p in paths]
     store = Store(db)
     added = skipped = 0

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minirlhf import UserError
-from minirlhf.checkpoint import atomic_dir
+from minirlhf import ModelError
+from minirlhf.checkpoint import atomic_dir, save_json, save_weights
 from minirlhf.data.dialogue import to_messages
 from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
 from minirlhf.models.lstm import Generators, draw, filter_logits
@@ -53,13 +53,13 @@ class CausalLMPolicy(nn.Module):
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
         if not self.eos_ids:
-            raise UserError("the causal LM defines no end-of-text token; give a model with eos_token_id set")
+            raise ModelError("the causal LM defines no end-of-text token; give a model with eos_token_id set")
         self.eos_id = self.eos_ids[0]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.freeze_layers, self.split = freeze_layers, False
         n_layers = model.config.num_hidden_layers
         if freeze_layers > n_layers:
-            raise UserError(f"freeze_layers={freeze_layers} but the model has only {n_layers} layers")
+            raise ModelError(f"freeze_layers={freeze_layers} but the model has only {n_layers} layers")
         self.trunk = None  # the block-by-block view of the model (models/trunk.py), needed to split or adapt it
         if freeze_layers > 0 or lora_rank > 0:
             self.trunk = find_trunk(model, "--policy_options." + ("freeze_layers" if freeze_layers else "lora_rank"))
@@ -96,7 +96,7 @@ class CausalLMPolicy(nn.Module):
         ids = torch.arange(3, 11).remainder(self.model.config.vocab_size).unsqueeze(0)  # (1, 8) ordinary tokens
         ours = self.head(self.decoder(input_ids=ids).last_hidden_state)
         if not torch.allclose(ours, self.model(input_ids=ids).logits, atol=1e-4):
-            raise UserError(f"{type(self.model).__name__} transforms its logits beyond lm_head(hidden state), "
+            raise ModelError(f"{type(self.model).__name__} transforms its logits beyond lm_head(hidden state), "
                             "which this policy does not reproduce; use a Llama-, Qwen-, Mistral- or GPT-2-style model")
 
     @torch.no_grad()
@@ -133,7 +133,7 @@ class CausalLMPolicy(nn.Module):
     def critic_copy(self) -> "CausalLMPolicy":
         """A separate critic: trainable upper blocks and a value head over the shared frozen blocks."""
         if self.lora:
-            raise UserError("a separate critic with LoRA is not supported; use --critic=head")
+            raise ModelError("a separate critic with LoRA is not supported; use --critic=head")
         critic = self._copy(value_head=True)
         critic.head.requires_grad_(False)  # its value loss never reaches the LM head: no gradient, no Adam state
         return critic.eval()
@@ -295,11 +295,9 @@ class CausalLMPolicy(nn.Module):
     def save(self, folder: Path) -> None:
         """transformers' own format (so `from_pretrained` loads it; with LoRA, the adapters only) plus the
         value head, replaced atomically."""
-        from minirlhf.checkpoint import save_json, save_weights
-
         with atomic_dir(folder) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            save_json({"chat_template": self.chat}, tmp / "policy.json")
+            save_json({"kind": "causal_lm", "chat_template": self.chat}, tmp / "policy.json")
             if self.value_head is not None:
                 save_weights(self.value_head.state_dict(), tmp / "value_head.safetensors")

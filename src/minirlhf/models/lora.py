@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
-from minirlhf import UserError
+from minirlhf import ModelError
+from minirlhf.checkpoint import load_json
 from minirlhf.models.policy import Rollout
 from minirlhf.models.pretrained import load_causal_lm
 
@@ -18,15 +19,13 @@ if TYPE_CHECKING:
 
 def load_adapters(folder: Path, keep: bool):
     """The base model with a LoRA run's adapters: trainable (keep) or merged into its weights."""
-    from minirlhf.checkpoint import load_json
-
     try:
         from peft import PeftModel
-    except ImportError:
-        raise UserError(f"{folder} holds LoRA adapters, which need the peft package; run `pip install peft`") from None
+    except ImportError as e:
+        raise ModelError(f"{folder} holds LoRA adapters, which need the peft package; run `pip install peft`") from e
     base = load_json(folder / "adapter_config.json").get("base_model_name_or_path")
     if not base:
-        raise UserError(f"{folder}/adapter_config.json names no base model; re-run the LoRA training")
+        raise ModelError(f"{folder}/adapter_config.json names no base model; re-run the LoRA training")
     model, tokenizer = load_causal_lm(base)
     model = PeftModel.from_pretrained(model, str(folder), is_trainable=keep)
     return (model if keep else model.merge_and_unload()), tokenizer
@@ -36,8 +35,8 @@ def with_lora(model, blocks: nn.ModuleList, rank: int, alpha: float, freeze_laye
     """LoRA adapters (peft) on every linear layer of the trainable blocks; the base weights freeze."""
     try:
         from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UserError("LoRA needs the peft package; run `pip install peft` or set policy_options.lora_rank=0") from None
+    except ImportError as e:
+        raise ModelError("LoRA needs the peft package; run `pip install peft` or set policy_options.lora_rank=0") from e
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=linear,
                                             layers_to_transform=list(range(freeze_layers, len(blocks)))))

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minirlhf import RunError
+from minirlhf.checkpoint import load_json, load_weights, save_json, save_weights
+from minirlhf.data.vocab import Vocab
 
 
 @dataclass
@@ -138,3 +144,28 @@ def _prompt_state(model: LSTMLanguageModel, ids: list[int], device) -> tuple[tor
 
 def _cut_at(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+def save_generator(folder: Path, model: LSTMLanguageModel, vocab: Vocab, step: int, extra: dict) -> None:
+    """An LSTM policy folder: weights (safetensors), vocabulary, and model config + step (JSON)."""
+    folder = Path(folder)
+    save_weights(model.state_dict(), folder / "model.safetensors")
+    vocab.save(folder / "vocab.json")
+    save_json({"model": dataclasses.asdict(model.cfg), "vocab_size": len(vocab), "step": step, **extra},
+              folder / "checkpoint.json")
+    save_json({"kind": "lstm"}, folder / "policy.json")
+
+
+def load_generator(folder: str | Path, device="cpu") -> tuple[LSTMLanguageModel, Vocab]:
+    """The model and vocabulary of an LSTM policy folder (a `train-generator` run, or an RL run's policy)."""
+    folder = Path(folder)
+    if not (folder / "checkpoint.json").is_file():
+        raise RunError(f"{folder} is not a generator run (no checkpoint.json); run `minirlhf train-generator` first")
+    meta = load_json(folder / "checkpoint.json")
+    vocab = Vocab.load(folder / "vocab.json")
+    model = LSTMLanguageModel(LSTMConfig(**meta["model"]), meta["vocab_size"])
+    try:
+        model.load_state_dict(load_weights(folder / "model.safetensors"))
+    except RuntimeError as e:
+        raise RunError(f"{folder}/model.safetensors does not match checkpoint.json ({str(e).splitlines()[0]})") from e
+    return model.to(device).eval(), vocab

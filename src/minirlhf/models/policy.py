@@ -10,7 +10,7 @@ optionally with a value head on its trunk. The RL algorithms only see this inter
   `as_text(prompt, response)` -> what a reader (and the reward model) sees.
 
 Two kinds implement it: `LSTMPolicy` (the stage-3 generator, here) and `CausalLMPolicy` (any
-transformers causal LM, in causal_lm.py). `load_policy` picks one from a run directory or model name.
+transformers causal LM, in causal_lm.py). `load.load_policy` picks one from a run directory or model name.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
 from minirlhf.data.vocab import Vocab
-from minirlhf.models.lstm import Generators, LSTMLanguageModel, sample
+from minirlhf.models.lstm import Generators, LSTMLanguageModel, sample, save_generator
 from minirlhf.ops import entropy_from_logits
 
 
@@ -194,9 +195,6 @@ class LSTMPolicy(nn.Module):
 
     def save(self, folder: Path) -> None:
         """Weights (safetensors), vocabulary and config as one folder, replaced atomically."""
-        from minirlhf.algorithms.generator import save_generator
-        from minirlhf.checkpoint import atomic_dir, save_weights
-
         with atomic_dir(folder) as tmp:
             save_generator(tmp, self.lm, self.vocab, 0, {})
             if self.value_head is not None:
@@ -211,53 +209,6 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) 
 
 def load_value_head(policy: nn.Module, folder: Path) -> None:
     """Restore the value head saved beside a policy's weights, if both exist."""
-    from minirlhf.checkpoint import load_weights
-
     path = Path(folder) / "value_head.safetensors"
     if policy.value_head is not None and path.is_file():
         policy.value_head.load_state_dict(load_weights(path))
-
-
-def policy_folder(spec: str) -> Path | None:
-    """The folder holding a saved policy: an RL run's `checkpoint/policy/`, or the folder itself; None for a
-    model name."""
-    path = Path(spec)
-    if (path / "checkpoint" / "policy").is_dir():
-        return path / "checkpoint" / "policy"
-    return path if path.is_dir() else None
-
-
-@dataclass
-class PolicyOptions:
-    chat_template: bool = True
-    """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one)"""
-    freeze_layers: int = 0
-    """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs); the
-    reference and a separate critic share them, and their output is computed once per rollout"""
-    lora_rank: int = 0
-    """train LoRA adapters of this rank (peft) instead of the weights; the reference is the model with its
-    adapters off, so no second copy (causal LMs; 0: off)"""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)"""
-
-    checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
-
-    def as_kwargs(self) -> dict:
-        return dict(chat_template=self.chat_template, freeze_layers=self.freeze_layers, lora_rank=self.lora_rank,
-                    lora_alpha=self.lora_alpha)
-
-
-def load_policy(spec: str, device, value_head: bool = True, **lm_options):
-    """A policy from an LSTM generator run, an RL run (its last checkpoint), a causal LM folder, or a model name
-    (`smollm2` for the offline SmolLM2-135M-Instruct). `lm_options` go to CausalLMPolicy."""
-    from minirlhf.algorithms.generator import load_generator
-    from minirlhf.models.causal_lm import CausalLMPolicy
-
-    folder = policy_folder(spec)
-    if folder is not None and (folder / "vocab.json").is_file():
-        policy = LSTMPolicy(*load_generator(folder, device), value_head=value_head)
-    else:
-        policy = CausalLMPolicy.load(str(folder) if folder is not None else spec, value_head=value_head, **lm_options)
-    if folder is not None:
-        load_value_head(policy, folder)
-    return policy.to(device).eval()

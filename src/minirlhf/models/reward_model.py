@@ -14,14 +14,16 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from minirlhf import UserError
+from minirlhf import ModelError, RunError
+from minirlhf.checkpoint import load_json, load_weights, save_json, save_weights
+from minirlhf.models.pretrained import SMOLLM2, smollm2_path
+from minirlhf.rundir import RunDir
+from minirlhf.training import length_sorted_batches
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, pad_batch, resolve_encoder
 
 
 def resolve_model(name: str) -> str:
     """`minilm` and `smollm2` become the folders their pip packages ship; other names pass through."""
-    from minirlhf.models.pretrained import SMOLLM2, smollm2_path
-
     if name == SMOLLM2:
         return str(smollm2_path())
     return resolve_encoder(name) if name == DEFAULT_ENCODER else name
@@ -72,8 +74,6 @@ class ScalarRewardModel(nn.Module):
         return torch.where(reply.any(1, keepdim=True), reply, attention_mask > 0).to(attention_mask.dtype)
 
     def save(self, folder: Path, tokenizer, meta: dict) -> None:
-        from minirlhf.checkpoint import save_json, save_weights
-
         self.base.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         save_weights(self.head.state_dict(), folder / "reward_head.safetensors")
@@ -84,20 +84,15 @@ def load_scalar_model(name: str, pooling: str = "auto") -> tuple[ScalarRewardMod
     """(model, tokenizer): a pretrained model by hub name or folder with a fresh scalar head."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from minirlhf.runtime import hub_reachable, quiet_transformers
-
-    quiet_transformers()
     path = resolve_model(name)
-    if not Path(path).exists():
-        hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
         base = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:160]
-        raise UserError(f"cannot load {name!r} as a reward model ({first}); give a local model folder, "
-                        f"or the offline --model.name=minilm or smollm2") from None
+        raise ModelError(f"cannot load {name!r} as a reward model ({first}); give a local model folder, "
+                        f"or the offline --model.name=minilm or smollm2") from e
     if tokenizer.pad_token_id is None:  # padding is masked out, so any id will do
         tokenizer.pad_token = tokenizer.eos_token
     decoder = "CausalLM" in "".join(config.architectures or []) or getattr(config, "is_decoder", False)
@@ -121,14 +116,11 @@ class RewardModel:
     def from_run(cls, run_dir: str | Path, device="cpu") -> "RewardModel":
         from transformers import AutoModel, AutoTokenizer
 
-        from minirlhf.checkpoint import load_json, load_weights
-        from minirlhf.runtime import quiet_transformers
-
-        quiet_transformers()
-        folder = Path(run_dir) / "model"
-        if not (folder / "reward_model.json").is_file():
-            raise UserError(f"{run_dir} is not a trained reward-model run (model/reward_model.json is missing); "
-                            "train one with `minirlhf train-reward-model --preferences FILE.jsonl`")
+        run = RunDir.find(run_dir)
+        folder = run.model if run is not None else Path(run_dir) / "model"
+        if run is None or run.stage != "reward_model" or not (folder / "reward_model.json").is_file():
+            raise RunError(f"{run_dir} is not a trained reward-model run (model/reward_model.json is missing); "
+                           "train one with `minirlhf train-reward-model --preferences FILE.jsonl`")
         meta = load_json(folder / "reward_model.json")
         model = ScalarRewardModel(AutoModel.from_pretrained(folder), meta["pooling"], meta.get("marker"))
         model.head.load_state_dict(load_weights(folder / "reward_head.safetensors"))
@@ -138,8 +130,6 @@ class RewardModel:
     @torch.inference_mode()
     def score(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
         """Raw scalar rewards (N,) of whole texts (dialogues as HH text)."""
-        from minirlhf.training import length_sorted_batches
-
         seqs = self.truncate(texts)
         out = torch.empty(len(texts))
         for idx in length_sorted_batches([len(s) for s in seqs], batch_size):

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from minirlhf import UserError
+from minirlhf import ModelError
+from minirlhf.training import length_sorted_batches, progress
 
 SUPPORTED = "a BERT-, RoBERTa-, DistilBERT-, Llama-, Qwen-, Mistral- or GPT-2-style model"
 
@@ -192,7 +193,7 @@ def find_trunk(model: nn.Module, option: str = "--model.freeze_layers") -> Trunk
         trunk = family.of(base)
         if trunk is not None:
             return trunk
-    raise UserError(f"splitting {type(base).__name__} between its layers is not supported; use {SUPPORTED}, or {option}=0")
+    raise ModelError(f"splitting {type(base).__name__} between its layers is not supported; use {SUPPORTED}, or {option}=0")
 
 
 @torch.no_grad()
@@ -244,8 +245,6 @@ class FrozenCache:
     """
 
     def __init__(self, model, seqs: list[list[int]], pad_id: int, n: int, batch_size: int, device):
-        from minirlhf.training import length_sorted_batches, progress
-
         self.lengths = [len(s) for s in seqs]
         self.offsets = [0]
         for length in self.lengths:

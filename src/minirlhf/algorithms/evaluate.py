@@ -7,15 +7,23 @@ perplexity of the responses under the reference (how far from the reference's la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from minirlhf import UserError
-from minirlhf.checkpoint import atomic_write_text, load_json, save_json
+from minirlhf import RunError
+from minirlhf.algorithms import registry
+from minirlhf.checkpoint import atomic_write_text, save_json
+from minirlhf.config import load_saved
+from minirlhf.data.prompts import load_prompts
 from minirlhf.data.vocab import tokenize
+from minirlhf.models.load import load_policy
+from minirlhf.models.rewards import TERMS, Reward
 from minirlhf.ops import kl_estimate
+from minirlhf.rundir import RunDir
+from minirlhf.runtime import pick_device
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -90,12 +98,12 @@ def sample_table(step: int, rollout, terms: dict, n: int = 6) -> str:
     return "\n".join(rows) + "\n"
 
 
-def training_plots(metrics, run_dir: Path, cfg) -> None:
+def training_plots(metrics, run_dir, critic: bool) -> None:
     """The PNGs report.md shows: reward, KL, policy diagnostics, and the critic's where there is one."""
     metrics.plot(run_dir / "reward.png", ["reward/mean"], "mean reward of the sampled responses")
     metrics.plot(run_dir / "kl.png", ["objective/kl"], "KL(policy || reference) per response, nats")
     metrics.plot(run_dir / "policy.png", ["policy/approx_kl", "policy/clipfrac", "objective/entropy"], "policy diagnostics")
-    if cfg.algorithm in ("ppo", "a2c"):
+    if critic:
         metrics.plot(run_dir / "value.png", ["value/loss", "value/explained_var"], "value head")
 
 
@@ -126,8 +134,6 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
 
 
 def _reward_text(cfg) -> str:
-    from minirlhf.rewards import TERMS
-
     on = {"function": bool(cfg.reward.function), "reward_model": bool(cfg.reward.reward_model),
           "classifier": bool(cfg.reward.classifier or not cfg.reward.reward_model)}
     terms = [f"{getattr(cfg.reward, t + '_weight'):g} x {t}" for t in TERMS
@@ -135,48 +141,30 @@ def _reward_text(cfg) -> str:
     return " + ".join(terms) or "none"
 
 
-def run_config(run_dir: Path):
-    """The config an RL run was trained with, as its own dataclass."""
-    from minirlhf.algorithms.grpo import GRPOConfig
-    from minirlhf.algorithms.ppo import A2CConfig, PPOConfig
-    from minirlhf.algorithms.rloo import RLOOConfig
-    from minirlhf.config import load_saved
-
-    state_file = run_dir / "checkpoint" / "state.json"
-    if not state_file.is_file() or not (run_dir / "checkpoint" / "policy").is_dir():
-        raise UserError(f"{run_dir} is not an RL run with a checkpoint (checkpoint/state.json and checkpoint/policy/); "
-                        "train one with `minirlhf ppo`")
-    state = load_json(state_file)
-    classes = {c.algorithm: c for c in (PPOConfig, A2CConfig, GRPOConfig, RLOOConfig)}
-    if state.get("algorithm") not in classes:
-        raise UserError(f"{state_file} names an unknown algorithm {state.get('algorithm')!r}")
-    return load_saved(classes[state["algorithm"]], run_dir / "config.yaml")
+def rl_run(path: str | Path) -> tuple[RunDir, object]:
+    """An RL run with a checkpoint, and the config it was trained with as its algorithm's own dataclass."""
+    run = RunDir.open(path, "rl", command="ppo")
+    if run.policy() is None:
+        raise RunError(f"{path} has no checkpoint yet (checkpoint/policy/); let it run to its first save_every steps")
+    return run, load_saved(registry.get(run.algorithm).config, run.config)
 
 
 def evaluate_run(run_dir: str, prompts_file: str | None, n: int | None, seed: int, device_name: str) -> dict:
     """Evaluate a finished RL run; writes eval.json and report.md into it."""
-    import dataclasses
-
-    from minirlhf.data.prompts import load_prompts
-    from minirlhf.models.policy import load_policy
-    from minirlhf.rewards import Reward
-    from minirlhf.runtime import pick_device
-
-    run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    run, cfg = rl_run(run_dir)
     if prompts_file is not None:
         cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, eval_file=prompts_file))
     if n is not None:
         cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, max_eval=n))
     device, _ = pick_device(device_name)
     options = {"chat_template": cfg.policy_options.chat_template}
-    policy = load_policy(str(run_dir), device, value_head=False, **options)
+    policy = load_policy(str(run.path), device, value_head=False, **options)
     ref = load_policy(cfg.policy, device, value_head=False, **options).frozen_copy()
-    reward = Reward(dataclasses.replace(cfg.reward, normalize=False), cfg.response_len, device, cfg.data)
+    reward = Reward(dataclasses.replace(cfg.reward, normalize=False), cfg.response_len, device)
     _, prompts = load_prompts(cfg.prompts, cfg.data)
     results = evaluate_policy(policy, ref, reward, prompts, cfg, seed=seed)
-    save_json(results, run_dir / "eval.json")
-    write_report(run_dir, results, cfg)
+    save_json(results, run / "eval.json")
+    write_report(run, results, cfg)
     print(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2))
-    print(f"report: {run_dir / 'report.md'}")
+    print(f"report: {run.report}")
     return results

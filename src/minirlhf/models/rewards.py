@@ -10,16 +10,19 @@ weights, e.g. `--reward.unended_weight=-1`. The sequence score lands on the last
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from minirlhf import UserError
+from minirlhf import ConfigError, ModelError, RunError
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.vocab import tokenize
+from minirlhf.models.classifier import SentimentClassifier
+from minirlhf.models.reward_model import RewardModel
+from minirlhf.rundir import RunDir
 
 TERMS = ("classifier", "reward_model", "unended", "length", "repetition", "function")
 
@@ -29,7 +32,8 @@ class RewardConfig:
     classifier: str = ""
     """run directory of a stage-1 sentiment classifier (`minirlhf train-classifier`); its positive logit is the `classifier` term"""
     train_missing: bool = False
-    """train that classifier first (on `data`, with the demo's quick settings) when the directory does not exist yet"""
+    """train that classifier first (on `data`, with the demo's quick settings) when the directory does not exist yet
+    (done by the command, before the run: a reward never trains anything)"""
     classifier_weight: float = 1.0
     """weight of the classifier's positive logit (used when `classifier` is set, or when no reward model is)"""
     reward_model: str = ""
@@ -58,19 +62,33 @@ def repetition(text: str) -> float:
     return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
+def _import(module_name: str):
+    """An importable module, or else MODULE.py in the working directory (where a user writes a reward function),
+    loaded without touching sys.path."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        path = Path.cwd() / f"{module_name.replace('.', '/')}.py"
+        if not path.is_file():
+            raise
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
 def load_function(spec: str):
-    """Import `module:function`; the current directory is searched first, as Python's -m does."""
+    """Import `module:function`: an importable module, or a .py file in the working directory."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
-        raise UserError(f"reward.function={spec!r} must look like module:function (e.g. my_rewards:brevity)")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+        raise ConfigError(f"reward.function={spec!r} must look like module:function (e.g. my_rewards:brevity)")
     try:
-        fn = getattr(importlib.import_module(module_name), name)
+        fn = getattr(_import(module_name), name)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"cannot load reward function {spec!r} ({e}); check the module is importable from here") from None
+        raise ConfigError(f"cannot load reward function {spec!r} ({e}); check the module is importable from "
+                          "here") from e
     if not callable(fn):
-        raise UserError(f"reward function {spec!r} is not callable")
+        raise ConfigError(f"reward function {spec!r} is not callable")
     return fn
 
 
@@ -94,15 +112,13 @@ class RunningMoments:
 class Reward:
     """`reward(policy, rollout)` -> (total (B,) for training, {term: (B,)} raw values for logging)."""
 
-    def __init__(self, cfg: RewardConfig, response_len: int, device, data=None):
+    def __init__(self, cfg: RewardConfig, response_len: int, device):
         self.cfg, self.response_len = cfg, response_len
         self.weights = {t: getattr(cfg, f"{t}_weight") for t in TERMS}
         self.classifier = self.function = self.reward_model = None
         if self.weights["classifier"] != 0 and (cfg.classifier or not cfg.reward_model):
-            self.classifier = load_classifier(cfg, device, data)
+            self.classifier = load_classifier(cfg, device)
         if cfg.reward_model and self.weights["reward_model"] != 0:
-            from minirlhf.models.reward_model import RewardModel
-
             self.reward_model = RewardModel.from_run(cfg.reward_model, device)
         if cfg.function:
             self.function = load_function(cfg.function)
@@ -131,10 +147,10 @@ class Reward:
         values = self.function(list(rollout.prompts), list(rollout.texts))
         try:
             values = torch.tensor([float(v) for v in values])
-        except (TypeError, ValueError):
-            raise UserError(f"reward function {self.cfg.function} must return one number per response") from None
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"reward function {self.cfg.function} must return one number per response") from e
         if values.shape != (len(rollout.texts),):
-            raise UserError(f"reward function {self.cfg.function} returned {values.numel()} values for "
+            raise ModelError(f"reward function {self.cfg.function} returned {values.numel()} values for "
                             f"{len(rollout.texts)} responses; return one per response")
         return values
 
@@ -143,7 +159,7 @@ class Reward:
         total = sum(self.weights[k] * v for k, v in terms.items()) if terms else torch.zeros(len(rollout.texts))
         bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
         if bad:
-            raise UserError(f"the reward term {bad[0]!r} gave a non-finite value; fix that term or set its weight to 0")
+            raise ModelError(f"the reward term {bad[0]!r} gave a non-finite value; fix that term or set its weight to 0")
         terms["total"] = total
         return total, terms
 
@@ -155,38 +171,13 @@ class Reward:
         return (total - self.moments.mean) / math.sqrt(self.moments.var + 1e-8)
 
 
-def load_classifier(cfg: RewardConfig, device, data=None):
-    """The classifier run `cfg.classifier`; trained first when it is missing and `train_missing` is set."""
-    from minirlhf.models.classifier import SentimentClassifier
-
+def load_classifier(cfg: RewardConfig, device) -> SentimentClassifier:
+    """The classifier run `cfg.classifier`, which must exist (`train_missing` is the command's job, before)."""
     if not cfg.classifier:
-        raise UserError("the reward needs a classifier or a reward model: pass --reward CLASSIFIER_RUN|REWARD_MODEL_RUN "
-                        "(or set reward.classifier_weight=0 "
-                        "and use reward.function)")
-    path = Path(cfg.classifier)
-    if not (path / "model" / "config.json").is_file():
-        if not cfg.train_missing or path.exists():
-            raise UserError(f"reward classifier {path} is not a trained classifier run; train one with "
-                            f"`minirlhf train-classifier --out {path}`, or set reward.train_missing=true")
-        train_classifier(path, data, device)
-    return SentimentClassifier.from_run(path, device)
-
-
-def train_classifier(path: Path, data, device) -> Path:
-    """Train the reward classifier with the demo's quick settings, so that a fresh checkout can run RLHF."""
-    import dataclasses
-    import os
-    import shutil
-
-    from minirlhf.algorithms import classifier
-    from minirlhf.pipeline import demo_classifier
-
-    print(f"reward classifier {path} does not exist yet: training it first (once; it is reused afterwards)")
-    cfg = demo_classifier()
-    if data is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, max_train=cfg.data.max_train, max_eval=cfg.data.max_eval))
-    tmp = path.with_name(f".{path.name}.training")  # renamed into place only when complete
-    shutil.rmtree(tmp, ignore_errors=True)
-    classifier.train(dataclasses.replace(cfg, out=str(tmp), device=str(device)))
-    os.replace(tmp, path)
-    return path
+        raise ConfigError("the reward needs a classifier or a reward model: pass --reward CLASSIFIER_RUN|"
+                          "REWARD_MODEL_RUN (or set reward.classifier_weight=0 and use reward.function)")
+    run = RunDir.find(cfg.classifier)
+    if run is None or run.stage != "classifier" or not (run.model / "config.json").is_file():
+        raise RunError(f"reward classifier {cfg.classifier} is not a trained classifier run; train one with "
+                       f"`minirlhf train-classifier --out {cfg.classifier}`, or set reward.train_missing=true")
+    return SentimentClassifier.from_run(run.path, device)

@@ -1,0 +1,19 @@
+"""The RL algorithms, by name: what the loop, the CLI, `evaluate` and `feedback` read. To add one, write its file
+(see dr_grpo.py: a config, an advantage, an `Algorithm`) and list it here."""
+
+from __future__ import annotations
+
+from minirlhf import ConfigError
+from minirlhf.algorithms.dr_grpo import DR_GRPO
+from minirlhf.algorithms.grpo import GRPO
+from minirlhf.algorithms.ppo import A2C, PPO
+from minirlhf.algorithms.rl_core import Algorithm
+from minirlhf.algorithms.rloo import RLOO
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (PPO, GRPO, RLOO, A2C, DR_GRPO)}
+
+
+def get(name: str) -> Algorithm:
+    if name not in ALGORITHMS:
+        raise ConfigError(f"unknown RL algorithm {name!r}; use one of {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]

@@ -1,0 +1,82 @@
+"""Loading a policy by what the user names: a run that trained one, a policy folder, a model folder or a hub name.
+
+A run says what it is (run.json, through RunDir), and a policy folder says what kind of policy it holds
+(policy.json: `lstm` or `causal_lm`); a folder without policy.json is a transformers model folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from minirlhf import RunError
+from minirlhf.checkpoint import load_json
+from minirlhf.models.causal_lm import CausalLMPolicy
+from minirlhf.models.lstm import load_generator
+from minirlhf.models.policy import LSTMPolicy, load_value_head
+from minirlhf.rundir import RunDir
+
+
+@dataclass
+class PolicyOptions:
+    chat_template: bool = True
+    """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one)"""
+    freeze_layers: int = 0
+    """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs); the
+    reference and a separate critic share them, and their output is computed once per rollout"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (peft) instead of the weights; the reference is the model with its
+    adapters off, so no second copy (causal LMs; 0: off)"""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)"""
+
+    checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
+
+    def as_kwargs(self) -> dict:
+        return dict(chat_template=self.chat_template, freeze_layers=self.freeze_layers, lora_rank=self.lora_rank,
+                    lora_alpha=self.lora_alpha)
+
+
+def policy_folder(spec: str) -> Path | None:
+    """The folder holding a saved policy: the one a run trained, or the folder itself; None for a model name."""
+    run = RunDir.find(spec)
+    if run is not None:
+        folder = run.policy()
+        if folder is None:
+            raise RunError(f"{spec} is a {run.stage} run with no policy to start from; give a generator, RL or DPO "
+                           "run (after its first checkpoint), a model folder, or a model name")
+        return folder
+    path = Path(spec)
+    return path if path.is_dir() else None
+
+
+def policy_kind(folder: Path | None) -> str:
+    """`lstm` or `causal_lm`, as the folder's policy.json says (a plain model folder or name: `causal_lm`)."""
+    if folder is None or not (folder / "policy.json").is_file():
+        return "causal_lm"
+    return load_json(folder / "policy.json").get("kind", "causal_lm")
+
+
+def load_policy(spec: str, device, value_head: bool = True, **lm_options):
+    """A policy from a generator, RL or DPO run (its last checkpoint), a policy or causal LM folder, or a model name
+    (`smollm2` for the offline SmolLM2-135M-Instruct). `lm_options` go to CausalLMPolicy."""
+    folder = policy_folder(spec)
+    if policy_kind(folder) == "lstm":
+        policy = LSTMPolicy(*load_generator(folder, device), value_head=value_head)
+    else:
+        policy = CausalLMPolicy.load(str(folder) if folder is not None else spec, value_head=value_head, **lm_options)
+    if folder is not None:
+        load_value_head(policy, folder)
+    return policy.to(device).eval()
+
+
+def restore_policy(model, folder: Path, device, **lm_options) -> None:
+    """Load a checkpoint's saved policy (or critic) into `model`, which was set up from the starting policy
+    (a LoRA policy's adapters stay adapters)."""
+    saved = load_policy(str(folder), device, value_head=model.value_head is not None,
+                        **lm_options | {"keep_adapters": True})
+    try:
+        model.load_state_dict(saved.state_dict())
+    except RuntimeError as e:
+        raise RunError(f"{folder} does not fit the policy it should resume ({str(e).splitlines()[0][:120]}); "
+                       "resume with the config the run was started with") from e

@@ -1,0 +1,139 @@
+"""A run directory: every path a run writes, what kind of run made it, and its atomic checkpoint.
+
+    RUN_DIR/
+      run.json        what made it, written when the run starts: stage, algorithm, base model, minirlhf version
+      config.yaml     the resolved config;  metrics.jsonl, *.png, results.json, report.md, samples.md
+      model/          a classifier's or reward model's weights (transformers' own format)
+      checkpoint/     the last checkpoint, replaced whole: state.json (step and the stage's JSON state),
+                      trainer_state.safetensors (optimizer and RNG), and model folders such as policy/
+A generator run keeps its LSTM (model.safetensors, vocab.json, checkpoint.json) at the top, the policy folder that
+`--policy RUN` loads. Readers never guess a run's kind from its files: they ask `RunDir.find(path).stage`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from minirlhf import RunError, __version__
+from minirlhf.checkpoint import atomic_dir, load_json, recover_dir, save_json
+
+STAGES = ("classifier", "generator", "reward_model", "dpo", "rl", "demo")
+"""the kinds of run; an RL run also records its algorithm"""
+POLICY_STAGES = ("generator", "dpo", "rl")
+"""stages whose run is a policy that `--policy RUN` starts from"""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ---------------------------------------------------------------- paths
+    info_file = property(lambda self: self.path / "run.json")
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    results = property(lambda self: self.path / "results.json")
+    report = property(lambda self: self.path / "report.md")
+    samples = property(lambda self: self.path / "samples.md")
+    model = property(lambda self: self.path / "model")
+    checkpoint = property(lambda self: self.path / "checkpoint")
+    state = property(lambda self: self.path / "checkpoint" / "state.json")
+    trainer_state = property(lambda self: self.path / "checkpoint" / "trainer_state.safetensors")
+
+    def plot(self, name: str) -> Path:
+        return self.path / f"{name}.png"
+
+    def saved(self, name: str) -> Path:
+        """A model folder inside the last checkpoint (`policy`, `value_model`, `model`)."""
+        return self.checkpoint / name
+
+    # ---------------------------------------------------------------- what kind of run
+    @property
+    def info(self) -> dict:
+        return load_json(self.info_file)
+
+    stage = property(lambda self: self.info.get("stage"))
+    algorithm = property(lambda self: self.info.get("algorithm"))
+
+    def policy(self) -> Path | None:
+        """The folder of the policy this run trained (None for runs that train no policy)."""
+        if self.stage == "generator":
+            return self.path
+        if self.stage in POLICY_STAGES and self.saved("policy").is_dir():
+            return self.saved("policy")
+        return None
+
+    # ---------------------------------------------------------------- making and finding runs
+    @classmethod
+    def create(cls, out: str | Path | None, stage: str, algorithm: str | None = None,
+               base: str | None = None) -> "RunDir":
+        """A new run directory (`out`, or a time-stamped folder under runs/) recording what makes it."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        path = Path(out) if out is not None else _fresh(Path("runs"), (algorithm or stage).replace("_", "-"))
+        if path.exists() and not path.is_dir():
+            raise RunError(f"--out {path} is a file; give a directory path")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        save_json({"stage": stage, "algorithm": algorithm, "base": base, "version": __version__}, run.info_file)
+        return run
+
+    @classmethod
+    def find(cls, path: str | Path | None) -> "RunDir | None":
+        """The run at `path`, its folders recovered from a crash mid-checkpoint; None if `path` is no run."""
+        if path is None or not (Path(path) / "run.json").is_file():
+            return None
+        run = cls(Path(path))
+        for folder in (run.checkpoint, run.model):
+            recover_dir(folder)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path, stage: str | None = None, command: str = "") -> "RunDir":
+        """The run at `path`, which must be of `stage`; else one line saying what it is and what to do."""
+        run = cls.find(path)
+        if run is None:
+            raise RunError(f"{path} is not a minirlhf run directory (no run.json)" +
+                           (f"; make one with `minirlhf {command}`" if command else ""))
+        if stage is not None and run.stage != stage:
+            raise RunError(f"{path} is a {run.stage} run, not a {stage} run" +
+                           (f"; make one with `minirlhf {command}`" if command else ""))
+        return run
+
+    # ---------------------------------------------------------------- the checkpoint
+    @contextmanager
+    def write_checkpoint(self):
+        """A folder to fill; on success it replaces checkpoint/ whole, so a crash leaves the previous one intact."""
+        with atomic_dir(self.checkpoint) as tmp:
+            yield tmp
+
+    def checkpoint_step(self) -> int:
+        """The step of the last checkpoint (0 if there is none)."""
+        return int(load_json(self.state).get("step", 0)) if self.state.is_file() else 0
+
+
+def _fresh(root: Path, name: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = root / f"{name}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{stamp}-{n}"
+    return path
+
+
+def newest(root: Path, stage: str) -> RunDir | None:
+    """The run of `stage` under `root` whose checkpoint was written last."""
+    runs = [r for r in map(RunDir.find, (p.parent for p in Path(root).glob("**/run.json")))
+            if r is not None and r.stage == stage and r.state.is_file()]
+    return max(runs, key=lambda r: r.state.stat().st_mtime, default=None)

@@ -1,0 +1,176 @@
+"""One lifecycle for every stage: run directory, resolved config, seed, device and torchrun, metrics, progress,
+a checkpoint every `save_every` steps, `--resume`, results with the memory report, and teardown.
+
+A stage is a `Job`: it says how to set itself up, what one step does, what its checkpoint holds beyond the
+optimizer, and what its results are; `run(job, cfg)` does everything else, the same way for every stage:
+
+    distributed.init, seed, device  ->  job.setup  ->  RunDir.create, or restore from RUN_DIR/checkpoint
+    ->  job.begin (step 0)  ->  job.step(s) for s = done + 1 .. job.steps, checkpointing  ->  job.end
+    ->  job.finish (main process)  ->  results.json  ->  job.report
+
+A resumed run repeats exactly what the uninterrupted run did (on CPU; tested with SIGKILL for RL, DPO and the
+reward model): a step's data and random draws derive from (seed, step), the torch RNG state is checkpointed,
+and metrics.jsonl keeps only the rows up to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from minirlhf import RunError, distributed
+from minirlhf.checkpoint import load_json, load_optimizer_state, load_weights, optimizer_state, save_json, save_weights
+from minirlhf.config import save_config
+from minirlhf.metrics import MetricsWriter
+from minirlhf.rundir import RunDir
+from minirlhf.runtime import memory_report, peak_memory_mb, pick_device, seed_everything
+from minirlhf.training import progress
+
+
+@dataclass
+class Run:
+    """What a job sees of the run it is part of."""
+
+    cfg: object
+    device: torch.device
+    main: bool
+    """rank 0 (or the only process): the one that writes files"""
+    dir: RunDir | None = None
+    """None on the other processes under torchrun"""
+    metrics: MetricsWriter | None = None
+    done: int = 0
+    """steps finished before this process started (a resumed run)"""
+    memory: dict | None = None
+
+    def say(self, *lines: str) -> None:
+        if self.main:
+            print(*lines, sep="\n", flush=True)
+
+
+class Job(Protocol):
+    """What a stage gives the runner. Attributes are set by `setup` at the latest."""
+
+    name: str  # the progress bar's label and the default run folder's prefix
+    stage: str  # one of rundir.STAGES
+    algorithm: str | None
+    base: str | None  # what it starts from (a model or a run): a resumed run must start from the same
+    steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    progress_keys: dict[str, str]  # progress-bar label -> metric shown there
+
+    def setup(self, run: Run) -> None: ...
+    def begin(self, run: Run) -> dict | None: ...  # before the first step: the step-0 metrics of a fresh run
+    def step(self, step: int) -> dict | None: ...  # one step; the metrics row to log, if any
+    def save(self, folder: Path) -> dict: ...  # model folders into `folder`; returns the stage's JSON state
+    def load(self, folder: Path, state: dict) -> None: ...
+    def end(self) -> None: ...  # release what holds the process group (DDP wrappers)
+    def modules(self) -> list: ...
+    def finish(self, run: Run) -> dict: ...  # plots and the results (main process only)
+    def report(self, run: Run, results: dict) -> None: ...  # report.md and the closing lines
+
+
+def run(job: Job, cfg, resume: str | Path | None = None) -> Path | None:
+    """Run `job` to its last step (from RUN_DIR's last checkpoint with `resume`); the run directory, or None on
+    the other processes under torchrun."""
+    distributed.init()
+    device, why = (distributed.device(), "torchrun") if distributed.device() else pick_device(cfg.device)
+    run_ = Run(cfg, device, distributed.is_main())
+    seed_everything(cfg.seed)
+    run_.say(f"device: {device} ({why}), {distributed.world_size()} process(es)")
+    with distributed.main_first():
+        job.setup(run_)  # bad input fails here, before anything is written
+    _open(run_, job, cfg, resume)
+    first = job.begin(run_)
+    if run_.main and first and run_.done == 0:
+        run_.metrics.log(0, **first)
+    _loop(run_, job, cfg)
+    job.end()
+    gc.collect()  # DDP's reducers must go before the process group does, or the exit can abort
+    if run_.main:
+        _finish(run_, job)
+    distributed.barrier()
+    distributed.close()
+    return run_.dir.path if run_.main else None
+
+
+def _open(run_: Run, job: Job, cfg, resume) -> None:
+    """The run directory: a new one, or `resume`'s with the job restored from its checkpoint."""
+    if resume is not None:
+        run_.dir = RunDir.open(resume, job.stage)
+        if run_.dir.algorithm != job.algorithm:
+            raise RunError(f"{resume} holds a {run_.dir.algorithm or run_.dir.stage} run, not {job.algorithm}; "
+                           "resume it with its own command")
+        run_.done = restore(run_.dir, job)
+        if run_.done >= job.steps and run_.dir.results.is_file():
+            raise RunError(f"{resume} already ran {run_.done} steps; pass --steps=N with N > {run_.done} "
+                           "(or more epochs) to train further")
+        run_.say(f"{job.name}: resuming after step {run_.done}")
+    elif run_.main:
+        run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base)
+    if run_.main:
+        save_config(cfg, run_.dir.config)
+        run_.metrics = MetricsWriter(run_.dir.path, keep_until=run_.done if resume is not None else None)
+
+
+def _loop(run_: Run, job: Job, cfg) -> None:
+    bar = progress(range(run_.done + 1, job.steps + 1), desc=job.name, unit="step", disable=not run_.main)
+    for step in bar:
+        row = job.step(step)
+        if run_.main and row:
+            run_.metrics.log(step, **row)
+            shown = {label: f"{row[key]:.3f}" for label, key in job.progress_keys.items() if key in row}
+            if shown:
+                bar.set_postfix(shown, refresh=False)
+        if run_.main and (step % cfg.save_every == 0 or step == job.steps):
+            save_checkpoint(run_.dir, job, step)
+
+
+def _finish(run_: Run, job: Job) -> None:
+    run_.memory = memory_report(job.modules(), job.optimizer)
+    results = job.finish(run_)  # may log last rows (test figures) before the metrics file closes
+    run_.metrics.close()
+    results.setdefault("memory", run_.memory)
+    results.setdefault("peak_memory_mb", round(peak_memory_mb()))
+    save_json(results, run_.dir.results)
+    job.report(run_, results)
+
+
+def save_checkpoint(run_dir: RunDir, job: Job, step: int) -> None:
+    """checkpoint/, replaced whole: the job's model folders and JSON state, the optimizer's tensors and torch's RNG
+    state as safetensors, the step. A crash while writing leaves the previous checkpoint intact."""
+    tensors, optimizer_meta = optimizer_state(job.optimizer)
+    with run_dir.write_checkpoint() as tmp:
+        state = job.save(tmp)
+        save_weights({**{f"optimizer.{k}": v for k, v in tensors.items()}, "rng.torch": torch.get_rng_state()},
+                     tmp / run_dir.trainer_state.name)
+        scheduler = job.scheduler.state_dict() if job.scheduler is not None else None
+        save_json({"stage": job.stage, "algorithm": job.algorithm, "step": step, "base": job.base, **state,
+                   "optimizer": optimizer_meta, "scheduler": scheduler}, tmp / run_dir.state.name)
+
+
+def restore(run_dir: RunDir, job: Job) -> int:
+    """Load the last checkpoint into the freshly set-up job; the step it was taken at (0 if there is none yet:
+    the run then starts again from the beginning, in the same directory)."""
+    if not run_dir.state.is_file():
+        return 0
+    state = load_json(run_dir.state)
+    if state.get("base") != job.base:
+        raise RunError(f"{run_dir.checkpoint} holds a run of {state.get('base')!r}, not of {job.base!r}; "
+                       "resume it with the config it was started with")
+    tensors = load_weights(run_dir.trainer_state)
+    job.load(run_dir.checkpoint, state)
+    try:
+        load_optimizer_state(job.optimizer, {k[len("optimizer."):]: v for k, v in tensors.items()
+                                             if k.startswith("optimizer.")}, state["optimizer"], run_dir.checkpoint)
+        if job.scheduler is not None:
+            job.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise RunError(f"{run_dir.checkpoint} is incomplete ({e!r} missing or malformed); resume from an intact "
+                       "run") from e

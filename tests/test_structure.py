@@ -1,0 +1,142 @@
+"""The package's shape: imports point one way (base -> data -> models -> stages -> commands), with no cycles, no
+import hidden in a function to dodge one, and no function over 60 lines. Read from the source, so it also sees
+imports inside functions (blocks under `if TYPE_CHECKING:` excepted: they never run)."""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "minirlhf"
+LAYERS = {
+    "base": ("minirlhf", "minirlhf.ops", "minirlhf.checkpoint", "minirlhf.runtime", "minirlhf.config",
+             "minirlhf.metrics", "minirlhf.training", "minirlhf.distributed", "minirlhf.rundir", "minirlhf.runner"),
+    "data": ("minirlhf.data",),
+    "models": ("minirlhf.models",),
+    "stages": ("minirlhf.algorithms",),
+    "commands": ("minirlhf.cli", "minirlhf.pipeline", "minirlhf.doctor", "minirlhf.feedback", "minirlhf.__main__"),
+}
+ORDER = list(LAYERS)
+LAZY_ALLOWED = {("minirlhf.cli", "minirlhf.feedback.app")}
+"""function-local imports kept on purpose: serving needs flask, which importing the CLI must not"""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def layer(module: str) -> int:
+    best = max((prefix for prefixes in LAYERS.values() for prefix in prefixes
+                if module == prefix or module.startswith(prefix + ".")), key=len)
+    return next(i for i, name in enumerate(ORDER) if best in LAYERS[name])
+
+
+def _type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports(module: str) -> list[tuple[str, bool]]:
+    """(imported module of the package, whether the import sits inside a function) for every import in `module`."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if _type_checking(node):
+            return
+        if isinstance(node, ast.Import):
+            found.extend((a.name, in_function) for a in node.names if a.name.split(".")[0] == "minirlhf")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "minirlhf":
+            for a in node.names:  # `from minirlhf import distributed` imports a module, `... import UserError` not
+                sub = f"{node.module}.{a.name}"
+                found.append((sub if sub in MODULES else node.module, in_function))
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inner)
+
+    visit(tree, False)
+    return [(m, f) for m, f in found if m != module]
+
+
+GRAPH = {m: imports(m) for m in MODULES}
+
+
+def test_every_module_has_a_layer():
+    assert all(layer(m) >= 0 for m in MODULES)
+
+
+def test_imports_only_point_down():
+    upward = [f"{m} -> {t}" for m, ts in GRAPH.items() for t, _ in ts if layer(t) > layer(m)]
+    assert upward == []
+
+
+def test_models_and_data_never_import_stages_or_commands():
+    bad = [f"{m} -> {t}" for m, ts in GRAPH.items() if layer(m) <= ORDER.index("models") for t, _ in ts
+           if t.startswith(("minirlhf.algorithms", "minirlhf.cli", "minirlhf.pipeline"))]
+    assert bad == []
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of two or more modules (Tarjan, 1972): each one holds a cycle."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def strongconnect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            strongconnect(v)
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles({m: {t for t, _ in ts if t in MODULES} for m, ts in GRAPH.items()}) == []
+
+
+def test_no_package_import_hides_in_a_function():
+    hidden = [f"{m} -> {t}" for m, ts in GRAPH.items() for t, lazy in ts if lazy and (m, t) not in LAZY_ALLOWED]
+    assert hidden == []
+
+
+@pytest.mark.parametrize("path", sorted(MODULES.values()), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_function_is_longer_than_60_lines(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    long = [f"{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []
+
+
+def test_the_checker_sees_cycles_and_hidden_imports(tmp_path, monkeypatch):
+    """The walk itself: a function-local import is seen, and so is the cycle it closes."""
+    pkg = tmp_path / "minirlhf"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ops.py").write_text("from minirlhf import cli\n")
+    (pkg / "cli.py").write_text("def f():\n    from minirlhf.ops import x\n")
+    this = sys.modules[__name__]
+    monkeypatch.setattr(this, "SRC", pkg)
+    monkeypatch.setattr(this, "MODULES", {module_name(p): p for p in pkg.rglob("*.py")})
+    assert imports("minirlhf.cli") == [("minirlhf.ops", True)]
+    assert imports("minirlhf.ops") == [("minirlhf.cli", False)]
+    assert layer("minirlhf.cli") > layer("minirlhf.ops")
+    assert cycles({"minirlhf.cli": {"minirlhf.ops"}, "minirlhf.ops": {"minirlhf.cli"}}) == [["minirlhf.cli",
+                                                                                            "minirlhf.ops"]]
