@@ -143,9 +143,10 @@ def _reward_text(cfg) -> str:
 
 def rl_run(path: str | Path) -> tuple[RunDir, object]:
     """An RL run with a checkpoint, and the config it was trained with as its algorithm's own dataclass."""
-    run = RunDir.open(path, "rl", command="ppo")
-    if run.policy() is None:
-        raise RunError(f"{path} has no checkpoint yet (checkpoint/policy/); let it run to its first save_every steps")
+    run = RunDir.find(path)
+    if run is None or run.stage != "rl" or run.policy() is None:
+        what = "not a minirlhf run" if run is None else f"a {run.stage} run" if run.stage != "rl" else "not saved yet"
+        raise RunError(f"{path} is not an RL run with a checkpoint ({what}); train one with `minirlhf ppo`")
     return run, load_saved(registry.get(run.algorithm).config, run.config)
 
 
