@@ -91,7 +91,10 @@ def recover_dir(path: Path) -> None:
     """Undo a crash between `atomic_dir`'s two renames: the previous folder, complete, goes back in place."""
     path = Path(path)
     if not path.exists() and old_copy(path).is_dir():
-        old_copy(path).rename(path)
+        try:
+            old_copy(path).rename(path)
+        except FileNotFoundError:  # another process (torchrun) put it back first
+            pass
 
 
 @contextmanager

@@ -22,6 +22,8 @@ from minirlhf.checkpoint import atomic_dir, load_json, recover_dir, save_json
 
 STAGES = ("classifier", "generator", "reward_model", "dpo", "rl", "demo")
 """the kinds of run; an RL run also records its algorithm"""
+A_STAGE = {"classifier": "a classifier", "generator": "a generator", "reward_model": "a reward-model", "dpo": "a DPO",
+           "rl": "an RL", "demo": "a demo"}
 POLICY_STAGES = ("generator", "dpo", "rl")
 """stages whose run is a policy that `--policy RUN` starts from"""
 
@@ -107,7 +109,7 @@ class RunDir:
             raise RunError(f"{path} is not a minirlhf run directory (no run.json)" +
                            (f"; make one with `minirlhf {command}`" if command else ""))
         if stage is not None and run.stage != stage:
-            raise RunError(f"{path} is a {run.stage} run, not a {stage} run" +
+            raise RunError(f"{path} is {A_STAGE.get(run.stage, run.stage)} run, not {A_STAGE[stage]} run" +
                            (f"; make one with `minirlhf {command}`" if command else ""))
         return run
 

@@ -174,3 +174,29 @@ def restore(run_dir: RunDir, job: Job) -> int:
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise RunError(f"{run_dir.checkpoint} is incomplete ({e!r} missing or malformed); resume from an intact "
                        "run") from e
+
+
+class ModelJob:
+    """What the supervised stages (classifier, generator, reward model) share: one model, whose whole weights the
+    checkpoint holds beside the attributes named in `kept` (JSON), and nothing to do at `begin` or `end`."""
+
+    algorithm = None
+    kept: tuple[str, ...] = ()
+
+    def begin(self, run: Run) -> dict | None:
+        return None
+
+    def save(self, folder: Path) -> dict:
+        save_weights(self.model.state_dict(), folder / "model.safetensors")
+        return {name: getattr(self, name) for name in self.kept}
+
+    def load(self, folder: Path, state: dict) -> None:
+        self.model.load_state_dict(load_weights(folder / "model.safetensors", self.run.device))
+        for name in self.kept:
+            setattr(self, name, state[name])
+
+    def end(self) -> None:
+        return None
+
+    def modules(self) -> list:
+        return [self.model]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import runner
-from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
+from minirlhf.checkpoint import atomic_dir
 from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
 from minirlhf.data.sentiment import load_splits
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained
@@ -75,10 +75,10 @@ def _evaluate(model, seqs, labels, cache, n, pad_id, batch_size, device) -> dict
     return binary_scores(logits, torch.tensor(labels))
 
 
-class ClassifierJob:
+class ClassifierJob(runner.ModelJob):
     """Fine-tune, keep the best model by validation accuracy (model/), report test accuracy and F1."""
 
-    stage, name, algorithm, base = "classifier", "classifier", None, None
+    stage, name, base, kept = "classifier", "classifier", None, ("best", "recent")
     progress_keys = {"loss": "train/loss"}
 
     def __init__(self, cfg: ClassifierConfig):
@@ -142,19 +142,8 @@ class ClassifierJob:
         self.epoch_t0 = time.time()
         return row
 
-    def save(self, folder: Path) -> dict:
-        save_weights(self.model.state_dict(), folder / "model.safetensors")
-        return {"best": self.best, "recent": self.recent}
-
-    def load(self, folder: Path, state: dict) -> None:
-        self.model.load_state_dict(load_weights(folder / "model.safetensors", self.run.device))
-        self.best, self.recent = float(state["best"]), list(state["recent"])
-
     def end(self) -> None:
         self.cache = None
-
-    def modules(self) -> list:
-        return [self.model]
 
     def finish(self, run: runner.Run) -> dict:
         """The best epoch's model on the test split; plots and results."""

@@ -22,7 +22,7 @@ from minirlhf.data.vocab import tokenize
 from minirlhf.models.load import load_policy
 from minirlhf.models.rewards import TERMS, Reward
 from minirlhf.ops import kl_estimate
-from minirlhf.rundir import RunDir
+from minirlhf.rundir import A_STAGE, RunDir
 from minirlhf.runtime import pick_device
 
 
@@ -145,7 +145,7 @@ def rl_run(path: str | Path) -> tuple[RunDir, object]:
     """An RL run with a checkpoint, and the config it was trained with as its algorithm's own dataclass."""
     run = RunDir.find(path)
     if run is None or run.stage != "rl" or run.policy() is None:
-        what = "not a minirlhf run" if run is None else f"a {run.stage} run" if run.stage != "rl" else "not saved yet"
+        what = "not a minirlhf run" if run is None else f"{A_STAGE[run.stage]} run" if run.stage != "rl" else "not saved yet"
         raise RunError(f"{path} is not an RL run with a checkpoint ({what}); train one with `minirlhf ppo`")
     return run, load_saved(registry.get(run.algorithm).config, run.config)
 

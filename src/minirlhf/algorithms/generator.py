@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import runner
-from minirlhf.checkpoint import atomic_write_text, load_weights, save_weights
+from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
@@ -126,10 +126,10 @@ def _write_samples(path: Path, rows: list[tuple[str, str]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-class GeneratorJob:
+class GeneratorJob(runner.ModelJob):
     """Train with teacher forcing, keep the best model by validation perplexity, write samples."""
 
-    stage, name, algorithm, base = "generator", "generator", None, None
+    stage, name, base, kept = "generator", "generator", None, ("best", "recent")
     progress_keys = {"loss": "train/loss"}
 
     def __init__(self, cfg: GeneratorConfig):
@@ -151,9 +151,6 @@ class GeneratorJob:
                               cfg.train.epochs, cfg.seed)
         self.steps = self.plan.steps
         self.optimizer, self.scheduler = make_optimizer(list(self.model.parameters()), cfg.train, self.steps)
-
-    def begin(self, run: runner.Run) -> None:
-        return None
 
     def step(self, step: int) -> dict | None:
         cfg, pad_id = self.cfg, self.vocab.pad_id
@@ -177,20 +174,6 @@ class GeneratorJob:
             self.best = val_ppl
             save_generator(self.run.dir.path, self.model, self.vocab, step, {"epoch": epoch, "val_perplexity": val_ppl})
         return {"epoch": epoch, "val/perplexity": val_ppl, "val/unigram_perplexity": self.unigram}
-
-    def save(self, folder: Path) -> dict:
-        save_weights(self.model.state_dict(), folder / "model.safetensors")
-        return {"best": self.best, "recent": self.recent}
-
-    def load(self, folder: Path, state: dict) -> None:
-        self.model.load_state_dict(load_weights(folder / "model.safetensors", self.run.device))
-        self.best, self.recent = float(state["best"]), list(state["recent"])
-
-    def end(self) -> None:
-        return None
-
-    def modules(self) -> list:
-        return [self.model]
 
     def finish(self, run: runner.Run) -> dict:
         """The best model's samples; plots and results."""

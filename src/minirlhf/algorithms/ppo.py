@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from minirlhf import ConfigError
-from minirlhf.algorithms.rl_core import Algorithm, Batch, RLConfig, value_loss  # noqa: F401 (value_loss: PPO's)
+from minirlhf.algorithms.rl_core import Algorithm, Batch, RLConfig, value_loss
 from minirlhf.config import OptimizerConfig
 from minirlhf.ops import gae, masked_whiten, token_rewards
+
+__all__ = ["PPOConfig", "A2CConfig", "PPO", "A2C", "advantages", "value_loss"]  # the clipped value loss is PPO's
 
 
 @dataclass

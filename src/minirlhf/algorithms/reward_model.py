@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import ConfigError, runner
-from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
+from minirlhf.checkpoint import atomic_dir
 from minirlhf.config import OptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.preferences import Pair, length_baseline, load_split, read_pairs
@@ -107,10 +107,10 @@ def evaluate(model, texts: PairTexts, n_frozen, pad_id, batch_size, device) -> t
     return pair_scores(r[: texts.n], r[texts.n:]), r
 
 
-class RewardModelJob:
+class RewardModelJob(runner.ModelJob):
     """Fit the reward model; report held-out accuracy and margin against the length-only baseline."""
 
-    stage, name, algorithm = "reward_model", "reward-model", None
+    stage, name, kept = "reward_model", "reward-model", ("recent",)
     progress_keys = {"loss": "train/loss"}
 
     def __init__(self, cfg: RewardModelConfig):
@@ -170,20 +170,6 @@ class RewardModelJob:
                          f"{self.held['margin']:.3f}  loss {self.held['loss']:.4f}")
             row |= {"epoch": epoch, **{f"eval/{k}": v for k, v in self.held.items()}}
         return row
-
-    def save(self, folder: Path) -> dict:
-        save_weights(self.model.state_dict(), folder / "model.safetensors")
-        return {"recent": self.recent}
-
-    def load(self, folder: Path, state: dict) -> None:
-        self.model.load_state_dict(load_weights(folder / "model.safetensors", self.run.device))
-        self.recent = [tuple(r) for r in state["recent"]]
-
-    def end(self) -> None:
-        return None
-
-    def modules(self) -> list:
-        return [self.model]
 
     def finish(self, run: runner.Run) -> dict:
         """model/ (with the mean and std of its rewards on the training responses), plots and results."""
