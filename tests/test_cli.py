@@ -139,3 +139,15 @@ def test_generate_works_on_a_causal_lm_by_name(cli):
     proc = cli("generate", "smollm2", "--prompt", "Say hello.", "-n", "2", "--max-new-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_debug_shows_the_traceback_with_its_cause(cli, tmp_path):
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
+    quiet = cli("train-classifier", "--config", "broken.yaml")
+    assert_one_line_error(quiet, "broken.yaml is not valid YAML")
+    loud = cli("--debug", "train-classifier", "--config", "broken.yaml")
+    assert loud.returncode == 2 and "Traceback" in loud.stderr and "ConfigError" in loud.stderr
+    assert "yaml.parser.ParserError" in loud.stderr or "ScannerError" in loud.stderr  # the cause is kept
+    assert loud.stderr.strip().splitlines()[-1].startswith("minirlhf: error:")
+    env = cli("train-classifier", "--config", "broken.yaml", env={"MINIRLHF_DEBUG": "1"})
+    assert env.returncode == 2 and "Traceback" in env.stderr

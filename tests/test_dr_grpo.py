@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from minirlhf.algorithms import registry
-from minirlhf.algorithms.dr_grpo import DR_GRPO, DrGRPOConfig, advantages, constant_normaliser
+from minirlhf.algorithms.dr_grpo import DR_GRPO, DrGRPOConfig, advantages, constant_normaliser, group_center
 from minirlhf.algorithms.rl import train
 from minirlhf.algorithms.rl_core import KLTerms, policy_loss
 from minirlhf.config import load_config
-from minirlhf.ops import group_center
 
 
 def test_group_center_matches_naive_loop():

@@ -1,5 +1,6 @@
-"""The `minirlhf` command: one sub-command per stage (the RL algorithms from the registry), plus doctor, generate,
-classify, evaluate, feedback and the demo.
+"""The `minirlhf` command: a sub-command per stage and per RL algorithm, and the tools that read runs.
+
+The RL algorithms come from the registry; the tools are doctor, generate, classify, evaluate, feedback and the demo.
 
 Training commands take `--config FILE.yaml`, `--data SOURCE`, `--out RUN_DIR`, `--device`, `--seed`, `--resume RUN_DIR`
 and any config key as a dotted override (`--train.lr=3e-5`); `--help` lists every key with its default. Errors the

@@ -101,10 +101,3 @@ def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = scores.view(-1, group_size)  # (B / G, G)
     others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
     return (groups - others).view(-1)
-
-
-def group_center(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Dr. GRPO's advantage (Liu et al., 2025, eq. 2 without the std): each score minus the mean of its group.
-    scores (B,) with groups of `group_size` consecutive samples of one prompt -> (B,)."""
-    groups = scores.view(-1, group_size)  # (B / G, G)
-    return (groups - groups.mean(1, keepdim=True)).view(-1)

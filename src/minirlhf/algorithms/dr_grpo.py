@@ -6,8 +6,8 @@ the advantage is the reward minus the group's mean (no std), and every loss is a
 constant, the minibatch's responses x `response_len`, not by the tokens it happens to hold. The KL term against the
 reference stays in the loss, as in GRPO (k3); the paper drops it (kl_coef=0) for rule-based rewards.
 
-This file is the whole algorithm: its config, its advantage, its normaliser, and its `Algorithm` entry, which
-registry.py lists. The loop (rl.py) is untouched.
+This file is the whole algorithm: its config, its advantage, its normaliser, and its `Algorithm`, which
+registry.py lists. Nothing else changed to add it: not the loop (rl.py), the CLI, evaluate or feedback.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from minirlhf.algorithms.rl_core import Algorithm, Batch, GroupConfig, RLConfig, k3_in_loss
-from minirlhf.ops import group_center
 
 
 @dataclass
@@ -27,6 +26,13 @@ class DrGRPOConfig(GroupConfig, RLConfig):
 
     algorithm = "dr_grpo"
     checks = {**RLConfig.checks, **GroupConfig.checks}
+
+
+def group_center(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each score minus the mean of its group (Liu et al., 2025, eq. 2 without GRPO's division by the std).
+    scores (B,) in groups of `group_size` consecutive samples of one prompt -> (B,)."""
+    groups = scores.view(-1, group_size)  # (B / G, G)
+    return (groups - groups.mean(1, keepdim=True)).view(-1)
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:

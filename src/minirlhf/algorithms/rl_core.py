@@ -22,6 +22,12 @@ from minirlhf.ops import kl_estimate, masked_mean, masked_var
 
 
 @dataclass
+class RLOptimizerConfig(OptimizerConfig):
+    lr: float = 3e-4
+    """Adam learning rate (constant: RL has no warm-up or decay)"""
+
+
+@dataclass
 class RLConfig(TrainingRunConfig):
     policy: str = ""
     """the starting policy: an LSTM generator run, an RL run, a causal LM folder or hub name, or `smollm2`
@@ -34,7 +40,7 @@ class RLConfig(TrainingRunConfig):
     """the corpus whose texts' first words are the prompts (unless prompts.file is set)"""
     prompts: PromptConfig = field(default_factory=PromptConfig)
     """where the prompts come from"""
-    train: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=3e-4))
+    train: RLOptimizerConfig = field(default_factory=RLOptimizerConfig)
     """the optimiser (Adam: no weight decay, a constant learning rate)"""
     steps: int = 60
     """iterations of rollout, then update"""
@@ -84,7 +90,7 @@ class GroupConfig:
     """passes over each batch of rollouts"""
     adaptive_kl: bool = False
     """adapt kl_coef towards kl_target (off: a fixed coefficient)"""
-    train: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-4))
+    train: RLOptimizerConfig = field(default_factory=lambda: RLOptimizerConfig(lr=5e-4))
     """the optimiser (Adam: no weight decay, a constant learning rate)"""
 
     checks = {"group_size": ">= 2"}
