@@ -40,6 +40,7 @@ from common import ROOT, new_run_dir
 from minirlhf.models.rewards import RewardConfig
 from minirlhf.pipeline import load_classifier
 from minirlhf.rundir import RunDir
+from minirlhf.runtime import configure_process
 
 SHARED = ROOT.parent / "shared" / "data" / "imdb"
 TEMPLATE = "Continue this movie review: {}"
@@ -195,6 +196,7 @@ def main() -> int:
     ap.add_argument("--target-rise", type=float, default=1.0, choices=[0.5, 0.75, 1.0])
     ap.add_argument("--systems", default=",".join([*SYSTEMS, *TRL]))
     args = ap.parse_args()
+    configure_process()  # an entry point that loads models in this process: quiet transformers, offline hub
     torch.set_num_threads(2)
     work = new_run_dir("sentiment-rlhf")
     work.mkdir(parents=True)

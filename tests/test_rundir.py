@@ -11,7 +11,7 @@ from minirlhf.rundir import RunDir, newest
 
 def test_a_run_records_its_kind_when_it_is_created(tmp_path):
     run = RunDir.create(tmp_path / "r", "rl", "grpo", "smollm2")
-    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    info = json.loads(run.info_file.read_text())
     assert info["stage"] == "rl" and info["algorithm"] == "grpo" and info["base"] == "smollm2" and info["version"]
     assert RunDir.find(tmp_path / "r").algorithm == "grpo" and RunDir.find(tmp_path) is None
     with pytest.raises(ValueError):
