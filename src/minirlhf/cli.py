@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError, UserError, __version__, doctor
-from minirlhf.algorithms import classifier, dpo, generator, registry, reward_model, rl
+from minirlhf.algorithms import classifier, dpo, generator, registry, reward_model, rl, sft
 from minirlhf.algorithms.evaluate import evaluate_run
 from minirlhf.config import describe, load_config, load_saved
 from minirlhf.data.sentiment import read_source
@@ -133,6 +133,9 @@ STAGE_COMMANDS = (
     ("train-reward-model", reward_model.RewardModelConfig, reward_model.train, "a Bradley-Terry reward model from "
      "preference pairs (--preferences FILE.jsonl)", "results.json, plots; model/: `minirlhf eval-reward-model {run} "
      "--preferences FILE`, or the RLHF reward term --reward.reward_model={run}"),
+    ("sft", sft.SFTConfig, sft.train, "supervised fine-tuning of a policy on given responses (--policy smollm2|MODEL|RUN "
+     "--data FILE.jsonl)", "report.md, results.json, loss.png; checkpoint/policy: `minirlhf generate {run}`, or "
+     "--policy {run} for a later stage"),
     ("dpo", dpo.DPOConfig, dpo.train, "DPO/IPO from preference pairs, no reward model (--policy GENERATOR_RUN|smollm2|"
      "MODEL --preferences FILE.jsonl)", "report.md, results.json, plots; checkpoint/policy: `minirlhf generate {run}`, "
      "or --policy {run} for a later stage"),

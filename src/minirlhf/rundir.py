@@ -20,11 +20,11 @@ from pathlib import Path
 from minirlhf import RunError, __version__
 from minirlhf.checkpoint import atomic_dir, load_json, recover_dir, save_json
 
-STAGES = ("classifier", "generator", "reward_model", "dpo", "rl", "demo")
+STAGES = ("classifier", "generator", "reward_model", "sft", "dpo", "rl", "demo")
 """the kinds of run; an RL run also records its algorithm"""
-A_STAGE = {"classifier": "a classifier", "generator": "a generator", "reward_model": "a reward-model", "dpo": "a DPO",
-           "rl": "an RL", "demo": "a demo"}
-POLICY_STAGES = ("generator", "dpo", "rl")
+A_STAGE = {"classifier": "a classifier", "generator": "a generator", "reward_model": "a reward-model", "sft": "an SFT",
+           "dpo": "a DPO", "rl": "an RL", "demo": "a demo"}
+POLICY_STAGES = ("generator", "sft", "dpo", "rl")
 """stages whose run is a policy that `--policy RUN` starts from"""
 
 

@@ -1,0 +1,203 @@
+"""Supervised fine-tuning (SFT), the first stage of the InstructGPT recipe (Ouyang et al., 2022) and the step the
+DPO paper takes before DPO: maximise the likelihood of given responses, the loss on response tokens only.
+
+`minirlhf sft --policy smollm2|MODEL|RUN --data examples.jsonl` reads the forms of data/sft.py, puts each prompt to
+an instruct model through its chat template (as RL and DPO do), and saves the policy as a transformers folder (an
+LSTM as a generator folder) that every `--policy` accepts. Held-out loss and perplexity before, every `eval_every`
+steps and at the end. The lifecycle (checkpoints, --resume, results) is the shared runner's: `SFTJob`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minirlhf import ConfigError, runner
+from minirlhf.algorithms.evaluate import md_cell
+from minirlhf.checkpoint import atomic_write_text
+from minirlhf.config import OptimConfig, TrainingRunConfig
+from minirlhf.data.sft import Example, read_examples, split_examples
+from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
+from minirlhf.training import EpochPlan, make_optimizer, shuffled_batches
+
+
+@dataclass
+class SFTTrainConfig(OptimConfig):
+    epochs: int = 1
+    batch_size: int = 8
+    """examples per optimizer step"""
+    micro_batch_size: int = 4
+    """examples per forward pass; a step accumulates the gradients of batch_size / micro_batch_size passes"""
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    log_every: int = 1
+
+    checks = {**OptimConfig.checks, "micro_batch_size": ">= 1"}
+
+
+@dataclass
+class SFTConfig(TrainingRunConfig):
+    policy: str = "smollm2"
+    """the policy to fine-tune: a causal LM folder or hub name, `smollm2`, or a generator, RL, DPO or SFT run"""
+    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    """how a causal LM policy is set up (freeze_layers, LoRA, chat template)"""
+    data: str = ""
+    """examples, .jsonl of {"prompt", "response"}, {"messages"}, {"text"} or preference pairs (their chosen side)"""
+    eval_file: str | None = None
+    """held-out examples (.jsonl); default: hold out `eval_fraction` of the prompts of `data`"""
+    eval_fraction: float = 0.1
+    """share of the prompts (of plain texts: of the texts) held out"""
+    max_train: int | None = None
+    """use at most this many training examples (None: all)"""
+    max_eval: int | None = 200
+    """use at most this many held-out examples (None: all)"""
+    split_seed: int = 0
+    """seed of the shuffle that splits the examples"""
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    """the optimiser and the passes over the examples"""
+    max_prompt_tokens: int = 256
+    """tokens per prompt (after any chat template); a longer prompt keeps its end"""
+    max_response_tokens: int = 256
+    """tokens per response, end-of-text included; a longer response is cut"""
+    eval_every: int = 20
+    """log the held-out loss and perplexity every this many steps (0: only before training and at the end)"""
+    save_every: int = 100
+    samples: int = 4
+    """held-out prompts the trained policy answers in report.md (0: none)"""
+
+    checks = {**TrainingRunConfig.checks, "eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1",
+              "max_prompt_tokens": ">= 1", "max_response_tokens": ">= 1", "eval_every": ">= 0", "samples": ">= 0"}
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Negative log-likelihood of the response tokens: -sum(logprobs * mask) / denominator (default: the number of
+    response tokens, a mean per token). logprobs and mask (B, T): the log-probs of the given response tokens under
+    the policy, and 1 on them (0 on padding)."""
+    total = -(logprobs * mask).sum()
+    return total / (mask.sum().clamp(min=1) if denominator is None else denominator)
+
+
+def load_examples(cfg: SFTConfig) -> tuple[list[Example], list[Example]]:
+    if not cfg.data:
+        raise ConfigError("sft needs examples: pass --data FILE.jsonl of {\"prompt\", \"response\"}, {\"messages\"} "
+                          "or {\"text\"} lines")
+    examples = read_examples(cfg.data)
+    if cfg.eval_file is not None:
+        return examples[: cfg.max_train], read_examples(cfg.eval_file)[: cfg.max_eval]
+    train, held = split_examples(examples, cfg.eval_fraction, cfg.split_seed)
+    return train[: cfg.max_train], held[: cfg.max_eval]
+
+
+class SFTJob:
+    """SFT as a job of the shared runner: one step batch of examples per step, gradients accumulated over its
+    micro-batches, the loss a mean over the step's response tokens."""
+
+    stage, name, algorithm = "sft", "sft", None
+    progress_keys = {"loss": "loss"}
+
+    def __init__(self, cfg: SFTConfig):
+        self.cfg, self.base, self.last = cfg, cfg.policy, {}
+
+    def setup(self, run: runner.Run) -> None:
+        cfg, self.run = self.cfg, run
+        self.train_set, self.eval_set = load_examples(cfg)
+        self.policy = load_policy(cfg.policy, run.device, value_head=False, **cfg.policy_options.as_kwargs())
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the policy has no trainable parameters; lower policy_options.freeze_layers")
+        self.plan = EpochPlan(shuffled_batches(len(self.train_set), cfg.train.batch_size), cfg.train.epochs, cfg.seed)
+        self.steps = self.plan.steps
+        self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, self.steps)
+        run.say(f"sft: policy {cfg.policy} ({self.policy.kind}), {len(self.train_set)} training and "
+                f"{len(self.eval_set)} held-out examples; {self.steps} steps of {cfg.train.batch_size}")
+
+    def _rollouts(self, examples: list[Example]):
+        """Teacher-forced rollouts of the examples, micro_batch_size at a time."""
+        cfg, k = self.cfg, self.cfg.train.micro_batch_size
+        for i in range(0, len(examples), k):
+            chunk = examples[i: i + k]
+            yield self.policy.teacher_forced([e.prompt for e in chunk], [e.response for e in chunk],
+                                             cfg.max_prompt_tokens, cfg.max_response_tokens)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """`eval/loss` (per response token) and `eval/perplexity` on the held-out examples."""
+        nll, tokens = 0.0, 0.0
+        for rollout in self._rollouts(self.eval_set):
+            logprobs = self.policy(rollout, entropy=False)[0]
+            nll += sft_loss(logprobs, rollout.response_mask, 1.0).item()
+            tokens += rollout.response_mask.sum().item()
+        loss = nll / max(tokens, 1)
+        return {"eval/loss": loss, "eval/perplexity": math.exp(loss)}
+
+    def begin(self, run: runner.Run) -> dict:
+        self.before = self.evaluate()
+        return self.before
+
+    def step(self, step: int) -> dict | None:
+        cfg, t0 = self.cfg, time.time()
+        _, idx, _ = self.plan.at(step)
+        batch = [self.train_set[i] for i in idx]
+        rollouts = list(self._rollouts(batch))
+        tokens = sum(r.response_mask.sum() for r in rollouts).clamp(min=1)  # the whole step's: one mean over it
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
+        for rollout in rollouts:
+            part = sft_loss(self.policy(rollout, entropy=False)[0], rollout.response_mask, tokens)
+            part.backward()
+            loss += part.item()
+        if not math.isfinite(loss):
+            raise ConfigError(f"the SFT loss became {loss}; lower train.lr (checkpoints saved so far are intact)")
+        row = {"loss": loss, "grad_norm": torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm).item(),
+               "lr": self.scheduler.get_last_lr()[0], "time/step_s": time.time() - t0}
+        self.optimizer.step()
+        self.scheduler.step()
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == self.steps:
+            self.last = self.evaluate()
+            row |= self.last
+        return row if step % cfg.train.log_every == 0 or "eval/loss" in row else None
+
+    def save(self, folder: Path) -> dict:
+        self.policy.save(folder / "policy")
+        return {"policy_from": self.cfg.policy}
+
+    def load(self, folder: Path, state: dict) -> None:
+        restore_policy(self.policy, folder / "policy", self.run.device, **self.cfg.policy_options.as_kwargs())
+
+    def end(self) -> None:
+        return None
+
+    def modules(self) -> list:
+        return [self.policy]
+
+    def finish(self, run: runner.Run) -> dict:
+        run.metrics.plot(run.dir.plot("loss"), ["loss", "eval/loss"], "SFT loss per response token")
+        after = self.last or self.evaluate()
+        prompts = sorted({e.prompt for e in self.eval_set}, key=len)[: self.cfg.samples]
+        gen = torch.Generator(device=run.device).manual_seed(self.cfg.seed)
+        answers = self.policy.sample(prompts, self.cfg.max_response_tokens, gen).texts if prompts else []
+        return {"examples_train": len(self.train_set), "examples_eval": len(self.eval_set), "steps": self.steps,
+                "before": self.before, "after": after,
+                "samples": [{"prompt": p, "policy": a} for p, a in zip(prompts, answers)]}
+
+    def report(self, run: runner.Run, results: dict) -> None:
+        b, a = results["before"], results["after"]
+        lines = [f"# SFT run `{run.dir}`", "", f"Policy `{self.cfg.policy}`, data `{self.cfg.data}`: "
+                 f"{results['examples_train']} training and {results['examples_eval']} held-out examples.", "",
+                 "| held-out | before | after |", "| --- | --- | --- |",
+                 f"| loss per response token | {b['eval/loss']:.4f} | {a['eval/loss']:.4f} |",
+                 f"| perplexity | {b['eval/perplexity']:.2f} | {a['eval/perplexity']:.2f} |", "", "![loss](loss.png)",
+                 "", "## Samples", "", "| prompt | policy (after) |", "| --- | --- |"]
+        lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['policy'])} |" for s in results["samples"]]
+        atomic_write_text(run.dir.report, "\n".join(lines) + "\n")
+        run.say(f"held-out loss per response token {b['eval/loss']:.3f} -> {a['eval/loss']:.3f}, perplexity "
+                f"{b['eval/perplexity']:.1f} -> {a['eval/perplexity']:.1f}")
+
+
+def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path | None:
+    """Fine-tune the policy on the examples; returns the run directory."""
+    return runner.run(SFTJob(cfg), cfg, resume)
