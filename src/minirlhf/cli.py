@@ -143,14 +143,28 @@ STAGE_COMMANDS = (
 
 
 def _add_stages(sub) -> None:
-    _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end",
-               lambda cfg, resume: run_demo(cfg) and 0, resume=False)
+    _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo, resume=False)
     for name, cls, train, help, what in STAGE_COMMANDS:
         _add_stage(sub, name, cls, help, lambda cfg, resume, t=train, w=what: _finished(w)(t, cfg, resume))
     for algo in registry.ALGORITHMS.values():
         _add_stage(sub, algo.name.replace("_", "-"), algo.config, f"RLHF with {algo.summary} (--policy "
                    "GENERATOR_RUN|smollm2|MODEL --reward CLASSIFIER_RUN)",
                    lambda cfg, resume: _finished(RL_DONE)(rl.train, cfg, resume))
+
+
+def _demo(cfg, resume) -> int:
+    run_demo(cfg)
+    return 0
+
+
+def _evaluate(args, extra) -> int:
+    evaluate_run(args.run_dir, args.prompts, args.n, args.seed, args.device)
+    return 0
+
+
+def _eval_reward_model(args, extra) -> int:
+    reward_model.evaluate_run(args.run_dir, args.preferences, args.device, args.batch_size)
+    return 0
 
 
 def _classify(args, extra) -> int:
@@ -242,14 +256,13 @@ def _add_tools(sub) -> None:
     p.add_argument("-n", type=int, help="use at most this many held-out prompts (default: the run's prompts.max_eval)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=lambda a, extra: evaluate_run(a.run_dir, a.prompts, a.n, a.seed, a.device) and 0)
+    p.set_defaults(func=_evaluate)
     p = sub.add_parser("eval-reward-model", help="held-out pair accuracy, mean margin and the length baseline (JSON)")
     p.add_argument("run_dir")
     p.add_argument("--preferences", required=True, help=".jsonl of {\"prompt\", \"chosen\", \"rejected\"}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=lambda a, extra: reward_model.evaluate_run(a.run_dir, a.preferences, a.device,
-                                                                   a.batch_size) and 0)
+    p.set_defaults(func=_eval_reward_model)
     p = sub.add_parser("classify", help="P(positive) and positive logit of texts under a classifier run")
     p.add_argument("run_dir")
     p.add_argument("texts", nargs="+")
