@@ -16,20 +16,7 @@ from safetensors.torch import load_file
 from conftest import run_cli
 from test_dpo import write_tweet_pairs
 from test_reward_model import sentiment_pairs
-
-VOLATILE = ("time/", "memory/")
-
-
-def _rows(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
-
-
-def _step_of(run) -> int:
-    try:
-        return json.loads((run / "checkpoint" / "state.json").read_text())["step"]
-    except (OSError, ValueError):
-        return 0
+from test_scale import _rows, _step_of  # metrics rows without the volatile keys; the checkpoint's step
 
 
 def _weights(run, files):

@@ -111,16 +111,14 @@ def _add_stage(sub, name: str, cls, help: str, run, resume: bool = True) -> None
                    stage=True)
 
 
-def _finished(what: str):
+def _train(train, what: str, cfg, resume) -> int:
     """A stage's command: train, then say where the run is and what to do with it (not on the other processes)."""
-    def command(train, cfg, resume) -> int:
-        if hasattr(cfg, "reward"):
-            train_missing_reward(cfg)
-        run_dir = train(cfg, resume)
-        if run_dir is not None:
-            print(f"run directory: {run_dir}  ({what.format(run=run_dir)})")
-        return 0
-    return command
+    if hasattr(cfg, "reward"):
+        train_missing_reward(cfg)
+    run_dir = train(cfg, resume)
+    if run_dir is not None:
+        print(f"run directory: {run_dir}  ({what.format(run=run_dir)})")
+    return 0
 
 
 RL_DONE = ("report.md, results.json, samples.md, plots; checkpoint/: `minirlhf generate {run}`, "
@@ -145,11 +143,11 @@ STAGE_COMMANDS = (
 def _add_stages(sub) -> None:
     _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo, resume=False)
     for name, cls, train, help, what in STAGE_COMMANDS:
-        _add_stage(sub, name, cls, help, lambda cfg, resume, t=train, w=what: _finished(w)(t, cfg, resume))
+        _add_stage(sub, name, cls, help, lambda cfg, resume, t=train, w=what: _train(t, w, cfg, resume))
     for algo in registry.ALGORITHMS.values():
         _add_stage(sub, algo.name.replace("_", "-"), algo.config, f"RLHF with {algo.summary} (--policy "
                    "GENERATOR_RUN|smollm2|MODEL --reward CLASSIFIER_RUN)",
-                   lambda cfg, resume: _finished(RL_DONE)(rl.train, cfg, resume))
+                   lambda cfg, resume: _train(rl.train, RL_DONE, cfg, resume))
 
 
 def _demo(cfg, resume) -> int:

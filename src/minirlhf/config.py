@@ -108,6 +108,19 @@ class OptimConfig(OptimizerConfig):
 
 
 @dataclasses.dataclass
+class MicroBatchOptimConfig(OptimConfig):
+    """OptimConfig for stages whose step batch is read in smaller forward passes (SFT, DPO), logged every step."""
+
+    epochs: int = 1
+    micro_batch_size: int = 4
+    """examples per forward pass; a step accumulates the gradients of batch_size / micro_batch_size passes"""
+    weight_decay: float = 0.0
+    log_every: int = 1
+
+    checks: ClassVar[dict] = {**OptimConfig.checks, "micro_batch_size": ">= 1"}
+
+
+@dataclasses.dataclass
 class PreferenceDataConfig:
     """Preference pairs and how they are split: what DPO and the reward model share."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,9 @@ class RunDir:
         return self.checkpoint / name
 
     # ---------------------------------------------------------------- what kind of run
-    @property
+    @cached_property
     def info(self) -> dict:
+        """run.json, read once: it is written when the run starts and never changes."""
         return load_json(self.info_file)
 
     stage = property(lambda self: self.info.get("stage"))

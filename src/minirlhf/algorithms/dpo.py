@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from minirlhf import ConfigError, distributed, runner
 from minirlhf.algorithms.evaluate import md_cell
 from minirlhf.checkpoint import atomic_write_text
-from minirlhf.config import OptimConfig, PreferenceDataConfig, TrainingRunConfig
+from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.preferences import Pair, length_baseline, load_split
 from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
 from minirlhf.models.policy import Rollout
@@ -34,19 +34,14 @@ from minirlhf.training import make_optimizer, progress
 
 
 @dataclass
-class DPOTrainConfig(OptimConfig):
-    epochs: int = 1
+class DPOTrainConfig(MicroBatchOptimConfig):
     steps: int = 0
     """optimizer steps (0: `epochs` passes); more than a pass goes round the pairs again"""
     batch_size: int = 16
     """pairs per optimizer step"""
-    micro_batch_size: int = 4
-    """pairs per forward pass; a step accumulates the gradients of batch_size / micro_batch_size passes"""
     lr: float = 5e-5
-    weight_decay: float = 0.0
-    log_every: int = 1
 
-    checks = {**OptimConfig.checks, "steps": ">= 0", "micro_batch_size": ">= 1"}
+    checks = {**MicroBatchOptimConfig.checks, "steps": ">= 0"}
 
 
 @dataclass

@@ -19,24 +19,17 @@ import torch
 from minirlhf import ConfigError, runner
 from minirlhf.algorithms.evaluate import md_cell
 from minirlhf.checkpoint import atomic_write_text
-from minirlhf.config import OptimConfig, TrainingRunConfig
+from minirlhf.config import MicroBatchOptimConfig, TrainingRunConfig
 from minirlhf.data.sft import Example, read_examples, split_examples
 from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
 from minirlhf.training import EpochPlan, make_optimizer, shuffled_batches
 
 
 @dataclass
-class SFTTrainConfig(OptimConfig):
-    epochs: int = 1
+class SFTTrainConfig(MicroBatchOptimConfig):
     batch_size: int = 8
     """examples per optimizer step"""
-    micro_batch_size: int = 4
-    """examples per forward pass; a step accumulates the gradients of batch_size / micro_batch_size passes"""
     lr: float = 2e-5
-    weight_decay: float = 0.0
-    log_every: int = 1
-
-    checks = {**OptimConfig.checks, "micro_batch_size": ">= 1"}
 
 
 @dataclass

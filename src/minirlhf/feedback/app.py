@@ -109,7 +109,6 @@ def healthz():
 
 
 def annotate():
-
     store, me = _store(), g.who["id"]
     pair, mine = store.next_pair(me), store.counts(me)
     status = {"judged": mine["a"] + mine["b"] + mine["tie"], "skipped": mine["skip"], "waiting": store.waiting(me),
