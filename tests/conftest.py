@@ -1,4 +1,6 @@
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,32 @@ def learned_classifier(tmp_path_factory) -> Path:
         "--data.max_train=2000", "--data.max_eval=500", "--train.epochs=1", "--model.max_length=48",
         f"--out={out}", "--device=cpu"])
     return train(cfg)
+
+
+def write_length_pairs(path: Path, n: int, longer_wins: bool = True, seed: int = 0) -> Path:
+    """`n` preference pairs in which the longer response wins (or loses): a taste a reward model picks up fast."""
+    rng = random.Random(seed)
+    words = "good bad film movie great awful plot actor scene story love hate fun boring".split()
+    with path.open("w") as f:
+        for i in range(n):
+            long, short = (" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for lo, hi in ((8, 14), (1, 5)))
+            chosen, rejected = (long, short) if longer_wins else (short, long)
+            f.write(json.dumps({"prompt": f"Tell me about film {i}", "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
+
+
+def train_tiny_reward_model(folder: Path, longer_wins: bool = True) -> Path:
+    from minirlhf.algorithms.reward_model import RewardModelConfig, train
+    from minirlhf.config import load_config
+
+    pairs = write_length_pairs(folder / "pairs.jsonl", 32, longer_wins)
+    cfg = load_config(RewardModelConfig, overrides=[
+        f"--preferences={pairs}", "--model.max_length=32", "--train.epochs=1", "--train.batch_size=8",
+        f"--out={folder / 'run'}", "--device=cpu"])
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory) -> Path:
+    """A MiniLM reward model trained for 4 steps to prefer longer responses (shared by several tests)."""
+    return train_tiny_reward_model(tmp_path_factory.mktemp("rm"))

@@ -215,9 +215,10 @@ def add_annotator(server: Server, name: str) -> str:
 def judge_many(link: str, n: int, choices: list, errors: list) -> None:
     """One annotator's session: load the page, judge its pair, repeat; every fifth submit is sent twice."""
     try:
-        done = 0
+        done, deadline = 0, time.time() + 120
         status, page = request(link)
         while done < n:
+            assert time.time() < deadline, f"{done} of {n} judged in 120 s"
             pair_id = field(page, "pair_id")
             if pair_id is None:  # the "generating" page: wait as its refresh would
                 time.sleep(0.2)

@@ -1,40 +1,22 @@
-"""The whole human-feedback loop, as a person runs it: serve, judge, export, train a reward model on the
-judgements, then RLHF against that reward model. Real server, real HTTP, real SQLite, real models."""
+"""The whole human-feedback loop, as a person runs it: serve, judge (a simulated person, through the page's
+HTTP endpoints), export, train a reward model on the judgements, then RLHF against that reward model. Real server,
+real HTTP, real SQLite, real models."""
 
-import html
 import json
-import re
 
-from test_feedback import Server, add_annotator, field, request
+from test_feedback import Server
 
-
-def shown(page: str, side: str) -> str:
-    m = re.search(rf'id="response-{side}">\s*<h3>[^<]*</h3>\s*<div class="text( empty)?">(.*?)</div>', page, re.S)
-    return "" if m.group(1) else html.unescape(m.group(2)).strip()
-
-
-def judge_longer(link: str, n: int) -> None:
-    """A person who always prefers the longer response (a taste a reward model can pick up)."""
-    done = 0
-    status, page = request(link)
-    while done < n:
-        pair_id = field(page, "pair_id")
-        if pair_id is None:
-            status, page = request(link)
-            continue
-        a, b = (shown(page, side) for side in "ab")
-        choice = "a" if len(a) >= len(b) else "b"
-        status, page = request(link.replace("/?", "/judge?"),
-                               {"pair_id": pair_id, "choice": choice, "csrf": field(page, "csrf")})
-        assert status == 200, page
-        done += 1
+LONGER = "def longer(prompts, responses):\n    return [len(r) for r in responses]\n"
 
 
 def test_serve_judge_export_train_reward_model_then_ppo(tiny_generator, tmp_path, cli):
     server = Server("--policy", str(tiny_generator), "--db", "f.sqlite", "--max-new-tokens", "12", "--ahead", "16",
                     cwd=tmp_path)
-    try:
-        judge_longer(add_annotator(server, "ann"), 30)
+    (tmp_path / "judge.py").write_text(LONGER)  # a person who always prefers the longer response (a taste a
+    try:  # reward model can pick up), simulated on the page
+        out = cli("feedback", "simulate", "--url", server.admin_url, "--judge", "judge:longer", "--labels", "30",
+                  "--beta", "1e9", "--timeout", "120")
+        assert out.returncode == 0, out.stderr
     finally:
         server.stop()
 

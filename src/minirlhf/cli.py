@@ -24,16 +24,16 @@ from minirlhf.algorithms import classifier, dpo, generator, registry, reward_mod
 from minirlhf.algorithms.evaluate import evaluate_run
 from minirlhf.config import describe, load_config, load_saved
 from minirlhf.data.sentiment import read_source
-from minirlhf.feedback import store
+from minirlhf.feedback import loop, simulate, store
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
 from minirlhf.rundir import RunDir
 from minirlhf.runtime import configure_process, pick_device, seed_everything
 
-RESUME_FIXED = {"out", "seed", "policy", "policy_options", "reward", "data", "prompts", "batch_size", "group_size",
-                "model", "vocab", "preferences", "eval_file", "eval_fraction", "max_train", "max_eval", "split_seed",
-                "train.batch_size", "train.micro_batch_size"}
+RESUME_FIXED = {"out", "seed", "policy", "ref_policy", "policy_options", "reward", "data", "prompts", "batch_size",
+                "group_size", "model", "vocab", "preferences", "eval_file", "eval_fraction", "max_train", "max_eval",
+                "split_seed", "train.batch_size", "train.micro_batch_size"}
 """what a resumed run may not change: it would no longer repeat the uninterrupted run"""
 
 
@@ -137,6 +137,10 @@ STAGE_COMMANDS = (
     ("dpo", dpo.DPOConfig, dpo.train, "DPO/IPO from preference pairs, no reward model (--policy GENERATOR_RUN|smollm2|"
      "MODEL --preferences FILE.jsonl)", "report.md, results.json, plots; checkpoint/policy: `minirlhf generate {run}`, "
      "or --policy {run} for a later stage"),
+    ("loop", loop.LoopConfig, loop.train, "iterated RLHF: rounds of pairs on the feedback page, labels (people or "
+     "--annotator simulate:JUDGE), reward model, policy (--policy P --rounds R --labels N --method ppo|grpo|dpo)",
+     "report.md (a row per round), results.json, plots; round-K/: its page's database, labels, reward_model/, "
+     "policy/; --policy {run} starts from its last policy"),
 )
 
 
@@ -203,6 +207,8 @@ def _feedback(args, extra) -> int:
         from minirlhf.feedback.app import serve  # flask and waitress are needed for serving only
 
         return serve(args)
+    if args.feedback_command == "simulate":
+        return simulate.main(args)
     if args.feedback_command == "export":
         n = store.export_jsonl(args.db, args.out)
         print(f"{n} preference pairs (ties and skips left out) -> {args.out}")
@@ -234,9 +240,26 @@ def _add_feedback(sub) -> None:
     s.add_argument("--db", **db)
     s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 shares it on your network (tokens still needed)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
-    s.add_argument("--ahead", type=int, default=16, help="unjudged pairs kept ready")
+    s.add_argument("--ahead", type=int, default=16, help="unjudged pairs kept ready (with --select uncertain: the "
+                   "candidates the most uncertain is served from)")
     s.add_argument("--overlap", type=float, default=0.2, help="fraction of pairs wanted from two annotators")
+    s.add_argument("--select", default="random", choices=("random", "uncertain"),
+                   help="serve the oldest fresh pair, or the one the reward model(s) are least sure about")
+    s.add_argument("--reward-model", action="append", default=[], metavar="RM_RUN",
+                   help="reward-model run(s) for --select uncertain; give it twice or more for an ensemble")
     _add_sampling(s, 48)
+    m = fsub.add_parser("simulate", help="judge pairs on a running page as simulated annotators (a judge model "
+                        "with Bradley-Terry noise), through its HTTP endpoints as a browser does")
+    m.add_argument("--url", required=True, help="the page's address (the admin link works too)")
+    m.add_argument("--token", help="the admin token (default: the token= of --url)")
+    m.add_argument("--judge", required=True, metavar="RUN_DIR|module:function",
+                   help="a classifier run, a reward-model run, or a function (prompts, responses) -> scores")
+    m.add_argument("--labels", type=int, required=True, help="A/B judgements to give in all")
+    m.add_argument("--beta", type=float, default=1.0, help="P(A) = sigmoid(beta (r_A - r_B)); higher agrees "
+                   "with the judge more often")
+    m.add_argument("--annotators", type=int, default=1, help="simulated annotators, taking turns")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--timeout", type=float, default=600.0, help="seconds to wait in all for pairs to judge")
     e = fsub.add_parser("export", help="write the A/B judgements as {prompt, chosen, rejected} JSONL")
     e.add_argument("--db", **db)
     e.add_argument("--out", required=True, metavar="FILE.jsonl")

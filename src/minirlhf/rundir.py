@@ -21,10 +21,10 @@ from pathlib import Path
 from minirlhf import RunError, __version__
 from minirlhf.checkpoint import atomic_dir, load_json, recover_dir, save_json
 
-STAGES = ("classifier", "generator", "reward_model", "sft", "dpo", "rl", "demo")
+STAGES = ("classifier", "generator", "reward_model", "sft", "dpo", "rl", "demo", "loop")
 """the kinds of run; an RL run also records its algorithm"""
 A_STAGE = {"classifier": "a classifier", "generator": "a generator", "reward_model": "a reward-model", "sft": "an SFT",
-           "dpo": "a DPO", "rl": "an RL", "demo": "a demo"}
+           "dpo": "a DPO", "rl": "an RL", "demo": "a demo", "loop": "a loop"}
 POLICY_STAGES = ("generator", "sft", "dpo", "rl")
 """stages whose run is a policy that `--policy RUN` starts from"""
 
@@ -74,6 +74,9 @@ class RunDir:
         """The folder of the policy this run trained (None for runs that train no policy)."""
         if self.stage == "generator":
             return self.path
+        if self.stage == "loop":  # the policy of the last round it finished
+            inner = RunDir.find(self.path / load_json(self.state)["policy_run"]) if self.state.is_file() else None
+            return inner.policy() if inner is not None else None
         if self.stage in POLICY_STAGES and self.saved("policy").is_dir():
             return self.saved("policy")
         return None

@@ -59,7 +59,7 @@ class Job(Protocol):
     algorithm: str | None
     base: str | None  # what it starts from (a model or a run): a resumed run must start from the same
     steps: int
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None: a job that trains nothing itself (the loop)
     scheduler: object | None
     progress_keys: dict[str, str]  # progress-bar label -> metric shown there
 
@@ -143,7 +143,7 @@ def _finish(run_: Run, job: Job) -> None:
 def save_checkpoint(run_dir: RunDir, job: Job, step: int) -> None:
     """checkpoint/, replaced whole: the job's model folders and JSON state, the optimizer's tensors and torch's RNG
     state as safetensors, the step. A crash while writing leaves the previous checkpoint intact."""
-    tensors, optimizer_meta = optimizer_state(job.optimizer)
+    tensors, optimizer_meta = optimizer_state(job.optimizer) if job.optimizer is not None else ({}, None)
     with run_dir.write_checkpoint() as tmp:
         state = job.save(tmp)
         save_weights({**{f"optimizer.{k}": v for k, v in tensors.items()}, "rng.torch": torch.get_rng_state()},
@@ -165,8 +165,9 @@ def restore(run_dir: RunDir, job: Job) -> int:
     tensors = load_weights(run_dir.trainer_state)
     job.load(run_dir.checkpoint, state)
     try:
-        load_optimizer_state(job.optimizer, {k[len("optimizer."):]: v for k, v in tensors.items()
-                                             if k.startswith("optimizer.")}, state["optimizer"], run_dir.checkpoint)
+        if job.optimizer is not None:  # (a job that trains nothing itself, such as the loop, has none)
+            load_optimizer_state(job.optimizer, {k[len("optimizer."):]: v for k, v in tensors.items()
+                                                 if k.startswith("optimizer.")}, state["optimizer"], run_dir.checkpoint)
         if job.scheduler is not None:
             job.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])

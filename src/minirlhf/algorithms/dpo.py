@@ -28,7 +28,7 @@ from minirlhf.algorithms.evaluate import md_cell
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.preferences import Pair, length_baseline, load_split
-from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
+from minirlhf.models.load import PolicyOptions, load_policy, load_reference, restore_policy
 from minirlhf.models.policy import Rollout
 from minirlhf.training import make_optimizer, progress
 
@@ -51,6 +51,8 @@ class DPOConfig(PreferenceDataConfig, TrainingRunConfig):
     name, or `smollm2` (SmolLM2-135M-Instruct, offline)"""
     policy_options: PolicyOptions = field(default_factory=PolicyOptions)
     """how a causal LM policy is set up (with LoRA the reference is the model with its adapters off)"""
+    ref_policy: str = ""
+    """the reference, if not the starting policy (`loop` keeps its first policy)"""
     max_eval: int | None = 200
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     """the optimiser and the passes over the pairs"""
@@ -265,7 +267,8 @@ class DPOJob:
         self.train_pairs, self.eval_pairs = load_pairs(cfg)  # bad input fails here, on every process alike
         self.step_rows, self.steps = plan(cfg, len(self.train_pairs))
         self.policy = load_policy(cfg.policy, run.device, value_head=False, **cfg.policy_options.as_kwargs())
-        self.ref = self.policy.frozen_copy()
+        self.ref = load_reference(cfg.ref_policy, run.device, **cfg.policy_options.as_kwargs()) if cfg.ref_policy \
+            else self.policy.frozen_copy()
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the policy has no trainable parameters; lower policy_options.freeze_layers")

@@ -19,7 +19,7 @@ from minirlhf.checkpoint import atomic_write_text, save_json
 from minirlhf.config import load_saved
 from minirlhf.data.prompts import load_prompts
 from minirlhf.data.vocab import tokenize
-from minirlhf.models.load import load_policy
+from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.rewards import TERMS, Reward
 from minirlhf.ops import kl_estimate
 from minirlhf.rundir import A_STAGE, RunDir
@@ -160,7 +160,7 @@ def evaluate_run(run_dir: str, prompts_file: str | None, n: int | None, seed: in
     device, _ = pick_device(device_name)
     options = {"chat_template": cfg.policy_options.chat_template}
     policy = load_policy(str(run.path), device, value_head=False, **options)
-    ref = load_policy(cfg.policy, device, value_head=False, **options).frozen_copy()
+    ref = load_reference(cfg.ref_policy or cfg.policy, device, **options)
     reward = Reward(dataclasses.replace(cfg.reward, normalize=False), cfg.response_len, device)
     _, prompts = load_prompts(cfg.prompts, cfg.data)
     results = evaluate_policy(policy, ref, reward, prompts, cfg, seed=seed)

@@ -42,6 +42,9 @@ class RewardModelModelConfig:
     pooling: str = "auto"
     """what the scalar head reads: `mean` of all token states, `reply_mean` of the reply's (after the last
     "Assistant:"), `last` token (causal LMs); auto: mean for encoders, last for causal LMs"""
+    init: str = ""
+    """a reward-model run of the same `name` and pooling to start from, its scalar head included (a warm start:
+    `minirlhf loop` retrains each round's reward model from the last round's)"""
 
     checks = {"freeze_layers": ">= 0", "max_length": "[8, 8192]", "pooling": "{auto,mean,reply_mean,last}"}
 
@@ -123,6 +126,8 @@ class RewardModelJob(runner.ModelJob):
         self.train_pairs, self.eval_pairs = load_split(cfg)
         run.say(f"{len(self.train_pairs)} training pairs, {len(self.eval_pairs)} held-out pairs")
         self.model, self.tokenizer = load_scalar_model(cfg.model.name, cfg.model.pooling)
+        if cfg.model.init:
+            self._warm_start(cfg.model.init)
         self.model.to(device)
         n = cfg.model.freeze_layers
         self.trainable, self.total = freeze_lower(self.model, n), sum(p.numel() for p in self.model.parameters())
@@ -140,6 +145,16 @@ class RewardModelJob(runner.ModelJob):
         self.steps = self.plan.steps
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, self.steps)
+
+    def _warm_start(self, init: str) -> None:
+        start = RewardModel.from_run(init)
+        try:
+            if start.model.pooling != self.model.pooling:
+                raise RuntimeError(f"pooling {start.model.pooling}, not {self.model.pooling}")
+            self.model.load_state_dict(start.model.state_dict())
+        except RuntimeError as e:
+            raise ConfigError(f"--model.init {init} does not fit --model.name {self.cfg.model.name} "
+                              f"({str(e).splitlines()[0][:100]}); start from a reward model of the same base") from e
 
     def _evaluate(self, part: str) -> tuple[dict, torch.Tensor]:
         return evaluate(self.model, self.texts[part], self.n, self.pad_id, self.cfg.train.eval_batch_size,

@@ -26,7 +26,7 @@ from minirlhf.algorithms.rl_core import (AdaptiveKLController, Algorithm, Batch,
                                          value_loss, explained_variance)
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
-from minirlhf.models.load import load_policy, restore_policy
+from minirlhf.models.load import load_policy, load_reference, restore_policy
 from minirlhf.models.policy import Rollout, distinct_rows
 from minirlhf.models.rewards import Reward, RunningMoments
 from minirlhf.ops import masked_mean
@@ -193,7 +193,9 @@ class RLJob:
         policy = load_policy(cfg.policy, device, value_head=algo.critic and cfg.critic == "head",
                              **cfg.policy_options.as_kwargs())
         value_model = policy.critic_copy() if algo.critic and cfg.critic == "separate" else None
-        self.models = Models(policy, policy.frozen_copy(), value_model)
+        ref = load_reference(cfg.ref_policy, device, **cfg.policy_options.as_kwargs()) if cfg.ref_policy \
+            else policy.frozen_copy()
+        self.models = Models(policy, ref, value_model)
         self.reward = Reward(cfg.reward, cfg.response_len, device)
         self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.data)
         check(cfg, algo, len(self.train_prompts))

@@ -34,6 +34,8 @@ class RLConfig(TrainingRunConfig):
     (SmolLM2-135M-Instruct, offline)"""
     policy_options: PolicyOptions = field(default_factory=PolicyOptions)
     """how a causal LM policy is set up"""
+    ref_policy: str = ""
+    """the reference the KL is measured against, if not the starting policy (`loop` keeps its first policy)"""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """the reward: a weighted sum of named terms (`--reward RUN` sets reward.classifier)"""
     data: DataConfig = field(default_factory=DataConfig)

@@ -23,7 +23,7 @@ import torch
 
 from minirlhf import UserError
 from minirlhf.data.dialogue import is_dialogue, to_messages
-from minirlhf.feedback.pairs import PairPool, Sampling, resolve_source
+from minirlhf.feedback.pairs import PairPool, Sampling, check_selection, resolve_source
 from minirlhf.feedback.store import CHOICES, Store, agreement, win_rate
 from minirlhf.runtime import pick_device
 
@@ -193,6 +193,46 @@ def _watch(store: Store, pool) -> None:
         time.sleep(1.0)
 
 
+class Page:
+    """The feedback page in this process: `pool` generating in one thread, waitress serving in another, from
+    `start()` until `stop()`. It listens from the moment it is made (`url`; port 0 picks a free one)."""
+
+    def __init__(self, store: Store, pool, host: str = "127.0.0.1", port: int = 0):
+        try:
+            from waitress import create_server
+        except ImportError as e:
+            raise UserError("the feedback page needs waitress; pip install -r requirements.txt") from e
+        self.store, self.pool = store, pool
+        self.admin_token = store.admin_token(Path(f"{store.path}.admin-token"))
+        app = create_app(store, pool, "")
+        try:
+            self.server = create_server(app, host=host, port=port, threads=8, ident="minirlhf")
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port, "
+                            "or --port 0 for a free one") from e
+        self.port = self.server.effective_port
+        self.url = app.config["PUBLIC_URL"] = public_url(host, self.port)
+        self.admin_link = f"{self.url}/admin?token={self.admin_token}"
+        self.http = threading.Thread(target=self.server.run, daemon=True, name="minirlhf-http")
+
+    def start(self) -> None:
+        self.pool.start()
+        self.http.start()
+
+    def stop(self) -> None:
+        """Stop generating, close every connection and end waitress's threads, then wait for the batch being
+        sampled: a thread still running Python (or inside torch) when the interpreter exits can abort it
+        ("terminate called without an active exception")."""
+        from waitress import wasyncore
+
+        self.pool.halt.set()
+        self.server.task_dispatcher.shutdown(timeout=5)  # a single-socket server's close() leaves them waiting
+        wasyncore.close_all(getattr(self.server, "_map", None) or self.server.map)  # sockets, trigger, keep-alives
+        if self.http.is_alive():
+            self.http.join(5)
+        _finish(self.pool)
+
+
 def _finish(pool) -> None:
     """Let the batch being sampled end: a thread cannot be stopped inside torch, and one left running when Python
     exits aborts it. A second Ctrl-C quits at once (every pair and judgement is committed already)."""
@@ -210,39 +250,28 @@ def _finish(pool) -> None:
 
 def serve(args) -> int:
     """`minirlhf feedback serve`: the page, the generator thread and the progress lines, until Ctrl-C."""
-    try:
-        from waitress import create_server
-    except ImportError as e:
-        raise UserError("the feedback page needs waitress; pip install -r requirements.txt") from e
     if args.ahead < 1 or not 0 <= args.overlap <= 1:
         raise UserError(f"--ahead must be >= 1 and --overlap in [0, 1], got {args.ahead} and {args.overlap}")
+    check_selection(args.select, args.reward_model)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core left to the web server keeps pages quick
     store = Store(args.db)
     source = resolve_source(args.policy, args.prompts)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
-    pool = PairPool(store, source, sampling, args.ahead, args.overlap, pick_device(args.device)[0])
-    admin_token = store.admin_token(Path(f"{store.path}.admin-token"))
-    app = create_app(store, pool, "")
-    try:
-        server = create_server(app, host=args.host, port=args.port, threads=8, ident="minirlhf")
-    except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port, "
-                        "or --port 0 for a free one") from e
-    url = app.config["PUBLIC_URL"] = public_url(args.host, server.effective_port)
+    pool = PairPool(store, source, sampling, args.ahead, args.overlap, pick_device(args.device)[0],
+                    select=args.select, reward_models=args.reward_model)
+    page = Page(store, pool, args.host, args.port)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:  # from here a Ctrl-C, however early (a script may stop the server as soon as it prints its link), stops cleanly
-        pool.start()
-        threading.Thread(target=server.run, daemon=True, name="minirlhf-http").start()
-        print(f"feedback: {source.describe()}; database {store.path}", flush=True)
-        print(f"serving on {url} (port {server.effective_port})", flush=True)
-        print(f"admin link (keep it to yourself; it also lets you judge): {url}/admin?token={admin_token}", flush=True)
+        page.start()
+        print(f"feedback: {source.describe()}; database {store.path}"
+              + (f"; most uncertain pair first of {args.ahead}" if args.select == "uncertain" else ""), flush=True)
+        print(f"serving on {page.url} (port {page.port})", flush=True)
+        print(f"admin link (keep it to yourself; it also lets you judge): {page.admin_link}", flush=True)
         _watch(store, pool)
     except KeyboardInterrupt:
         print("stopping; every judgement so far is in the database", flush=True)
     finally:
-        pool.halt.set()
-        server.close()
-        _finish(pool)
+        page.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(_progress(store), flush=True)

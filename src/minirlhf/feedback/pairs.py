@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-from minirlhf import ModelError
+from minirlhf import ConfigError, ModelError
 from minirlhf.algorithms.evaluate import rl_run
 from minirlhf.config import DataConfig
+from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.prompts import PromptConfig, first_words, load_prompts, read_prompts
 from minirlhf.data.sentiment import load_splits
 from minirlhf.models.load import load_policy, policy_folder, policy_kind
 from minirlhf.models.pretrained import SMOLLM2
+from minirlhf.models.reward_model import RewardModel
 from minirlhf.rundir import RunDir, newest
 
 CORPUS_TEMPLATE = 'Write a short tweet that starts with "{prompt}".'
@@ -94,7 +96,7 @@ def run_source(path: Path, prompts_file: str | None) -> Source:
     if prompts_file is not None:
         prompt_cfg = dataclasses.replace(prompt_cfg, eval_file=prompts_file)
     _, held = load_prompts(prompt_cfg, cfg.data)
-    return Source(str(path), cfg.policy, held, run.checkpoint_step(),
+    return Source(str(path), cfg.ref_policy or cfg.policy, held, run.checkpoint_step(),
                   {"chat_template": cfg.policy_options.chat_template})
 
 
@@ -103,17 +105,49 @@ def _spec(spec: str) -> str:
     return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
 
+SELECT = ("random", "uncertain")
+"""which fresh pair is served first: the oldest, or the one the reward model(s) are least sure about"""
+
+
+def check_selection(select: str, reward_models: list[str]) -> None:
+    if select not in SELECT:
+        raise ConfigError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
+    if select == "uncertain" and not reward_models:
+        raise ConfigError("--select uncertain needs a reward model to be unsure: add --reward-model RM_RUN "
+                          "(one or more; several make an ensemble)")
+    for spec in reward_models:
+        found = RunDir.find(spec)
+        if found is None or found.stage != "reward_model":
+            raise ConfigError(f"--reward-model {spec} is not a reward-model run; train one with "
+                              "`minirlhf train-reward-model`")
+
+
+def uncertainty(reward_models: list, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
+    """How unsure the reward models are which response is better, per pair: with one model 0.5 - |P(A) - 0.5|, where
+    P(A) = sigmoid(r_A - r_B) is its Bradley–Terry probability that A is preferred; with several (an ensemble), the
+    standard deviation of their P(A) (how much they disagree). Higher is served sooner."""
+    probs = torch.stack([torch.sigmoid(rm.score([dialogue_text(p, a) for p, a in zip(prompts, responses_a)])
+                                       - rm.score([dialogue_text(p, b) for p, b in zip(prompts, responses_b)]))
+                         for rm in reward_models])  # (models, pairs)
+    if len(reward_models) == 1:
+        return (0.5 - (probs[0] - 0.5).abs()).tolist()
+    return probs.std(0).tolist()
+
+
 class PairPool(threading.Thread):
     """Keeps `ahead` fresh pairs in the store, in batches of `batch_size` (0: 16 for an LSTM, 2 for a causal LM, so
-    that a stop waits for little); `overlap` of them are wanted twice.
+    that a stop waits for little); `overlap` of them are wanted twice. With `select="uncertain"` each pair gets its
+    `uncertainty` under `reward_models` (run directories) as its priority: the `ahead` fresh pairs are the
+    candidates that the most uncertain is served from.
 
     `state` is "loading", "running" or "failed" (then `error` holds why; serve's main thread raises it)."""
 
     def __init__(self, store, source: Source, sampling: Sampling, ahead: int = 16, overlap: float = 0.2,
-                 device="cpu", batch_size: int = 0):
+                 device="cpu", batch_size: int = 0, select: str = "random", reward_models: tuple[str, ...] = ()):
         super().__init__(daemon=True, name="minirlhf-pairs")
         self.store, self.source, self.sampling, self.device = store, source, sampling, device
         self.ahead, self.overlap, self.batch_size = ahead, overlap, batch_size
+        self.select, self.reward_model_runs, self.reward_models = select, list(reward_models), []
         self.state, self.error = "loading", None
         self.generated = self.identical = 0
         self.halt = threading.Event()
@@ -137,6 +171,8 @@ class PairPool(threading.Thread):
         self.reference = None if src.reference is None else \
             load_policy(src.reference, self.device, value_head=False, **src.options)
         self.batch_size = self.batch_size or (16 if self.policy.kind == "lstm" else 2)
+        if self.select == "uncertain":
+            self.reward_models = [RewardModel.from_run(run, self.device) for run in self.reward_model_runs]
         # Seeded by the seed and the pairs already stored: a restart continues with new samples, not repeats.
         self.rng = random.Random(f"{self.sampling.seed}-{self.store.counts()['pairs']}")
 
@@ -162,14 +198,16 @@ class PairPool(threading.Thread):
         else:
             first, second = self._sample(self.policy, prompts), self._sample(self.reference, prompts)
             roles = ("policy", "reference")
-        for prompt, (text1, seed1), (text2, seed2) in zip(prompts, first, second):
+        priorities = uncertainty(self.reward_models, prompts, [t for t, _ in first], [t for t, _ in second]) \
+            if self.reward_models else [0.0] * n  # symmetric in A and B: computed before the sides are shuffled
+        for prompt, (text1, seed1), (text2, seed2), priority in zip(prompts, first, second, priorities):
             if text1.strip() == text2.strip():  # nothing to choose between
                 self.identical += 1
                 continue
             sides = [(text1, self._provenance(roles[0], seed1)), (text2, self._provenance(roles[1], seed2))]
             self.rng.shuffle(sides)
             wanted = 2 if self.rng.random() < self.overlap else 1
-            self.store.add_pair(prompt, sides[0][0], sides[1][0], sides[0][1], sides[1][1], wanted)
+            self.store.add_pair(prompt, sides[0][0], sides[1][0], sides[0][1], sides[1][1], wanted, priority)
             self.generated += 1
         if self.generated == 0 and self.identical >= 50:
             raise ModelError(f"the two responses were identical {self.identical} times; sample more freely "

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS annotators (
     is_admin INTEGER NOT NULL DEFAULT 0, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS pairs (
     id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, response_a TEXT NOT NULL, response_b TEXT NOT NULL,
-    provenance_a TEXT NOT NULL, provenance_b TEXT NOT NULL, wanted INTEGER NOT NULL DEFAULT 1, created TEXT NOT NULL);
+    provenance_a TEXT NOT NULL, provenance_b TEXT NOT NULL, wanted INTEGER NOT NULL DEFAULT 1, created TEXT NOT NULL,
+    priority REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS judgements (
     id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
@@ -85,6 +86,9 @@ class Store:
         self._secret: bytes | None = None
         try:
             self.conn.executescript(SCHEMA)
+            columns = {row["name"] for row in self.conn.execute("PRAGMA table_info(pairs)")}
+            if "priority" not in columns:  # a database from before active pair choice
+                self.conn.execute("ALTER TABLE pairs ADD COLUMN priority REAL NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path} is not a feedback database ({e}); give another --db path") from e
 
@@ -150,23 +154,25 @@ class Store:
     # --- pairs and judgements ---
 
     def add_pair(self, prompt: str, response_a: str, response_b: str, provenance_a: dict, provenance_b: dict,
-                 wanted: int = 1) -> int:
+                 wanted: int = 1, priority: float = 0.0) -> int:
+        """A new pair; among fresh pairs, the one with the highest `priority` is served first (then the oldest)."""
         with self.write() as c:
             cur = c.execute("INSERT INTO pairs (prompt, response_a, response_b, provenance_a, provenance_b, wanted, "
-                            "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            "created, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (prompt, response_a, response_b, json.dumps(provenance_a), json.dumps(provenance_b),
-                             wanted, now()))
+                             wanted, now(), priority))
         return cur.lastrowid
 
     def next_pair(self, me: int) -> sqlite3.Row | None:
-        """The pair on `me`'s screen, else the oldest that still needs a second label, else the oldest fresh one
-        that nobody else has on screen; None when there is none (the generator is behind)."""
+        """The pair on `me`'s screen, else the oldest that still needs a second label, else the fresh one of highest
+        priority (then oldest) that nobody else has on screen; None when there is none (the generator is behind)."""
         with self.write() as c:
             row = c.execute("SELECT p.* FROM assignments s JOIN pairs p ON p.id = s.pair_id WHERE s.annotator_id = ? "
                             "AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.pair_id = p.id "
                             "AND j.annotator_id = s.annotator_id AND j.undone IS NULL)", (me,)).fetchone()
             if row is None:
-                row = c.execute(_CANDIDATES + " WHERE labels + on_screen < wanted ORDER BY labels > 0 DESC, id LIMIT 1",
+                row = c.execute(_CANDIDATES + " WHERE labels + on_screen < wanted "
+                                "ORDER BY labels > 0 DESC, priority DESC, id LIMIT 1",
                                 {"me": me, "fresh": time.time() - ASSIGNMENT_TTL_S}).fetchone()
             if row is not None:
                 c.execute("INSERT INTO assignments VALUES (?, ?, ?) ON CONFLICT(annotator_id) DO UPDATE SET "

@@ -70,6 +70,14 @@ def load_policy(spec: str, device, value_head: bool = True, **lm_options):
     return policy.to(device).eval()
 
 
+def load_reference(spec: str, device, **lm_options):
+    """A policy that never trains, from `spec`: the reference of a run that starts from another policy (the rounds
+    of `minirlhf loop` all keep the first round's policy as theirs)."""
+    ref = load_policy(spec, device, value_head=False, **lm_options)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
 def restore_policy(model, folder: Path, device, **lm_options) -> None:
     """Load a checkpoint's saved policy (or critic) into `model`, which was set up from the starting policy
     (a LoRA policy's adapters stay adapters)."""
