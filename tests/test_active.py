@@ -19,11 +19,14 @@ def test_the_highest_priority_fresh_pair_is_served_first(tmp_path):
     me = store.annotator(store.set_annotator("ann"))["id"]
     ids = {priority: store.add_pair("p", f"a{priority}", f"b{priority}", {}, {}, 1, priority)
            for priority in (0.1, 0.4, 0.0, 0.2)}
+    store.judge(me, store.next_pair(me)["id"], "b")  # the 0.4 pair
+    assert [r["id"] for r in store.unjudged()] == sorted([ids[0.1], ids[0.0], ids[0.2]])
+    store.set_priorities({ids[0.0]: 0.9})  # re-ranked, as by a reward model retrained since
     served = []
     while (pair := store.next_pair(me)) is not None:
         served.append(pair["id"])
         store.judge(me, pair["id"], "a")
-    assert served == [ids[0.4], ids[0.2], ids[0.1], ids[0.0]]
+    assert served == [ids[0.0], ids[0.2], ids[0.1]] and store.unjudged() == []
 
 
 def test_an_old_database_gains_the_priority_column(tmp_path):

@@ -83,3 +83,30 @@ def test_online_dpo_rounds(tiny_generator, tiny_classifier, tmp_path, cli):
     dpo = load_saved(DPOConfig, tmp_path / "loop" / "round-2" / "policy" / "config.yaml")
     assert dpo.preferences.endswith("round-2/labels.jsonl") and dpo.ref_policy == str(tiny_generator)
     assert (tmp_path / "loop" / "reward.png").is_file() and (tmp_path / "loop" / "kl.png").is_file()
+
+
+def test_people_on_the_page_then_the_round_goes_on(tiny_generator, tiny_classifier, tmp_path, cli):
+    """`--annotator web`: the round prints the admin link and waits; another process (here the simulated
+    annotator, as a person's browser would) judges there; then the round trains on those labels."""
+    args = loop_args(tiny_generator, tiny_classifier, "loop", "--rounds", "1", "--wait_s", "120",
+                     "--policy_args=[--batch_size=8, --minibatch_size=4, --ppo_epochs=1]")
+    args[args.index("--annotator") + 1] = "web"
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "minirlhf", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    deadline, link = time.time() + 120, None
+    while link is None:
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)
+        link = next((w for line in list(lines) for w in line.split() if "/admin?token=" in w), None)
+        time.sleep(0.05)
+    try:
+        out = cli("feedback", "simulate", "--url", link, "--judge", str(tiny_classifier), "--labels", str(LABELS),
+                  "--timeout", "120")
+        assert out.returncode == 0, out.stderr
+        assert proc.wait(240) == 0, "".join(lines)
+    finally:
+        proc.kill()
+    results = load_json(tmp_path / "loop" / "results.json")
+    assert results["rounds"][0]["labels"] == LABELS and "gold/reward" not in results["rounds"][0]
+    assert "rm/reward" in results["rounds"][0]  # no gold judge: the round's own reward model scores

@@ -9,7 +9,8 @@ import sqlite3
 import pytest
 import torch
 
-from minirlhf.feedback.simulate import beta_for_agreement, prefers_a
+from minirlhf.data.dialogue import to_messages
+from minirlhf.feedback.simulate import beta_for_agreement, prefers_a, prompt_from_turns
 from test_feedback import Server
 
 RECORDING_JUDGE = '''
@@ -64,3 +65,9 @@ def test_simulated_annotators_judge_on_the_real_page(tiny_generator, tmp_path, c
     for _, choice, _, a, b in rows:  # beta 1e9: the judge's choice, except on a tie in score (a coin)
         if len(a.split()) != len(b.split()):
             assert choice == ("a" if len(a.split()) > len(b.split()) else "b")
+
+
+def test_a_dialogue_shown_turn_by_turn_is_read_back_as_stored():
+    hh = "\n\nHuman: Hi there, how are you?\n\nAssistant: Fine.\n\nHuman: Tell me a joke\n\nAssistant:"
+    assert prompt_from_turns([(t["role"], t["content"]) for t in to_messages(hh)]) == hh
+    assert prompt_from_turns([("user", "a plain prompt")]) == "a plain prompt"

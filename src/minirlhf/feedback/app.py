@@ -213,23 +213,33 @@ class Page:
         self.port = self.server.effective_port
         self.url = app.config["PUBLIC_URL"] = public_url(host, self.port)
         self.admin_link = f"{self.url}/admin?token={self.admin_token}"
-        self.http = threading.Thread(target=self.server.run, daemon=True, name="minirlhf-http")
+        self.stopping = threading.Event()
+        self.http = threading.Thread(target=self._serve, daemon=True, name="minirlhf-http")
+
+    def _serve(self) -> None:
+        """waitress's socket loop (its `server.run`), a poll at a time, so that `stop` can end it between polls."""
+        from waitress import wasyncore
+
+        sockets = getattr(self.server, "_map", None) or self.server.map
+        while not self.stopping.is_set():
+            wasyncore.loop(timeout=0.2, map=sockets, count=1)
 
     def start(self) -> None:
         self.pool.start()
         self.http.start()
 
     def stop(self) -> None:
-        """Stop generating, close every connection and end waitress's threads, then wait for the batch being
+        """End the socket loop, then waitress's worker threads and every connection, then wait for the batch being
         sampled: a thread still running Python (or inside torch) when the interpreter exits can abort it
-        ("terminate called without an active exception")."""
+        ("terminate called without an active exception"), and closing sockets under a running poll fails it."""
         from waitress import wasyncore
 
         self.pool.halt.set()
+        self.stopping.set()
+        if self.http.is_alive():
+            self.http.join(10)
         self.server.task_dispatcher.shutdown(timeout=5)  # a single-socket server's close() leaves them waiting
         wasyncore.close_all(getattr(self.server, "_map", None) or self.server.map)  # sockets, trigger, keep-alives
-        if self.http.is_alive():
-            self.http.join(5)
         _finish(self.pool)
 
 

@@ -255,13 +255,13 @@ class LoopJob:
         for the reward model. Returns (labels so far, held-out pairs so far)."""
         export_jsonl(r.db, r.labels)
         train, held = split_pairs(read_pairs(r.labels), self.cfg.heldout_fraction, seed=self.cfg.seed + r.k)
-        _write_pairs(r.train_pairs, train)
-        _write_pairs(r.heldout_pairs, held)
+        write_pairs(r.train_pairs, train)
+        write_pairs(r.heldout_pairs, held)
         rounds = [Round(self.run.dir.path / f"round-{k}", k, "", "") for k in range(1, r.k + 1)]
         all_train = [p for x in rounds for p in read_pairs(x.train_pairs)]
         all_held = [p for x in rounds for p in read_pairs(x.heldout_pairs)]
-        _write_pairs(r.folder / "rm_train.jsonl", all_train)
-        _write_pairs(r.folder / "rm_heldout.jsonl", all_held)
+        write_pairs(r.folder / "rm_train.jsonl", all_train)
+        write_pairs(r.folder / "rm_heldout.jsonl", all_held)
         return len(all_train) + len(all_held), len(all_held)
 
     def _train_reward_model(self, r: Round) -> dict:
@@ -335,7 +335,7 @@ def _raise(error: BaseException | None) -> None:
         raise error
 
 
-def _write_pairs(path: Path, pairs) -> None:
+def write_pairs(path: Path, pairs) -> None:
     atomic_write_text(path, "".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected},
                                                ensure_ascii=False) + "\n" for p in pairs))
 

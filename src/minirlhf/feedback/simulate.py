@@ -134,7 +134,7 @@ class _PageReader(html.parser.HTMLParser):
         self._text = None
 
 
-def _prompt(turns: list[tuple[str, str]]) -> str:
+def prompt_from_turns(turns: list[tuple[str, str]]) -> str:
     """The prompt as stored: a single user turn is the plain prompt, more turns are HH dialogue text."""
     if len(turns) == 1 and turns[0][0] == "user":
         return turns[0][1]
@@ -170,7 +170,7 @@ class Browser:
         page.feed(self.open("/"))
         if "pair_id" not in page.inputs:
             return None
-        return Shown(int(page.inputs["pair_id"]), _prompt(page.turns), page.responses.get("a", ""),
+        return Shown(int(page.inputs["pair_id"]), prompt_from_turns(page.turns), page.responses.get("a", ""),
                      page.responses.get("b", ""), page.inputs["csrf"])
 
     def judge(self, shown: Shown, choice: str) -> None:

@@ -191,6 +191,16 @@ class Store:
             "AND j.undone IS NULL) AND NOT EXISTS (SELECT 1 FROM assignments s WHERE s.pair_id = p.id AND s.since > ?)",
             (time.time() - ASSIGNMENT_TTL_S,)).fetchone()[0]
 
+    def unjudged(self) -> list[sqlite3.Row]:
+        """Every pair with no live judgement yet: the candidates a new reward model can re-rank."""
+        return self.conn.execute("SELECT * FROM pairs p WHERE NOT EXISTS (SELECT 1 FROM judgements j "
+                                 "WHERE j.pair_id = p.id AND j.undone IS NULL) ORDER BY id").fetchall()
+
+    def set_priorities(self, priorities: dict[int, float]) -> None:
+        """New priorities by pair id (e.g. uncertainty under a reward model retrained since the pairs were made)."""
+        with self.write() as c:
+            c.executemany("UPDATE pairs SET priority = ? WHERE id = ?", [(v, k) for k, v in priorities.items()])
+
     def judge(self, me: int, pair_id: int, choice: str) -> bool:
         """Record `me`'s choice on a pair; False if the pair does not exist or `me` has judged it already."""
         if choice not in CHOICES:
