@@ -279,7 +279,7 @@ def test_tokens_csrf_and_origin_are_checked(server):
     for url in (f"{server.base}/", f"{server.base}/admin", f"{server.base}/static/style.css",
                 f"{server.base}/?token=wrong", link.replace("/?", "/admin?")):
         assert request(url)[0] == 403, url
-    server.wait_for(r"model ready")
+    server.wait_for(r"pairs: [1-9]")  # "model ready" comes before the first pairs are stored
     _, page = request(link)
     form = {"pair_id": field(page, "pair_id"), "choice": "a"}
     judge = link.replace("/?", "/judge?")
