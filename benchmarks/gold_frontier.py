@@ -42,9 +42,9 @@ from minirlhf.config import load_config
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.preferences import Pair
 from minirlhf.feedback.app import Page
-from minirlhf.feedback.loop import reward_of, write_pairs
+from minirlhf.feedback.loop import write_pairs
 from minirlhf.feedback.pairs import PairPool, Sampling, Source, uncertainty
-from minirlhf.feedback.simulate import beta_for_agreement, load_judge, simulate
+from minirlhf.feedback.simulate import beta_for_agreement, load_judge, reward_of, simulate
 from minirlhf.feedback.store import Store, export_jsonl
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.reward_model import RewardModel

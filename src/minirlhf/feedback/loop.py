@@ -24,8 +24,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from types import SimpleNamespace
 
 from minirlhf import ConfigError, RunError, runner
 from minirlhf.algorithms import dpo, registry, rl
@@ -37,10 +36,9 @@ from minirlhf.config import DataConfig, TrainingRunConfig, load_config
 from minirlhf.data.preferences import read_pairs, split_pairs
 from minirlhf.data.prompts import PromptConfig, load_prompts
 from minirlhf.feedback.pairs import PairPool, Sampling, Source
-from minirlhf.feedback.simulate import load_judge, simulate
+from minirlhf.feedback.simulate import judge_agreement, load_judge, reward_of, simulate
 from minirlhf.feedback.store import Store, export_jsonl
 from minirlhf.models.load import PolicyOptions, load_policy, load_reference
-from minirlhf.models.rewards import Reward, RewardConfig
 from minirlhf.rundir import RunDir
 
 
@@ -107,16 +105,6 @@ class LoopConfig(TrainingRunConfig):
 
 def _judge_spec(cfg: LoopConfig) -> str:
     return cfg.annotator.split(":", 1)[1] if cfg.annotator.startswith("simulate:") else ""
-
-
-def reward_of(judge: str, response_len: int, device) -> Reward:
-    """A judge (classifier run, reward-model run or module:function) as the reward that scores policies."""
-    found = RunDir.find(judge)
-    if found is not None and found.stage == "classifier":
-        return Reward(RewardConfig(classifier=judge), response_len, device)
-    if found is not None and found.stage == "reward_model":
-        return Reward(RewardConfig(reward_model=judge), response_len, device)
-    return Reward(RewardConfig(function=judge, classifier_weight=0.0), response_len, device)
 
 
 def check(cfg: LoopConfig) -> None:
@@ -286,8 +274,7 @@ class LoopJob:
         key = "gold" if self.gold is not None else "rm"
         options = {"chat_template": cfg.policy_options.chat_template}
         policy = load_policy(current, device, value_head=False, **options)
-        shape = dataclasses.make_dataclass("EvalShape", [("batch_size", int), ("response_len", int)])(
-            cfg.eval_batch_size, cfg.response_len)
+        shape = SimpleNamespace(batch_size=cfg.eval_batch_size, response_len=cfg.response_len)
         start = evaluate_policy(policy, self.reference, reward, self.eval_prompts, shape, seed=cfg.seed)
         row = {f"{key}/reward": start["reward_policy"], f"{key}/reward_start": start["reward_reference"],
                "kl": start["kl"], "win_rate/vs_start": start["win_rate"], "win_rate/vs_previous": start["win_rate"]}
@@ -338,19 +325,6 @@ def _raise(error: BaseException | None) -> None:
 def write_pairs(path: Path, pairs) -> None:
     atomic_write_text(path, "".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected},
                                                ensure_ascii=False) + "\n" for p in pairs))
-
-
-def judge_agreement(store: Store, judge) -> float:
-    """Share of the store's A/B judgements that pick the response the judge scores higher (a tie counts half)."""
-    rows = store.conn.execute("SELECT p.prompt, p.response_a, p.response_b, j.choice FROM judgements j JOIN pairs p "
-                              "ON p.id = j.pair_id WHERE j.undone IS NULL AND j.choice IN ('a', 'b')").fetchall()
-    if not rows:
-        return float("nan")
-    a = judge([r[0] for r in rows], [r[1] for r in rows])
-    b = judge([r[0] for r in rows], [r[2] for r in rows])
-    picked_a = torch.tensor([r[3] == "a" for r in rows])
-    agree = torch.where(a == b, 0.5, ((a > b) == picked_a).float())
-    return agree.mean().item()
 
 
 def _rl_stage(cfg: LoopConfig, r: Round) -> tuple:

@@ -28,9 +28,10 @@ import torch
 
 from minirlhf import ConfigError, RunError, UserError
 from minirlhf.data.dialogue import dialogue_text
+from minirlhf.feedback.store import Store
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.reward_model import RewardModel
-from minirlhf.models.rewards import load_function
+from minirlhf.models.rewards import Reward, RewardConfig, load_function
 from minirlhf.rundir import RunDir
 from minirlhf.training import progress
 
@@ -55,6 +56,29 @@ def load_judge(spec: str, device="cpu") -> Judge:
         return lambda prompts, responses: torch.tensor([float(v) for v in function(prompts, responses)])
     raise ConfigError(f"--judge {spec} is neither a classifier run, a reward-model run nor module:function; "
                       "give one of those")
+
+
+def reward_of(judge: str, response_len: int, device) -> Reward:
+    """A judge (classifier run, reward-model run or module:function) as the reward that scores policies."""
+    found = RunDir.find(judge)
+    if found is not None and found.stage == "classifier":
+        return Reward(RewardConfig(classifier=judge), response_len, device)
+    if found is not None and found.stage == "reward_model":
+        return Reward(RewardConfig(reward_model=judge), response_len, device)
+    return Reward(RewardConfig(function=judge, classifier_weight=0.0), response_len, device)
+
+
+def judge_agreement(store: Store, judge) -> float:
+    """Share of the store's A/B judgements that pick the response the judge scores higher (a tie counts half)."""
+    rows = store.conn.execute("SELECT p.prompt, p.response_a, p.response_b, j.choice FROM judgements j JOIN pairs p "
+                              "ON p.id = j.pair_id WHERE j.undone IS NULL AND j.choice IN ('a', 'b')").fetchall()
+    if not rows:
+        return float("nan")
+    a = judge([r[0] for r in rows], [r[1] for r in rows])
+    b = judge([r[0] for r in rows], [r[2] for r in rows])
+    picked_a = torch.tensor([r[3] == "a" for r in rows])
+    agree = torch.where(a == b, 0.5, ((a > b) == picked_a).float())
+    return agree.mean().item()
 
 
 def prefers_a(score_a: float, score_b: float, beta: float, rng: random.Random) -> bool:
