@@ -8,9 +8,10 @@ for the least KL, with the labels given on minirlhf's own feedback page.
   each opening as plain text;
 - labels: pairs of two SFT samples per prompt, served by a running feedback page (in this process, real HTTP) and
   judged there by simulated annotators with beta set so they agree with the gold judge on ~75% of pairs;
-- active choice: the same candidates labelled again in quarters, each after the first served most-uncertain-first
-  under the reward model of the labels so far; the labels it needs to reach the accuracy that N random labels
-  give (accuracy: agreement with the gold judge on held-out pairs), over N;
+- active choice (benchmarks/gold_labels.py): the same candidates labelled in quarters by a random arm and by an
+  active arm whose quarters after the first are served most-uncertain-first under the reward model(s) of the
+  labels so far, each arm with several seeds; the labels the active arm's mean curve needs to reach the accuracy
+  of the random arm's mean at N (accuracy: agreement with the gold judge on held-out pairs), over N;
 - methods: PPO against the gold judge (the oracle) and against the Bradley–Terry reward model of the N labels, at
   three KL weights each; GRPO against the reward model; DPO at three betas and IPO, on the N pairs; best-of-n
   (4, 16) under the reward model. Each is scored on held-out openings: mean gold reward, and KL(pi || pi_SFT)
@@ -35,17 +36,12 @@ from pathlib import Path
 import torch
 
 from common import ROOT
+from gold_labels import collect_labels
 
-from minirlhf.algorithms import classifier, dpo, registry, reward_model, rl, sft
-from minirlhf.checkpoint import load_json
+from minirlhf.algorithms import classifier, dpo, registry, rl, sft
 from minirlhf.config import load_config
 from minirlhf.data.dialogue import dialogue_text
-from minirlhf.data.preferences import Pair
-from minirlhf.feedback.app import Page
-from minirlhf.feedback.loop import write_pairs
-from minirlhf.feedback.pairs import PairPool, Sampling, Source, uncertainty
-from minirlhf.feedback.simulate import beta_for_agreement, load_judge, reward_of, simulate
-from minirlhf.feedback.store import Store, export_jsonl
+from minirlhf.feedback.simulate import load_judge, reward_of
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.reward_model import RewardModel
 from minirlhf.rundir import RunDir
@@ -111,107 +107,6 @@ def sft_policy(examples: int) -> Path:
     return cached(f"sft-imdb-smollm2-{examples}", make)
 
 
-# ---------------------------------------------------------------------------- labels on the page
-def page_for(store: Store, sft_run: Path, prompts: list[str], args, ahead: int) -> Page:
-    source = Source(str(sft_run), None, prompts, options={"chat_template": False})
-    pool = PairPool(store, source, Sampling(args.response_len, 1.0, seed=args.seed), ahead, overlap=0.0,
-                    batch_size=16)
-    return Page(store, pool)
-
-
-def make_candidates(work: Path, sft_run: Path, prompts: list[str], n: int, args) -> Path:
-    """`n` pairs sampled by the page's own generator into a store, then copied for each arm of the comparison."""
-    db = work / "candidates.sqlite"
-    store = Store(db)
-    page = page_for(store, sft_run, prompts, args, ahead=n)
-    page.start()
-    try:
-        deadline = time.time() + 3600
-        while store.counts()["pairs"] < n:
-            if page.pool.error is not None:
-                raise page.pool.error
-            if time.time() > deadline:
-                raise RuntimeError("the page's generator made too few pairs in an hour")
-            time.sleep(1.0)
-    finally:
-        page.stop()
-    return db
-
-
-def copy_store(db: Path, to: Path) -> Store:
-    import sqlite3
-
-    with sqlite3.connect(db) as src, sqlite3.connect(to) as dst:
-        src.backup(dst)
-    return Store(to)
-
-
-def label(store: Store, sft_run: Path, judge, n: int, beta: float, args, seed: int) -> float:
-    """`n` labels by two simulated annotators on a running page over `store` (no new pairs: the candidates are
-    there); their agreement with the judge."""
-    page = page_for(store, sft_run, ["unused"], args, ahead=0)
-    page.start()
-    try:
-        tally = simulate(page.url, page.admin_token, judge, n, beta, annotators=2, seed=seed, timeout_s=600,
-                         show_progress=False)
-    finally:
-        page.stop()
-    return tally.agreement
-
-
-def train_rm(work: Path, name: str, train_pairs: Path, heldout: Path, args) -> tuple[Path, float]:
-    run = reward_model.train(load_config(reward_model.RewardModelConfig, overrides=[
-        f"--preferences={train_pairs}", f"--eval_file={heldout}", "--model.max_length=96", "--train.epochs=3",
-        "--train.batch_size=16", "--train.lr=1e-4", f"--out={work / name}", "--device=cpu"]))
-    return run, load_json(RunDir(run).results)["eval_accuracy"]
-
-
-def gold_heldout(work: Path, sft_run: Path, prompts: list[str], gold_judge, args) -> tuple[Path, list[float]]:
-    """Pairs of two SFT samples on held-out openings, the gold judge's preferred one as `chosen`: reward-model
-    accuracy on them is agreement with the gold judge. Also the judge's score differences (to set beta)."""
-    policy = load_policy(str(sft_run), "cpu", value_head=False, chat_template=False)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    pairs, differences = [], []
-    for i in range(0, len(prompts), 16):
-        chunk = prompts[i: i + 16]
-        a, b = (policy.sample(chunk, args.response_len, gen).texts for _ in range(2))
-        sa, sb = gold_judge(chunk, a).tolist(), gold_judge(chunk, b).tolist()
-        differences += [x - y for x, y in zip(sa, sb)]
-        pairs += [Pair(p, x, y) if s >= t else Pair(p, y, x) for p, x, y, s, t in zip(chunk, a, b, sa, sb) if s != t]
-    path = work / "gold_heldout.jsonl"
-    write_pairs(path, pairs)
-    return path, differences
-
-
-def active_curve(work: Path, candidates: Path, sft_run: Path, judge, beta: float, heldout: Path, args) -> list:
-    """(labels, reward-model accuracy) after each quarter of N labels, each quarter after the first served
-    most-uncertain-first under the reward model of the labels before it."""
-    store, n, curve, rm = copy_store(candidates, work / "uncertain.sqlite"), args.labels, [], None
-    for q in range(1, 5):
-        if rm is not None:
-            fresh = store.unjudged()
-            scores = uncertainty([RewardModel.from_run(rm)], [r["prompt"] for r in fresh],
-                                 [r["response_a"] for r in fresh], [r["response_b"] for r in fresh])
-            store.set_priorities({r["id"]: s for r, s in zip(fresh, scores)})
-        label(store, sft_run, judge, q * n // 4 - (q - 1) * n // 4, beta, args, seed=args.seed + 100 + q)
-        export_jsonl(store.path, work / f"uncertain-{q}.jsonl")
-        rm, accuracy = train_rm(work, f"rm-uncertain-{q}", work / f"uncertain-{q}.jsonl", heldout, args)
-        curve.append((q * n // 4, accuracy))
-        say(f"active: {q * n // 4} uncertain-first labels -> reward-model accuracy {accuracy:.3f}")
-    return curve
-
-
-def labels_to_reach(curve: list, target: float) -> float | None:
-    """The label count where the (labels, accuracy) curve first reaches `target`, interpolated; None if never."""
-    previous = (0, 0.5)
-    for n, acc in curve:
-        if acc >= target:
-            (n0, a0) = previous
-            return n0 + (n - n0) * (target - a0) / (acc - a0) if acc > a0 else n
-        previous = (n, acc)
-    return None
-
-
 # ---------------------------------------------------------------------------- methods and their scores
 @torch.no_grad()
 def score(policy, ref, gold, prompts: list[str], args) -> tuple[float, float, float]:
@@ -243,7 +138,7 @@ def rl_run(work: Path, name: str, algorithm: str, reward: list[str], strength: f
 def dpo_run(work: Path, name: str, loss: str, beta: float, files: dict, args) -> Path:
     cfg = load_config(dpo.DPOConfig, overrides=[
         f"--policy={files['sft']}", *LM, f"--preferences={files['labels']}", f"--beta={beta}", f"--loss_type={loss}",
-        "--train.epochs=2", "--train.batch_size=16", "--train.micro_batch_size=8", "--train.lr=5e-5",
+        "--train.epochs=2", "--train.batch_size=16", "--train.micro_batch_size=8", f"--train.lr={args.dpo_lr}",
         f"--max_response_tokens={args.response_len + 1}", "--eval_every=0", "--samples=0", f"--out={work / name}",
         "--device=cpu"])
     return dpo.train(cfg)
@@ -286,21 +181,30 @@ def learned_vs_oracle(frontier: list[dict], sft_gold: float) -> float | None:
     return sum(ratios) / len(ratios) if ratios else None
 
 
-def plot(frontier: list[dict], sft_gold: float, path: Path) -> None:
+def plot(frontier: list[dict], sft_gold: float, labels: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, acc) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for method in dict.fromkeys(r["method"] for r in frontier):
         pts = sorted((r["kl"], r["gold_reward"]) for r in frontier if r["method"] == method)
         ax.plot(*zip(*pts), marker="o", label=method)
     ax.axhline(sft_gold, color="grey", linestyle=":", label="SFT policy")
     ax.set_xlabel("KL(policy || SFT) per response, nats")
     ax.set_ylabel("gold reward (held-out openings)")
-    ax.set_title("Gold reward against KL, SmolLM2-135M (4-bit-rounded weights), 2 CPU cores")
+    ax.set_title("Gold reward against KL, SmolLM2-135M (4-bit-rounded weights)", fontsize=10)
     ax.legend(fontsize=8)
+    for name, curves in labels["curves"].items():
+        for curve in curves:
+            acc.plot(*zip(*curve), color="C0" if name == "random" else "C1", alpha=0.25)
+        mean = labels["random_curve"] if name == "random" else labels["active_curve"]
+        acc.plot(*zip(*mean), marker="o", color="C0" if name == "random" else "C1", label=f"{name} (mean of seeds)")
+    acc.set_xlabel("labels")
+    acc.set_ylabel("reward model's agreement with the gold judge")
+    acc.set_title("Random against active pair choice", fontsize=10)
+    acc.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -313,39 +217,26 @@ def arguments():
     p.add_argument("--steps", type=int, default=16, help="RL steps of 16 responses")
     p.add_argument("--eval-prompts", type=int, default=48)
     p.add_argument("--eval-samples", type=int, default=2, help="responses per held-out opening")
-    p.add_argument("--heldout-pairs", type=int, default=200, help="pairs the reward models are measured on")
+    p.add_argument("--heldout-pairs", type=int, default=400, help="pairs the reward models are measured on")
+    p.add_argument("--pool", type=int, default=4, help="candidate pairs per label: what choice chooses among")
+    p.add_argument("--active-seeds", type=int, default=3, help="seeds of each arm of random against active choice")
+    p.add_argument("--active-select", choices=["uncertain", "ensemble"], default="ensemble",
+                   help="one reward model's closeness to P(A) = 0.5, or an ensemble's disagreement")
     p.add_argument("--agreement", type=float, default=0.75, help="the simulated annotators' agreement with the gold")
     p.add_argument("--gold-train", type=int, default=4000, help="IMDB train reviews the gold judge learns from")
     p.add_argument("--sft-examples", type=int, default=480)
     p.add_argument("--ppo-kl", default="0.3,0.1,0.03", help="kl_coef of oracle and learned-RM PPO")
     p.add_argument("--dpo-beta", default="0.5,0.1,0.03")
+    p.add_argument("--dpo-lr", type=float, default=2e-4, help="DPO and IPO learning rate (2 passes over the N pairs)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, one strength each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="work folder (default: runs/bench-gold-frontier-TIME)")
     args = p.parse_args()
     if args.quick:
         args.__dict__.update(labels=24, response_len=10, steps=2, eval_prompts=8, eval_samples=1, heldout_pairs=32,
-                             gold_train=300, sft_examples=32, ppo_kl="0.1", dpo_beta="0.1")
+                             gold_train=300, sft_examples=32, ppo_kl="0.1", dpo_beta="0.1",
+                             active_seeds=1)
     return args
-
-
-def collect_labels(work: Path, files: dict, gold: Path, args) -> dict:
-    """The page, the simulated annotators, the reward model of N random labels, and the uncertain-first curve."""
-    judge = load_judge(str(gold))
-    eval_like = [opening(r["text"]) for r in reviews("test.jsonl", args.heldout_pairs, skip=5000)]
-    heldout, differences = gold_heldout(work, files["sft"], eval_like, judge, args)
-    beta = beta_for_agreement(differences, args.agreement)
-    say(f"beta {beta:.3f} gives {args.agreement} expected agreement with the gold judge")
-    candidates = make_candidates(work, files["sft"], files["train_prompt_list"], 2 * args.labels, args)
-    store = copy_store(candidates, work / "random.sqlite")
-    agreement = label(store, files["sft"], judge, args.labels, beta, args, seed=args.seed + 101)
-    export_jsonl(store.path, work / "labels.jsonl")
-    rm, accuracy = train_rm(work, "rm-random", work / "labels.jsonl", heldout, args)
-    say(f"{args.labels} random labels (agreement {agreement:.3f}) -> reward-model accuracy {accuracy:.3f}")
-    curve = active_curve(work, candidates, files["sft"], judge, beta, heldout, args)
-    needed = labels_to_reach(curve, accuracy)
-    return {"beta": beta, "agreement": agreement, "labels": work / "labels.jsonl", "rm": rm, "rm_accuracy": accuracy,
-            "uncertain_curve": curve, "active_label_ratio": None if needed is None else needed / args.labels}
 
 
 def run_methods(work: Path, files: dict, gold: Path, rm: Path, args) -> tuple[list[dict], float, float]:
@@ -402,20 +293,22 @@ def measure(args) -> dict:
     files = {"sft": sft_run, "train_prompt_list": train_prompts, "eval_prompt_list": eval_prompts,
              "train_prompts": write_jsonl(work / "train_prompts.jsonl", [{"prompt": p} for p in train_prompts]),
              "eval_prompts": write_jsonl(work / "eval_prompts.jsonl", [{"prompt": p} for p in eval_prompts])}
-    labels = collect_labels(work, files, gold, args)
+    heldout_prompts = [opening(r["text"]) for r in reviews("test.jsonl", args.heldout_pairs, skip=5000)]
+    labels = collect_labels(work, files, gold, heldout_prompts, args, say)
     files["labels"] = labels["labels"]
     frontier, sft_gold, sft_se = run_methods(work, files, gold, labels["rm"], args)
     learned = learned_vs_oracle(frontier, sft_gold)
     dpo_points = [(0.0, sft_gold)] + [(r["kl"], r["gold_reward"]) for r in frontier if r["method"] == "dpo"]
     bo4 = next(r for r in frontier if r["method"] == "best_of_n" and r["strength"] == 4)
     dpo_at_bo4 = interpolate(dpo_points, bo4["kl"])
-    plot(frontier, sft_gold, work / "gold_frontier.png")
+    plot(frontier, sft_gold, labels, work / "gold_frontier.png")
     wall = time.time() - t0
     out = {"frontier": frontier, "sft_gold_reward": round(sft_gold, 4), "sft_gold_se": round(sft_se, 4),
            "learned_vs_oracle_gain": None if learned is None else round(learned, 3),
            "dpo_minus_best_of_4": None if dpo_at_bo4 is None else round(dpo_at_bo4 - bo4["gold_reward"], 4),
            "active_label_ratio": None if labels["active_label_ratio"] is None else round(labels["active_label_ratio"], 3),
-           "reward_model_accuracy": round(labels["rm_accuracy"], 4), "uncertain_curve": labels["uncertain_curve"],
+           "reward_model_accuracy": round(labels["rm_accuracy"], 4), "random_curve": labels["random_curve"],
+           "active_curve": labels["active_curve"], "curves_by_seed": labels["curves"],
            "annotator_beta": round(labels["beta"], 4), "annotator_agreement": round(labels["agreement"], 4),
            "wall_seconds": round(wall), "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "gold_judge": str(gold), "sft_policy": str(sft_run), "plot": str(work / "gold_frontier.png"),
