@@ -8,7 +8,6 @@ the reward model's initialisation), and the comparison reads the curves averaged
 are ~0.03 apart by chance alone.
 """
 
-import json
 import random
 import sqlite3
 import time
@@ -23,7 +22,7 @@ from minirlhf.data.preferences import Pair
 from minirlhf.feedback.app import Page
 from minirlhf.feedback.loop import write_pairs
 from minirlhf.feedback.pairs import PairPool, Sampling, Source, uncertainty
-from minirlhf.feedback.simulate import beta_for_agreement, load_judge, simulate
+from minirlhf.feedback.simulate import beta_for_agreement, judge_agreement, load_judge, simulate
 from minirlhf.feedback.store import Store, export_jsonl
 from minirlhf.models.load import load_policy
 from minirlhf.models.reward_model import RewardModel
@@ -64,16 +63,11 @@ def copy_store(db: Path, to: Path) -> Store:
     return Store(to)
 
 
-def label(store: Store, sft_run: Path, judge, n: int, beta: float, args, seed: int) -> float:
-    """`n` labels by two simulated annotators on a running page over `store` (no new pairs: the candidates are
-    there); their agreement with the judge."""
-    page = page_for(store, sft_run, ["unused"], args, ahead=0)
-    page.start()
-    try:
-        tally = simulate(page.url, page.admin_token, judge, n, beta, annotators=2, seed=seed, timeout_s=600,
-                         show_progress=False)
-    finally:
-        page.stop()
+def label(page: Page, judge, n: int, beta: float, seed: int) -> float:
+    """`n` labels by two simulated annotators on a running page (no new pairs: the candidates are in its store);
+    their agreement with the judge."""
+    tally = simulate(page.url, page.admin_token, judge, n, beta, annotators=2, seed=seed, timeout_s=600,
+                     show_progress=False)
     return tally.agreement
 
 
@@ -120,14 +114,25 @@ def arm(work: Path, candidates: Path, sft_run: Path, judge, beta: float, heldout
         seed: int) -> tuple[list, Path, Path]:
     """One arm with one seed: (labels, reward-model accuracy) after each quarter of N labels; its labels file and
     reward model at N. `select`: random, uncertain (one reward model) or ensemble (their disagreement)."""
-    name = f"{select}-{seed}"
-    store, n, curve, runs = copy_store(candidates, work / f"{name}.sqlite"), args.labels, [], []
+    store = copy_store(candidates, work / f"{select}-{seed}.sqlite")
     rng = random.Random(f"order-{seed}")
     store.set_priorities({r["id"]: rng.random() for r in store.unjudged()})  # this seed's random order
+    page = page_for(store, sft_run, ["unused"], args, ahead=0)  # one page for the arm: it reads priorities live
+    page.start()
+    try:
+        curve, labels, runs = quarters(work, page, judge, beta, heldout, args, select, seed)
+    finally:
+        page.stop()
+    return curve, labels, runs[0]
+
+
+def quarters(work: Path, page: Page, judge, beta: float, heldout: Path, args, select: str, seed: int) -> tuple:
+    """The arm's four quarters on its page: (curve, the labels file at N, the last reward model(s))."""
+    name, store, n, curve, runs = f"{select}-{seed}", page.store, args.labels, [], []
     for q in range(1, 5):
         if runs and select != "random":
             rank_by_uncertainty(store, runs)
-        label(store, sft_run, judge, q * n // 4 - (q - 1) * n // 4, beta, args, seed=1000 * seed + q)
+        label(page, judge, q * n // 4 - (q - 1) * n // 4, beta, seed=1000 * seed + q)
         labels = work / f"{name}-{q}.jsonl"
         export_jsonl(store.path, labels)
         run, accuracy = train_rm(work, f"rm-{name}-{q}", labels, heldout, seed)
@@ -137,7 +142,7 @@ def arm(work: Path, candidates: Path, sft_run: Path, judge, beta: float, heldout
                                                                     100 * seed + k), heldout, seed + k)[0]
                      for k in range(1, ENSEMBLE)]
         curve.append((q * n // 4, round(accuracy, 4)))
-    return curve, labels, runs[0]
+    return curve, labels, runs
 
 
 def mean_curve(curves: list[list]) -> list:
@@ -169,19 +174,12 @@ def collect_labels(work: Path, files: dict, gold: Path, heldout_prompts: list[st
             curve, labels, rm = arm(work, candidates, files["sft"], judge, beta, heldout, args, select, seed)
             curves[select].append(curve)
             say(f"seed {seed}, {select} choice: " + ", ".join(f"{n} labels -> {a:.3f}" for n, a in curve))
-            first = first or (labels, rm)
+            first = first or (labels, rm, work / f"{select}-{seed}.sqlite")
     random_mean, active_mean = mean_curve(curves["random"]), mean_curve(curves[args.active_select])
     needed = labels_to_reach(active_mean, random_mean[-1][1])
-    agreement = agreement_of(first[0], judge)
+    agreement = judge_agreement(Store(first[2]), judge)
     (work / "labels.jsonl").write_text(first[0].read_text())
     return {"beta": beta, "agreement": agreement, "labels": work / "labels.jsonl", "rm": first[1],
             "rm_accuracy": curves["random"][0][-1][1], "curves": curves, "random_curve": random_mean,
             "active_curve": active_mean, "active_label_ratio": None if needed is None else needed / args.labels}
 
-
-def agreement_of(labels: Path, judge) -> float:
-    """How often the labels in a file pick the judge's preferred response (a tie counts half)."""
-    rows = [json.loads(line) for line in labels.read_text().splitlines() if line.strip()]
-    chosen = judge([r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    rejected = judge([r["prompt"] for r in rows], [r["rejected"] for r in rows])
-    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
