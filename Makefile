@@ -19,7 +19,7 @@ chromium:
 	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then $(APT_CHROMIUM); \
 	  elif sudo -n true 2>/dev/null; then sudo -n $(APT_CHROMIUM); fi; \
-	  test -x /usr/bin/chromium || echo "chromium not installed (needs root or sudo -n): the browser tests will skip"; }
+	  test -x /usr/bin/chromium || echo "chromium not installed (needs root or sudo -n): the browser tests will skip (fail under CI=true)"; }
 
 install: $(STAMP)
 

@@ -216,7 +216,8 @@ def test_two_processes_train_as_one(tiny_generator, tmp_path):
     args = ["dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--train.steps=3", "--train.batch_size=5",
             "--train.micro_batch_size=2", "--train.lr=1e-2", "--max_response_tokens=12", "--samples=0", "--eval_every=1",
             "--device=cpu"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # the same arithmetic in both runs
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",  # the same arithmetic in both runs
+           "MINIRLHF_STRICT_DEVICES": "1"}  # collectives and float64 checked as a GPU or a Mac would (strict.py)
     single = run_cli(*args, "--out", str(tmp_path / "one"), cwd=tmp_path, env=env)
     assert single.returncode == 0, single.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -172,22 +172,32 @@ class Server:
                                      cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
-        self.admin_url = self.wait_for(r"http://\S+/admin\?token=\S+")
+        try:
+            self.admin_url = self.wait_for(r"http://\S+/admin\?token=\S+")
+        except BaseException:  # no one else holds the process to end it
+            self.proc.kill()
+            raise
         self.base = self.admin_url.split("/admin")[0]
 
     def wait_for(self, pattern: str, timeout: float = 60) -> str:
-        end = time.time() + timeout
-        while time.time() < end:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             for line in list(self.lines):
                 if m := re.search(pattern, line):
                     return m.group(0)
-            assert self.proc.poll() is None, "".join(self.lines)
+            assert self.proc.poll() is None, f"the server exited while we waited for {pattern!r}:\n" + "".join(self.lines)
             time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in:\n{''.join(self.lines)}")
+        raise AssertionError(f"waited {timeout:g} s for the server to print {pattern!r}; it printed:\n"
+                             + "".join(self.lines))
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGINT)
-        assert self.proc.wait(30) == 0, "".join(self.lines)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("the server did not stop within 30 s of Ctrl-C:\n" + "".join(self.lines)) from None
+        assert code == 0, "".join(self.lines)
         return "".join(self.lines)
 
 
@@ -215,10 +225,10 @@ def add_annotator(server: Server, name: str) -> str:
 def judge_many(link: str, n: int, choices: list, errors: list) -> None:
     """One annotator's session: load the page, judge its pair, repeat; every fifth submit is sent twice."""
     try:
-        done, deadline = 0, time.time() + 120
+        done, deadline = 0, time.monotonic() + 120
         status, page = request(link)
         while done < n:
-            assert time.time() < deadline, f"{done} of {n} judged in 120 s"
+            assert time.monotonic() < deadline, f"{done} of {n} judged in 120 s"
             pair_id = field(page, "pair_id")
             if pair_id is None:  # the "generating" page: wait as its refresh would
                 time.sleep(0.2)
@@ -251,8 +261,10 @@ def test_eight_annotators_at_once_lose_and_duplicate_nothing(server, tiny_genera
                for i, link in enumerate(links)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 240
     for t in threads:
-        t.join(240)
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "waited 240 s for the 8 annotators to finish judging"
     assert not errors, errors
     db = sqlite3.connect(tmp_path / "fb" / "f.sqlite")
     assert db.execute("SELECT COUNT(*), COUNT(DISTINCT pair_id || '-' || annotator_id) FROM judgements").fetchone() \
@@ -323,5 +335,7 @@ def test_no_arguments_serves_the_newest_rl_run_against_its_reference(tiny_genera
     finally:
         s.stop()
     again = Server("--max-new-tokens", "8", "--ahead", "4", cwd=tmp_path)  # a restart keeps the admin link
-    assert again.admin_url == s.admin_url.replace(s.base, again.base)
-    again.stop()
+    try:
+        assert again.admin_url == s.admin_url.replace(s.base, again.base)
+    finally:
+        again.stop()

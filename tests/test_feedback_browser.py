@@ -56,13 +56,13 @@ def served(tiny_generator, tmp_path):
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-    base = None
-    for _ in range(600):
+    base, deadline = None, time.monotonic() + 30
+    while base is None and proc.poll() is None and time.monotonic() < deadline:
         base = next((m.group(1) for line in list(lines) if (m := re.search(r"serving on (http://\S+)", line))), None)
-        if base or proc.poll() is not None:
-            break
         time.sleep(0.05)
-    assert base, "".join(lines)
+    if base is None:
+        proc.kill()
+        pytest.fail("waited 30 s for the server's 'serving on URL' line (or it exited); it printed:\n" + "".join(lines))
     yield {"db": db, "link": f"{base}/?token={token}", "first": first}
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0, "".join(lines)

@@ -38,9 +38,12 @@ def test_two_rounds_killed_in_the_second_then_resumed(tiny_generator, tiny_class
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-    deadline = time.time() + 300
+    deadline = time.monotonic() + 300
     while not any("round 2 of 2" in line for line in lines):
-        assert proc.poll() is None and time.time() < deadline, "".join(lines)
+        assert proc.poll() is None, "the loop ended before printing 'round 2 of 2':\n" + "".join(lines)
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("waited 300 s for the loop to print 'round 2 of 2':\n" + "".join(lines))
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
@@ -95,9 +98,12 @@ def test_people_on_the_page_then_the_round_goes_on(tiny_generator, tiny_classifi
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
-    deadline, link = time.time() + 120, None
+    deadline, link = time.monotonic() + 120, None
     while link is None:
-        assert proc.poll() is None and time.time() < deadline, "".join(lines)
+        assert proc.poll() is None, "the loop ended before printing its admin link:\n" + "".join(lines)
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("waited 120 s for the loop to print its admin link:\n" + "".join(lines))
         link = next((w for line in list(lines) for w in line.split() if "/admin?token=" in w), None)
         time.sleep(0.05)
     try:

@@ -29,7 +29,7 @@ def test_prompt_files_split_deterministically_or_use_an_eval_file(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"prompt": "ok"}\n{"text": "x"}\n', "p.jsonl:2: missing field 'prompt'"),
+    ('{"prompt": "ok"}\n{"query": "x"}\n', "p.jsonl:2: missing field 'prompt'"),
     ('{"prompt": ""}\n', 'p.jsonl:1: "prompt" must be a non-empty string or a list of messages'),
     ('{"prompt": "a"\n', "p.jsonl:1: not valid JSON"),
 ])

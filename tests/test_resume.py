@@ -34,13 +34,13 @@ def kill_and_resume(args: list[str], tmp_path, after: int, total: int, resume_fi
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "minirlhf", *args, "--out", str(killed)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while _step_of(killed) < after and proc.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + 300
+    while _step_of(killed) < after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert proc.wait(30) == -signal.SIGKILL, "the run ended before it could be killed"
     stopped = _step_of(killed)
-    assert after <= stopped < total
+    assert after <= stopped < total, f"waited up to 300 s for a checkpoint at step {after}; killed at step {stopped}"
     resumed = run_cli(args[0], "--resume", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming after step {stopped}" in resumed.stdout

@@ -46,13 +46,13 @@ def test_a_killed_run_resumes_to_the_result_of_an_uninterrupted_one(tiny_generat
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "minirlhf", *args, "--out", str(killed)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while _step_of(killed) < 5 and proc.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + 300
+    while _step_of(killed) < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert proc.wait(30) == -signal.SIGKILL, "the run ended before it could be killed"
     stopped = _step_of(killed)
-    assert 5 <= stopped < 30
+    assert 5 <= stopped < 30, f"waited up to 300 s for a checkpoint at step 5; killed at step {stopped}"
 
     resumed = run_cli("ppo", "--resume", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -86,9 +86,10 @@ def test_resume_refuses_corrupt_or_foreign_checkpoints_in_one_line(tiny_generato
 
 def _one_and_two(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     """The same run in one process (tmp_path/one) and under torchrun in two (tmp_path/two); the latter's result."""
-    single = run_cli(*args, "--out", str(tmp_path / "one"), cwd=tmp_path)
+    strict = {"MINIRLHF_STRICT_DEVICES": "1"}  # collectives and float64 checked as a GPU or a Mac would (strict.py)
+    single = run_cli(*args, "--out", str(tmp_path / "one"), cwd=tmp_path, env=strict)
     assert single.returncode == 0, single.stderr[-2000:]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **strict}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "minirlhf", *args, "--out", str(tmp_path / "two")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

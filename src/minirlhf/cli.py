@@ -94,10 +94,11 @@ def _add_stage(sub, name: str, cls, help: str, run, resume: bool = True) -> None
                        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", help="YAML file of config values (overrides then apply on top)")
     if hasattr(cls(), "preferences"):
-        p.add_argument("--preferences", metavar="FILE.jsonl", help="preference pairs {\"prompt\", \"chosen\", "
+        p.add_argument("--preferences", metavar="FILE.jsonl|hf:NAME", help="preference pairs {\"prompt\", \"chosen\", "
                        "\"rejected\"} (e.g. from `minirlhf feedback export`); sets the `preferences` key")
     if hasattr(cls(), "data"):
-        p.add_argument("--data", help="corpus name (tweets, imdb), aclImdb folder, or .jsonl/.csv file")
+        p.add_argument("--data", help="corpus name (tweets, imdb), hf:NAME[:split], aclImdb folder, or "
+                       ".jsonl/.csv file")
     if hasattr(cls(), "reward"):
         p.add_argument("--reward", metavar="RUN", help="the reward: a classifier run (sets reward.classifier) or a "
                        "reward-model run (sets reward.reward_model)")
@@ -273,14 +274,16 @@ def _add_tools(sub) -> None:
     """The commands that read a run rather than train one."""
     p = sub.add_parser("evaluate", help="an RL run's policy vs its reference on held-out prompts: JSON and report.md")
     p.add_argument("run_dir")
-    p.add_argument("--prompts", help="held-out prompts, a .jsonl file of {\"prompt\": ...} (default: the run's own)")
+    p.add_argument("--prompts", help="held-out prompts, a .jsonl file of {\"prompt\": ...} or hf:NAME[:split] "
+                   "(default: the run's own)")
     p.add_argument("-n", type=int, help="use at most this many held-out prompts (default: the run's prompts.max_eval)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_evaluate)
     p = sub.add_parser("eval-reward-model", help="held-out pair accuracy, mean margin and the length baseline (JSON)")
     p.add_argument("run_dir")
-    p.add_argument("--preferences", required=True, help=".jsonl of {\"prompt\", \"chosen\", \"rejected\"}")
+    p.add_argument("--preferences", required=True,
+                   help=".jsonl or hf:NAME[:split] of preference pairs (any layout DPO takes)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval_reward_model)
@@ -291,7 +294,8 @@ def _add_tools(sub) -> None:
     p.set_defaults(func=_classify)
     p = sub.add_parser("eval-classifier", help="accuracy and F1 (JSON) of a classifier run on labelled data")
     p.add_argument("run_dir")
-    p.add_argument("--data", required=True, help="labelled .jsonl/.csv file, aclImdb folder or corpus name")
+    p.add_argument("--data", required=True,
+                   help="labelled .jsonl/.csv file, hf:NAME[:split], aclImdb folder or corpus name")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval_classifier)

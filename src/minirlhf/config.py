@@ -27,9 +27,12 @@ class DataConfig:
     """Where the sentiment texts come from and how they are split."""
 
     source: str = "tweets"
-    """corpus name (`tweets`, `imdb`), an aclImdb-style folder, or a .jsonl/.csv file with text,label"""
+    """corpus name (`tweets`, `imdb`), hf:NAME[:split] (a Hugging Face dataset, or a local folder or data file read
+    through `datasets`, with a text or sentence column and a label column), an aclImdb-style folder, or a .jsonl/.csv
+    file with text (or sentence) and label"""
     test_source: str | None = None
-    """optional separate test set (same kinds as `source`); then `source` is split into train/val only"""
+    """optional separate test set (same kinds as `source`; one with splits gives its test split); then `source` is
+    split into train/val only"""
     val_fraction: float = 0.1
     """fraction of the labelled texts held out for validation"""
     test_fraction: float = 0.1
@@ -62,8 +65,13 @@ class RunConfig:
     """auto (CUDA, then MPS, then CPU), cpu, cuda or mps"""
     seed: int = 0
     """seed of every random choice: initialisation, dropout, data order, sampling"""
+    dtype: str = "auto"
+    """arithmetic of the forward passes: auto (bf16 autocast on a CUDA card that has it, else fp32), fp32, bf16 or
+    fp16 (autocast; the weights and optimizer state stay fp32)"""
+    report_to: str = "none"
+    """dashboards beside metrics.jsonl: tensorboard, wandb, trackio (several, comma-separated) or none"""
 
-    checks: ClassVar[dict] = {"device": DEVICES}
+    checks: ClassVar[dict] = {"device": DEVICES, "dtype": "{auto,fp32,bf16,fp16}"}
 
 
 @dataclasses.dataclass
@@ -125,9 +133,12 @@ class PreferenceDataConfig:
     """Preference pairs and how they are split: what DPO and the reward model share."""
 
     preferences: str = ""
-    """preference pairs, .jsonl of {"prompt", "chosen", "rejected"} (e.g. from `minirlhf feedback export`)"""
+    """preference pairs: a .jsonl file or hf:NAME[:split] (default split: train) of {"prompt", "chosen", "rejected"}
+    (e.g. from `minirlhf feedback export`), Anthropic HH text {"chosen", "rejected"}, or TRL conversational /
+    UltraFeedback-binarized message lists"""
     eval_file: str | None = None
-    """held-out pairs (.jsonl); default: hold out `eval_fraction` of the prompts of `preferences`"""
+    """held-out pairs (.jsonl or hf:NAME[:split], any layout `preferences` takes); default: hold out `eval_fraction`
+    of the prompts of `preferences`"""
     eval_fraction: float = 0.1
     """share of the prompts whose pairs are held out"""
     max_train: int | None = None

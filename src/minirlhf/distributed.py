@@ -4,7 +4,8 @@ Each process samples, scores and compares with the reference its own share of a 
 small per-response tensors are then gathered, so every process holds the whole batch and computes the
 same advantages as one process would. In the update each process takes its share of every minibatch,
 scales its token-mean loss so that DistributedDataParallel's gradient average equals the single-process
-gradient, and all processes step identically. Rank 0 alone writes files. gloo on CPU, NCCL on CUDA.
+gradient, and all processes step identically. Rank 0 alone writes files. gloo on CPU and MPS, NCCL on CUDA
+(gloo with `--device cpu`); the collectives here move their tensors to the backend's device and back.
 Without torchrun (WORLD_SIZE unset) every function here is a no-op for a world of one.
 """
 
@@ -17,17 +18,27 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
+from minirlhf import strict
 
-def init() -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; (rank, world size)."""
+
+def init(preference: str = "auto") -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; (rank, world size). NCCL on this process's
+    GPU when CUDA is there and `preference` (the config's device) allows it; gloo otherwise (`--device cpu` on a
+    CUDA machine, MPS, CPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
+        backend = backend_for(preference, torch.cuda.is_available())
+        if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def backend_for(preference: str, cuda: bool) -> str:
+    """NCCL where the run computes on CUDA GPUs; gloo for the CPU (`--device cpu` on a GPU machine too) and MPS,
+    which has no collective backend of its own."""
+    return "nccl" if cuda and preference in ("auto", "cuda") else "gloo"
 
 
 def rank() -> int:
@@ -42,11 +53,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def backend_device(backend: str | None) -> torch.device:
+    """Where a backend's collectives take their tensors: NCCL this process's GPU, gloo (and none) the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def comm_device() -> torch.device:
+    return backend_device(dist.get_backend() if dist.is_initialized() else None)
+
+
 def device() -> torch.device | None:
-    """This process's GPU under torchrun with CUDA, else None (let the config decide)."""
-    if dist.is_initialized() and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return None
+    """This process's GPU under torchrun with NCCL, else None (the config decides: CPU, or MPS with gloo)."""
+    return comm_device() if dist.is_initialized() and dist.get_backend() == "nccl" else None
 
 
 def barrier() -> None:
@@ -88,28 +106,33 @@ def wrap(module: torch.nn.Module | None, find_unused: bool = False):
     return DistributedDataParallel(module, find_unused_parameters=find_unused)
 
 
+def _communicate(collective, tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Run `collective` on `tensor` moved to the backend's device (NCCL: the GPU; gloo: the CPU, also for a
+    process computing on MPS); the result comes back on `tensor`'s device. Every collective here goes through
+    this, so no caller has to know which backend runs (MINIRLHF_STRICT_DEVICES=1 checks that, strict.py)."""
+    moved = tensor.to(comm_device())
+    moved = moved.clone() if moved is tensor else moved  # collectives work in place: never on the caller's tensor
+    with strict.communicating():
+        collective(moved, *args, **kwargs)
+    return moved.to(tensor.device)
+
+
 def all_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
+    return _communicate(dist.all_reduce, values) if dist.is_initialized() else values
 
 
-def mean_over_ranks(stats: dict[str, float], share: float, device) -> dict[str, float]:
+def mean_over_ranks(stats: dict[str, float], share: float) -> dict[str, float]:
     """Statistics of a minibatch over every process: means weighted by each process's `share` of its tokens,
-    and the largest probability ratio."""
+    and the largest probability ratio. float64 on the host: MPS has no float64."""
     keys = sorted(stats)
-    means = all_sum(torch.tensor([stats[k] * share for k in keys], dtype=torch.float64, device=device))
+    means = all_sum(torch.tensor([stats[k] * share for k in keys], dtype=torch.float64))
     out = dict(zip(keys, means.tolist()))
-    out["policy/ratio_max"] = all_max(torch.tensor([stats["policy/ratio_max"]], device=device)).item()
+    out["policy/ratio_max"] = all_max(torch.tensor([stats["policy/ratio_max"]])).item()
     return out
 
 
 def all_max(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
+    return _communicate(dist.all_reduce, values, op=dist.ReduceOp.MAX) if dist.is_initialized() else values
 
 
 def gather_rows(t: torch.Tensor | None, pad_left: bool = False) -> torch.Tensor | None:
@@ -119,37 +142,47 @@ def gather_rows(t: torch.Tensor | None, pad_left: bool = False) -> torch.Tensor 
         return t
     if t.dtype == torch.bool:  # not every backend gathers bools
         return gather_rows(t.to(torch.uint8), pad_left).bool()
-    sizes = torch.tensor([t.size(0), t.size(1) if t.dim() > 1 else 0], device=t.device)
-    shapes = [torch.zeros_like(sizes) for _ in range(world_size())]
-    dist.all_gather(shapes, sizes)
+    sizes = torch.tensor([t.size(0), t.size(1) if t.dim() > 1 else 0])
+    shapes = _all_gather(sizes)
     width = max(int(s[1]) for s in shapes)
     if t.dim() > 1 and t.size(1) < width:
         pad = [0, 0] * (t.dim() - 2) + ([width - t.size(1), 0] if pad_left else [0, width - t.size(1)])
         t = torch.nn.functional.pad(t, pad)
     rows = max(int(s[0]) for s in shapes)
     padded = torch.cat([t, t.new_zeros(rows - t.size(0), *t.shape[1:])]) if t.size(0) < rows else t
-    out = [torch.empty_like(padded) for _ in range(world_size())]
-    dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[: int(s[0])] for o, s in zip(out, shapes)])
+    out = _all_gather(padded.contiguous())
+    return torch.cat([o[: int(s[0])] for o, s in zip(out, shapes)]).to(t.device)
 
 
-def everywhere(flag: bool, device=None) -> bool:
+def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's `t` (same shape everywhere), in rank order, on the backend's device."""
+    t = t.to(comm_device())
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    with strict.communicating():
+        dist.all_gather(out, t)
+    return out
+
+
+def everywhere(flag: bool) -> bool:
     """Whether `flag` holds on every process (so that all of them take the same branch)."""
     if not dist.is_initialized():
         return flag
-    return all_max(torch.tensor([0.0 if flag else 1.0], device=device)).item() == 0.0
+    return all_max(torch.tensor([0.0 if flag else 1.0])).item() == 0.0
 
 
-def spread(value: torch.Tensor) -> float:
-    """max - min over the processes of a scalar, e.g. a checksum of the weights."""
-    return (all_max(value.reshape(1)) + all_max(-value.reshape(1))).item()
+def spread(params: list[torch.Tensor]) -> float:
+    """max - min over the processes of a checksum of the weights: 0 while every process holds the same ones.
+    Each tensor is summed on its device in float32, the sums added in float64 on the host (MPS has no float64)."""
+    checksum = torch.stack([p.detach().float().sum() for p in params]).to("cpu", torch.float64).sum().reshape(1)
+    return (all_max(checksum) + all_max(-checksum)).item()
 
 
 def gather_list(items: list) -> list:
     if not dist.is_initialized():
         return items
     out = [None] * world_size()
-    dist.all_gather_object(out, items)
+    with strict.communicating():
+        dist.all_gather_object(out, items)
     return [x for part in out for x in part]
 
 

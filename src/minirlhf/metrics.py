@@ -12,10 +12,12 @@ from minirlhf.checkpoint import atomic_write_text
 class MetricsWriter:
     """Appends `{"step": ..., name: value, ...}` lines to RUN_DIR/metrics.jsonl and keeps them for plots."""
 
-    def __init__(self, run_dir: Path, keep_until: int | None = None):
-        """`keep_until=N` (a resumed run) keeps the rows of steps 1..N already in the file and drops the rest."""
+    def __init__(self, run_dir: Path, keep_until: int | None = None, trackers: list | None = None):
+        """`keep_until=N` (a resumed run) keeps the rows of steps 1..N already in the file and drops the rest.
+        `trackers` (tracking.py's dashboards) get every row logged from now on."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
+        self.trackers = trackers or []
         if keep_until is not None and self.path.is_file():
             self.rows = [r for r in map(_parse, self.path.read_text(encoding="utf-8").splitlines())
                          if r is not None and r.get("step", 0) <= keep_until]
@@ -27,9 +29,13 @@ class MetricsWriter:
         self.rows.append(row)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        for tracker in self.trackers:
+            tracker.log(step, row)
 
     def close(self) -> None:
         self._file.close()
+        for tracker in self.trackers:
+            tracker.close()
 
     def plot(self, path: Path, names: list[str], title: str, x: str = "step") -> Path:
         return plot_curves(self.rows, Path(path), names, title, x)

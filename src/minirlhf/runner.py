@@ -4,9 +4,11 @@ a checkpoint every `save_every` steps, `--resume`, results with the memory repor
 A stage is a `Job`: it says how to set itself up, what one step does, what its checkpoint holds beyond the
 optimizer, and what its results are; `run(job, cfg)` does everything else, the same way for every stage:
 
-    distributed.init, seed, device  ->  job.setup  ->  RunDir.create, or restore from RUN_DIR/checkpoint
+    distributed.init, seed, device, precision  ->  job.setup  ->  RunDir.create, or restore from RUN_DIR/checkpoint
     ->  job.begin (step 0)  ->  job.step(s) for s = done + 1 .. job.steps, checkpointing  ->  job.end
-    ->  job.finish (main process)  ->  results.json  ->  job.report
+    ->  job.finish (main process)  ->  results.json, model cards  ->  job.report
+
+The passes run under `--dtype`'s autocast; every metrics row also goes to the `--report_to` dashboards.
 
 A resumed run repeats exactly what the uninterrupted run did (on CPU; tested with SIGKILL for RL, DPO and the
 reward model): a step's data and random draws derive from (seed, step), the torch RNG state is checkpointed,
@@ -16,18 +18,21 @@ and metrics.jsonl keeps only the rows up to the checkpoint.
 from __future__ import annotations
 
 import gc
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from minirlhf import RunError, distributed
+from minirlhf import RunError, distributed, strict, tracking
 from minirlhf.checkpoint import load_json, load_optimizer_state, load_weights, optimizer_state, save_json, save_weights
-from minirlhf.config import save_config
+from minirlhf.config import save_config, to_dict
 from minirlhf.metrics import MetricsWriter
+from minirlhf.modelcard import write_model_card
 from minirlhf.rundir import RunDir
-from minirlhf.runtime import memory_report, peak_memory_mb, pick_device, seed_everything
+from minirlhf.runtime import Precision, memory_report, peak_memory_mb, pick_device, seed_everything, set_precision
 from minirlhf.training import progress
 
 
@@ -45,6 +50,8 @@ class Run:
     done: int = 0
     """steps finished before this process started (a resumed run)"""
     memory: dict | None = None
+    precision: Precision | None = None
+    """the arithmetic of the passes (`--dtype`)"""
 
     def say(self, *lines: str) -> None:
         if self.main:
@@ -77,22 +84,26 @@ class Job(Protocol):
 def run(job: Job, cfg, resume: str | Path | None = None) -> Path | None:
     """Run `job` to its last step (from RUN_DIR's last checkpoint with `resume`); the run directory, or None on
     the other processes under torchrun."""
-    distributed.init()
-    device, why = (distributed.device(), "torchrun") if distributed.device() else pick_device(cfg.device)
-    run_ = Run(cfg, device, distributed.is_main())
+    strict.install()  # MINIRLHF_STRICT_DEVICES=1 only
+    tracking.parse(cfg.report_to)  # a misspelt dashboard fails before anything runs
+    distributed.init(cfg.device)
+    device, why = (distributed.device(), "torchrun, NCCL") if distributed.device() else pick_device(cfg.device)
+    run_ = Run(cfg, device, distributed.is_main(), precision=set_precision(device, cfg.dtype))
     seed_everything(cfg.seed)
-    run_.say(f"device: {device} ({why}), {distributed.world_size()} process(es)")
+    run_.say(f"device: {device} ({why}), {distributed.world_size()} process(es), {run_.precision.name} passes")
     with distributed.main_first():
         job.setup(run_)  # bad input fails here, before anything is written
     _open(run_, job, cfg, resume)
-    first = job.begin(run_)
-    if run_.main and first and run_.done == 0:
-        run_.metrics.log(0, **first)
-    _loop(run_, job, cfg)
+    with run_.precision.autocast():
+        first = job.begin(run_)
+        if run_.main and first and run_.done == 0:
+            run_.metrics.log(0, **first)
+        _loop(run_, job, cfg)
     job.end()
     gc.collect()  # DDP's reducers must go before the process group does, or the exit can abort
     if run_.main:
-        _finish(run_, job)
+        with run_.precision.autocast():
+            _finish(run_, job)
     distributed.barrier()
     distributed.close()
     return run_.dir.path if run_.main else None
@@ -114,7 +125,9 @@ def _open(run_: Run, job: Job, cfg, resume) -> None:
         run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base)
     if run_.main:
         save_config(cfg, run_.dir.config)
-        run_.metrics = MetricsWriter(run_.dir.path, keep_until=run_.done if resume is not None else None)
+        resumed_at = run_.done if resume is not None else None
+        trackers = tracking.open_trackers(cfg.report_to, run_.dir.path, to_dict(cfg), resumed_at)
+        run_.metrics = MetricsWriter(run_.dir.path, keep_until=resumed_at, trackers=trackers)
 
 
 def _loop(run_: Run, job: Job, cfg) -> None:
@@ -137,7 +150,22 @@ def _finish(run_: Run, job: Job) -> None:
     results.setdefault("memory", run_.memory)
     results.setdefault("peak_memory_mb", round(peak_memory_mb()))
     save_json(results, run_.dir.results)
+    _model_cards(run_, job, results)
     job.report(run_, results)
+
+
+def _model_cards(run_: Run, job: Job, results: dict) -> None:
+    """README.md in the folder of every model the run made (the policy; a classifier's or reward model's model/),
+    as the Hugging Face hub shows it."""
+    folders = [run_.dir.policy() if job.stage in ("generator", "sft", "dpo", "rl") else None, run_.dir.model]
+    cfg = run_.cfg
+    data = getattr(cfg, "preferences", None) or getattr(getattr(cfg, "data", None), "source", None)
+    command = (f"minirlhf {shlex.join(sys.argv[1:])}" if Path(sys.argv[0]).name in ("minirlhf", "__main__.py")
+               else f"the Python API (minirlhf {job.algorithm or job.stage}), with the config in {run_.dir.config}")
+    for folder in folders:
+        if folder is not None and folder.is_dir():
+            write_model_card(folder, base_model=job.base, method=job.algorithm or job.stage, data=data,
+                             results=results, command=command)
 
 
 def save_checkpoint(run_dir: RunDir, job: Job, step: int) -> None:

@@ -3,15 +3,17 @@ seeding, memory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
 import socket
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import torch
 
-from minirlhf import UserError
+from minirlhf import ConfigError, UserError
 
 
 def configure_process() -> None:
@@ -23,6 +25,7 @@ def configure_process() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # `datasets` bars on every hf: load
     if not hub_reachable():
         from huggingface_hub import constants
 
@@ -80,9 +83,20 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def accelerator_peak_mb(device: torch.device | None = None) -> float | None:
+    """Peak memory the accelerator held for this process, in MiB: CUDA's max_memory_allocated, MPS's driver
+    memory (MPS keeps no peak: its current figure); None on the CPU."""
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device is not None and device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    return None
+
+
 def memory_report(modules: list, optimizer=None) -> dict[str, float]:
     """Where the memory goes, in MiB: parameters (a tensor shared by several models counted once), their
-    gradients (trainable parameters only), the optimizer's state, and the process's peak resident memory."""
+    gradients (trainable parameters only), the optimizer's state, the process's peak resident memory, and the
+    accelerator's peak where the modules live on one."""
     tensors = {}
     for module in modules:
         for p in module.parameters() if module is not None else []:
@@ -90,6 +104,52 @@ def memory_report(modules: list, optimizer=None) -> dict[str, float]:
     size = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731
     state = [v for s in (optimizer.state.values() if optimizer is not None else []) for v in s.values()
              if hasattr(v, "numel") and v.dim() > 0]
-    return {"memory/params_mb": round(size(tensors.values()), 1),
-            "memory/grads_mb": round(size(p for p in tensors.values() if p.requires_grad), 1),
-            "memory/optimizer_mb": round(size(state), 1), "memory/peak_rss_mb": round(peak_memory_mb(), 1)}
+    report = {"memory/params_mb": round(size(tensors.values()), 1),
+              "memory/grads_mb": round(size(p for p in tensors.values() if p.requires_grad), 1),
+              "memory/optimizer_mb": round(size(state), 1), "memory/peak_rss_mb": round(peak_memory_mb(), 1)}
+    devices = {p.device for p in tensors.values() if p.device.type != "cpu"}
+    accelerator = accelerator_peak_mb(next(iter(devices))) if devices else None
+    if accelerator is not None:
+        report["memory/accelerator_peak_mb"] = round(accelerator, 1)
+    return report
+
+
+@dataclass
+class Precision:
+    """The arithmetic of a run's forward passes (`--dtype`): autocast to `dtype` on `device` (None: plain fp32), and
+    the gradient scaler fp16 needs (a disabled one passes everything through). Weights and optimizer state stay
+    fp32 whatever the setting."""
+
+    name: str
+    device_type: str
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler = field(default=None)
+
+    def __post_init__(self):
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+_precision = Precision("fp32", "cpu")
+
+
+def set_precision(device: torch.device, name: str = "auto") -> Precision:
+    """The run's precision from `--dtype` (auto: bf16 on a CUDA card that has it; fp32 on the CPU, where bf16 is
+    slower, and on MPS, where no mixed precision has been measured yet). The optimizer steps read it."""
+    global _precision
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError("--dtype fp16 needs a GPU (CPU autocast has no fp16 scaling); use fp32 or bf16")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    _precision = Precision(name, device.type, dtype)
+    return _precision
+
+
+def precision() -> Precision:
+    return _precision

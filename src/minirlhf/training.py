@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from minirlhf import UserError
+from minirlhf.runtime import precision
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -52,9 +53,23 @@ def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: floa
         raise UserError(f"the training loss became {loss.item()}; lower the learning rate or raise the warm-up "
                         "(checkpoints saved so far are intact)")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(loss)
+    return clipped_step(params, optimizer, scheduler, max_grad_norm)
+
+
+def backward(loss: torch.Tensor) -> None:
+    """loss.backward(), scaled first under --dtype fp16 (small fp16 gradients would otherwise flush to zero)."""
+    precision().scaler.scale(loss).backward()
+
+
+def clipped_step(params: list, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Unscale (fp16), clip the global gradient norm, step the optimizer and the LR schedule (if any); returns the
+    norm before clipping."""
+    scaler = precision().scaler
+    scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+    scaler.update()
     if scheduler is not None:
         scheduler.step()
     return grad_norm.item()

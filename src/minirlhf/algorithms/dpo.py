@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import ConfigError, distributed, runner
-from minirlhf.algorithms.evaluate import md_cell
+from minirlhf.algorithms.evaluate import md_cell, plot_links
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.preferences import Pair, length_baseline, load_split
 from minirlhf.models.load import PolicyOptions, load_policy, load_reference, restore_policy
 from minirlhf.models.policy import Rollout
-from minirlhf.training import make_optimizer, progress
+from minirlhf.training import backward, clipped_step, make_optimizer, progress
 
 
 @dataclass
@@ -109,12 +109,13 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewa
 
 
 def pair_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> torch.Tensor:
-    """Sums over the pairs of each of STATS, then the pair count: (len(STATS) + 1,), float64 for all-reduce.
-    A pair counts as correct when the chosen response's implicit reward is strictly higher."""
-    columns = [losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).double(),
+    """Sums over the pairs of each of STATS, then the pair count: (len(STATS) + 1,), float64 on the host (exact
+    over many steps and processes; MPS has no float64). A pair counts as correct when the chosen response's
+    implicit reward is strictly higher."""
+    columns = [losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
                chosen_rewards - rejected_rewards, chosen_logps.detach(), rejected_logps.detach(),
                (chosen_logps - rejected_logps).detach(), torch.ones_like(losses)]
-    return torch.stack([c.double().sum() for c in columns])
+    return torch.stack([c.float().sum() for c in columns]).to("cpu", torch.float64)
 
 
 def means(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
@@ -180,16 +181,16 @@ def batch_losses(policy, batch: PairBatch, cfg) -> tuple[torch.Tensor, torch.Ten
 @torch.no_grad()
 def evaluate(policy, batches: list[PairBatch], cfg) -> dict[str, float]:
     """`eval/` means of STATS over the held-out pairs (every process's share)."""
-    sums = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=next(policy.parameters()).device)
+    sums = torch.zeros(len(STATS) + 1, dtype=torch.float64)  # on the host, as pair_sums
     for batch in batches:
         sums += batch_losses(policy, batch, cfg)[1]
     return means(sums, "eval/")
 
 
-def reference_eval(batches: list[PairBatch], cfg, device) -> dict[str, float]:
+def reference_eval(batches: list[PairBatch], cfg) -> dict[str, float]:
     """The `eval/` metrics before training: the policy is then the reference, so its log-probs are the cached ones
     (and every implicit reward is 0)."""
-    sums = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(STATS) + 1, dtype=torch.float64)
     for b in batches:
         chosen, rejected = b.split(b.ref_logps)
         losses, cr, rr = dpo_loss(chosen, rejected, chosen, rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing)
@@ -222,23 +223,21 @@ def batch_of_step(step: int, n_batches: int, seed: int) -> int:
 def train_step(train_policy, batches: list[PairBatch], n_pairs: int, optimizer, scheduler, params, cfg) -> dict:
     """Gradients of one step batch (n_pairs over every process), accumulated over this process's forward passes,
     then one clipped AdamW step. The loss is the mean over the step's pairs on one process or several."""
-    sums = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=params[0].device)
+    sums = torch.zeros(len(STATS) + 1, dtype=torch.float64)
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1  # DDP all-reduces the accumulated gradients in the last backward only
         sync = contextlib.nullcontext() if last or not hasattr(train_policy, "no_sync") else train_policy.no_sync()
         with sync:
             losses, s = batch_losses(train_policy, batch, cfg)
-            (losses.sum() * distributed.world_size() / n_pairs).backward()
+            backward(losses.sum() * distributed.world_size() / n_pairs)
         sums += s
     row = means(sums)
-    if not distributed.everywhere(math.isfinite(row["loss"]), sums.device):
+    if not distributed.everywhere(math.isfinite(row["loss"])):
         raise ConfigError(f"the DPO loss became {row['loss']}; lower the learning rate (checkpoints saved so far are "
                           "intact)")
-    row["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm).item()
     row["lr"] = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    row["grad_norm"] = clipped_step(params, optimizer, scheduler, cfg.train.max_grad_norm)
     return row
 
 
@@ -288,7 +287,7 @@ class DPOJob:
                                              self.cfg, bar)
         self.ref_s = time.time() - t0
         self.train_policy = distributed.wrap(self.policy)
-        self.before = reference_eval(self.eval_batches, self.cfg, run.device)
+        self.before = reference_eval(self.eval_batches, self.cfg)
         return self.before | {"time/ref_s": self.ref_s}
 
     def step(self, step: int) -> dict | None:
@@ -302,7 +301,7 @@ class DPOJob:
             row |= evaluate(self.policy, self.eval_batches, cfg)
             self.last = row
         if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
-            row["dist/param_spread"] = distributed.spread(sum(p.double().sum() for p in self.params))
+            row["dist/param_spread"] = distributed.spread(self.params)
         logged = step % cfg.train.log_every == 0 or "eval/loss" in row
         return row if logged else None
 
@@ -368,7 +367,7 @@ def write_report(run_dir: Path, results: dict, cfg) -> None:
              "| --- | --- | --- |"]
     lines += [f"| {k} | {b[k]:.4f} | {a[k]:.4f} |" for k in STATS]
     lines += ["", f"Longer-response-wins baseline on these pairs: {results['length_baseline']:.3f}.", ""]
-    lines += [f"![{n}]({n}.png)" for n in ("loss", "rewards", "logps")]
+    lines += plot_links(run_dir, ("loss", "rewards", "logps"))
     lines += ["", "## Samples", "", "| prompt | reference (before) | policy (after) |", "| --- | --- | --- |"]
     lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['reference'])} | {md_cell(s['policy'])} |"
               for s in results["samples"]]

@@ -15,7 +15,7 @@ import torch
 
 from minirlhf import RunError
 from minirlhf.algorithms import registry
-from minirlhf.checkpoint import atomic_write_text, save_json
+from minirlhf.checkpoint import atomic_write_text, load_json, save_json
 from minirlhf.config import load_saved
 from minirlhf.data.prompts import load_prompts
 from minirlhf.data.vocab import tokenize
@@ -27,9 +27,44 @@ from minirlhf.runtime import pick_device
 
 
 def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct n-grams / all n-grams over all texts, by words (Li et al., 2016)."""
+    """Distinct n-grams / all n-grams over all texts, by words (Li et al., 2016).
+
+    Counted over the whole batch, not averaged per text: an n-gram that two responses share counts once in the
+    numerator and twice in the denominator. Words are `tokenize`'s (lower-cased, punctuation split off); a text
+    shorter than n words adds no n-grams; no n-grams at all gives 0.
+    """
     grams = [tuple(w[i: i + n]) for w in map(tokenize, texts) for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def win_rate(policy_reward: torch.Tensor, reference_reward: torch.Tensor) -> float:
+    """Share of prompts on which the policy's response out-scores the reference's, a tie counting half.
+
+    policy_reward, reference_reward (N,): (#{policy > reference} + 0.5 #{policy == reference}) / N.
+    """
+    wins = (policy_reward > reference_reward).float() + 0.5 * (policy_reward == reference_reward).float()
+    return wins.mean().item()
+
+
+def response_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) of each response, nats: the k1 estimate log pi(y_t) - log pi_ref(y_t) of its
+    sampled tokens, summed over its real tokens. logprobs, ref_logprobs, mask (B, T) -> (B,).
+
+    Padding (mask 0) adds nothing whatever its log-probs hold (`where`, not a product: 0 * inf is nan).
+    """
+    return torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, "k1"), 0.0).sum(1)
+
+
+def response_nll(ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each response under the reference, real tokens only: (B, T) -> (B,)."""
+    return -torch.where(mask.bool(), ref_logprobs, 0.0).sum(1)
+
+
+def perplexity(nll: torch.Tensor, tokens: torch.Tensor) -> float:
+    """exp(sum nll / sum tokens): exp of the mean NLL per real token over all responses, so a long response weighs
+    more than a short one (corpus perplexity, not a mean of per-response perplexities). nll, tokens (N,); no
+    tokens at all gives 1."""
+    return torch.exp(nll.sum() / tokens.sum().clamp(min=1)).item()
 
 
 @torch.no_grad()
@@ -40,8 +75,8 @@ def _answer(policy, ref, reward, prompts: list[str], response_len: int, gen) -> 
     ref_logprobs, _, _ = ref(rollout, entropy=False)
     mask = rollout.response_mask
     return {"texts": rollout.texts, "reward": total.cpu(), "tokens": mask.sum(1).cpu(),
-            "kl": (kl_estimate(rollout.logprobs, ref_logprobs, "k1") * mask).sum(1).cpu(),
-            "ref_nll": -(ref_logprobs * mask).sum(1).cpu()}
+            "kl": response_kl(rollout.logprobs, ref_logprobs, mask).cpu(),
+            "ref_nll": response_nll(ref_logprobs, mask).cpu()}
 
 
 def _gather(chunks: list[dict]) -> dict:
@@ -52,7 +87,7 @@ def _gather(chunks: list[dict]) -> dict:
 def _summary(side: dict) -> dict:
     return {"reward": side["reward"].mean().item(), "distinct_1": distinct_n(side["texts"], 1),
             "distinct_2": distinct_n(side["texts"], 2), "mean_tokens": side["tokens"].float().mean().item(),
-            "ref_perplexity": torch.exp(side["ref_nll"].sum() / side["tokens"].sum().clamp(min=1)).item()}
+            "ref_perplexity": perplexity(side["ref_nll"], side["tokens"])}
 
 
 @torch.no_grad()
@@ -74,11 +109,10 @@ def evaluate_policy(policy, ref, reward, prompts: list[str], cfg, seed: int = 0,
         ours.append(_answer(policy, ref, reward, chunk, cfg.response_len, gen))
         theirs.append(_answer(ref, ref, reward, chunk, cfg.response_len, gen))
     ours, theirs = _gather(ours), _gather(theirs)
-    win = (ours["reward"] > theirs["reward"]).float() + 0.5 * (ours["reward"] == theirs["reward"]).float()
     policy_side, reference_side = _summary(ours), _summary(theirs)
     return {"prompts": len(prompts), "reward_policy": policy_side["reward"], "reward_reference": reference_side["reward"],
-            "win_rate": win.mean().item(), "kl": ours["kl"].mean().item(), "policy": policy_side,
-            "reference": reference_side,
+            "win_rate": win_rate(ours["reward"], theirs["reward"]), "kl": ours["kl"].mean().item(),
+            "policy": policy_side, "reference": reference_side,
             "samples": [{"prompt": p, "reference": t, "reference_reward": round(tr, 3), "policy": o,
                          "policy_reward": round(orew, 3)}
                         for p, t, tr, o, orew in zip(prompts, theirs["texts"], theirs["reward"].tolist(),
@@ -88,6 +122,28 @@ def evaluate_policy(policy, ref, reward, prompts: list[str], cfg, seed: int = 0,
 def md_cell(text: str) -> str:
     """Text safe inside a Markdown table cell."""
     return " ".join(str(text).split()).replace("|", "\\|") or " "
+
+
+def plot_links(run_dir, names) -> list[str]:
+    """Markdown image links to those of the run's `NAME.png` plots that exist now, so a report never links a
+    missing one (PPO on the LSTM, say, trains no critic: no value.png). run_dir: a Path or a RunDir."""
+    return [f"![{name}]({name}.png)" for name in names if (run_dir / f"{name}.png").is_file()]
+
+
+HEALTH_CHECKS = ("responses ending", "group reward variance", "KL", "response length", "distinct-2",
+                 "reward vs reference perplexity")
+"""what the RL training guards watch, named in report.md when none of them fired"""
+
+
+def health_section(health: list[dict] | None) -> list[str]:
+    """report.md's `## Health` lines from results["health"] (a list of {"step", "guard", "message"}): a bullet per
+    guard that fired, or one line saying none did; no section without the key (`minirlhf evaluate` alone)."""
+    if health is None:
+        return []
+    if not health:
+        return ["## Health", "", f"No health check fired during training (checked: {', '.join(HEALTH_CHECKS)}).", ""]
+    return ["## Health", ""] + [f"- step {h['step']} - {h['guard']}: {' '.join(str(h['message']).split())}"
+                                for h in health] + [""]
 
 
 def sample_table(step: int, rollout, terms: dict, n: int = 6) -> str:
@@ -124,7 +180,8 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
     if memory:  # written by training (evaluate alone does not train)
         lines += ["Memory, MiB: " + ", ".join(f"{k.split('/')[1].replace('_mb', '')} {v:,.1f}" for k, v in memory.items())
                   + " (parameters shared by policy, reference and critic counted once)", ""]
-    lines += [f"![{name}]({name}.png)" for name in ("reward", "kl", "policy", "value") if (run_dir / f"{name}.png").is_file()]
+    lines += health_section(results.get("health"))
+    lines += plot_links(run_dir, ("reward", "kl", "policy", "value"))
     lines += ["", "## Samples", "", "| prompt | reference (before) | reward | policy (after) | reward |",
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['reference'])} | {s['reference_reward']:+.2f} | "
@@ -165,7 +222,8 @@ def evaluate_run(run_dir: str, prompts_file: str | None, n: int | None, seed: in
     _, prompts = load_prompts(cfg.prompts, cfg.data)
     results = evaluate_policy(policy, ref, reward, prompts, cfg, seed=seed)
     save_json(results, run / "eval.json")
-    write_report(run, results, cfg)
+    trained = load_json(run.results) if run.results.is_file() else {}
+    write_report(run, results | {k: trained[k] for k in ("health",) if k in trained}, cfg)  # what training found
     print(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2))
     print(f"report: {run.report}")
     return results

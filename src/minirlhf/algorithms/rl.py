@@ -21,9 +21,11 @@ import torch
 
 from minirlhf import ConfigError, distributed, runner
 from minirlhf.algorithms import registry
-from minirlhf.algorithms.evaluate import evaluate_policy, held_out_reward, sample_table, training_plots, write_report
-from minirlhf.algorithms.rl_core import (AdaptiveKLController, Algorithm, Batch, RLConfig, kl_terms, policy_loss,
-                                         value_loss, explained_variance)
+from minirlhf.algorithms.evaluate import (distinct_n, evaluate_policy, held_out_reward, perplexity, response_nll,
+                                          sample_table, training_plots, write_report)
+from minirlhf.algorithms.guards import Guards
+from minirlhf.algorithms.rl_core import (DEFAULT_LR, AdaptiveKLController, Algorithm, Batch, RLConfig, kl_terms,
+                                         policy_loss, value_loss, explained_variance)
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
 from minirlhf.models.load import load_policy, load_reference, restore_policy
@@ -75,9 +77,8 @@ def _minibatch(cfg, algo: Algorithm, models, optimizer, params, batch: Batch, ro
     if distributed.world_size() > 1:
         share = (mask.sum() / whole.sum()).item()  # this process's share of the minibatch's tokens
         loss = loss * distributed.world_size()  # DDP averages the gradients; the losses must add up
-        s = distributed.mean_over_ranks({k: v / share if k in LOSS_STATS else v for k, v in s.items()}, share,
-                                        mask.device)
-        if not distributed.everywhere(bool(torch.isfinite(loss)), mask.device):
+        s = distributed.mean_over_ranks({k: v / share if k in LOSS_STATS else v for k, v in s.items()}, share)
+        if not distributed.everywhere(bool(torch.isfinite(loss))):
             loss = loss.new_tensor(float("nan"))  # every process stops, with the same message
     s["policy/grad_norm"] = optimizer_step(loss, params, optimizer, None, cfg.train.max_grad_norm)
     s["update/tokens"] = _positions_read(batch.rollout, rows)
@@ -196,14 +197,17 @@ class RLJob:
         ref = load_reference(cfg.ref_policy, device, **cfg.policy_options.as_kwargs()) if cfg.ref_policy \
             else policy.frozen_copy()
         self.models = Models(policy, ref, value_model)
+        if cfg.train.lr is None:  # recorded in config.yaml, which is written after this
+            cfg.train.lr = DEFAULT_LR[policy.kind, algo.grouped]
+        self.guards = Guards(cfg.guards, cfg.kl_target, algo.group_size(cfg))
         self.reward = Reward(cfg.reward, cfg.response_len, device)
         self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.data)
         check(cfg, algo, len(self.train_prompts))
         self.optimizer = torch.optim.Adam(self.models.trainable(), lr=cfg.train.lr, fused=device.type in ("cpu", "cuda"))
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
         self.run = run
-        run.say(f"{cfg.algorithm}: policy {cfg.policy} ({policy.kind}), {len(self.train_prompts)} training prompts, "
-                f"{len(self.eval_prompts)} held-out prompts")
+        run.say(f"{cfg.algorithm}: policy {cfg.policy} ({policy.kind}, lr {cfg.train.lr:g}), {len(self.train_prompts)} "
+                f"training prompts, {len(self.eval_prompts)} held-out prompts")
 
     def begin(self, run: runner.Run) -> dict | None:
         self.samples = samples_so_far(run.dir, self.cfg, run.done) if run.main else ""
@@ -225,10 +229,12 @@ class RLJob:
             batch = self.algo.advantages(cfg, rollout, self.reward.normalized(total), kl, self.kl_ctl.value)
         t1 = time.time()
         stats = _update(cfg, self.algo, models, self.optimizer, batch, self.kl_ctl.value, rng)
-        row = _row(total, terms, kl, self.kl_ctl.value, rollout, stats, batch) | {"time/rollout_s": t1 - t0,
-                                                                                  "time/update_s": time.time() - t1}
+        row = _row(total, terms, kl, self.kl_ctl.value, rollout, stats, batch, self.algo.group_size(cfg)) | {
+            "time/rollout_s": t1 - t0, "time/update_s": time.time() - t1}
+        for line in self.guards.check(step, row):  # the same rows on every process: all stop together under strict
+            self.run.say(line)
         if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
-            row["dist/param_spread"] = distributed.spread(sum(p.double().sum() for p in models.trainable()))
+            row["dist/param_spread"] = distributed.spread(models.trainable())
         self.kl_ctl.update(row["objective/kl"], len(rollout.prompts))
         return self._logged(step, row, rollout, terms) if self.run.main else None
 
@@ -248,7 +254,7 @@ class RLJob:
             self.models.value_model.save(folder / "value_model")
         moments = self.reward.moments.state() if self.reward.moments else None
         return {"policy_from": self.cfg.policy, "kl_coef": self.kl_ctl.value, "reward_moments": moments,
-                "train_s": self.train_s}
+                "train_s": self.train_s, "guards": self.guards.state()}
 
     def load(self, folder: Path, state: dict) -> None:
         """The policy (and critic) of the checkpoint; the reference stays the starting policy, never saved."""
@@ -257,6 +263,7 @@ class RLJob:
             if model is not None:
                 restore_policy(model, folder / name, self.run.device, **options)
         self.kl_ctl.value, self.train_s = float(state["kl_coef"]), float(state.get("train_s", 0.0))
+        self.guards.load(state.get("guards"))
         if self.reward.moments is not None and state.get("reward_moments"):
             self.reward.moments = RunningMoments(**state["reward_moments"])
 
@@ -268,8 +275,9 @@ class RLJob:
 
     def finish(self, run: runner.Run) -> dict:
         training_plots(run.metrics, run.dir, self.algo.critic)
-        return evaluate_policy(self.models.policy, self.models.ref, self.reward, self.eval_prompts, self.cfg,
-                               seed=self.cfg.seed)
+        results = evaluate_policy(self.models.policy, self.models.ref, self.reward, self.eval_prompts, self.cfg,
+                                  seed=self.cfg.seed)
+        return results | ({"health": self.guards.fired} if self.cfg.guards != "off" else {})
 
     def report(self, run: runner.Run, results: dict) -> None:
         write_report(run.dir, results, self.cfg)
@@ -278,13 +286,19 @@ class RLJob:
                 "memory: " + ", ".join(f"{k.split('/')[1]} {v:.1f} MB" for k, v in results["memory"].items()))
 
 
-def _row(total, terms, kl, kl_coef, rollout: Rollout, stats: dict, batch: Batch) -> dict:
+def _row(total, terms, kl, kl_coef, rollout: Rollout, stats: dict, batch: Batch, group_size: int) -> dict:
     mask = rollout.response_mask
+    tokens = mask.sum(1)
     row = {"reward/mean": total.mean().item(), "reward/std": total.std().item() if len(total) > 1 else 0.0,
            **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
            "objective/kl": kl.k1.mean().item(), "objective/kl_coef": kl_coef,
            "objective/entropy": masked_mean(rollout.entropy, mask).item(), **stats,
-           "response/length": mask.sum(1).mean().item(), "response/ended": rollout.ended.float().mean().item()}
+           "response/length": tokens.float().mean().item(), "response/ended": rollout.ended.float().mean().item(),
+           "response/distinct_2": distinct_n(rollout.texts, 2),
+           "response/ref_ppl": perplexity(response_nll(kl.ref_logprobs, mask), tokens)}
+    if group_size > 1:  # groups whose responses all scored the same: the group baseline leaves them no advantage
+        groups = total.view(-1, group_size)  # (B / G, G)
+        row["reward/flat_groups"] = (groups.max(1).values - groups.min(1).values <= 1e-6).float().mean().item()
     if batch.returns is not None:
         row["value/explained_var"] = explained_variance(batch.old_values, batch.returns, mask)
     return row

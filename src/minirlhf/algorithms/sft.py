@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError, runner
-from minirlhf.algorithms.evaluate import md_cell
+from minirlhf.algorithms.evaluate import md_cell, plot_links
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import MicroBatchOptimConfig, TrainingRunConfig
 from minirlhf.data.sft import Example, read_examples, split_examples
 from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
-from minirlhf.training import EpochPlan, make_optimizer, shuffled_batches
+from minirlhf.training import EpochPlan, backward, clipped_step, make_optimizer, shuffled_batches
 
 
 @dataclass
@@ -141,14 +141,13 @@ class SFTJob:
         loss = 0.0
         for rollout in rollouts:
             part = sft_loss(self.policy(rollout, entropy=False)[0], rollout.response_mask, tokens)
-            part.backward()
+            backward(part)
             loss += part.item()
         if not math.isfinite(loss):
             raise ConfigError(f"the SFT loss became {loss}; lower train.lr (checkpoints saved so far are intact)")
-        row = {"loss": loss, "grad_norm": torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm).item(),
-               "lr": self.scheduler.get_last_lr()[0], "time/step_s": time.time() - t0}
-        self.optimizer.step()
-        self.scheduler.step()
+        row = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+        row |= {"grad_norm": clipped_step(self.params, self.optimizer, self.scheduler, cfg.train.max_grad_norm),
+                "time/step_s": time.time() - t0}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == self.steps:
             self.last = self.evaluate()
             row |= self.last
@@ -183,8 +182,8 @@ class SFTJob:
                  f"{results['examples_train']} training and {results['examples_eval']} held-out examples.", "",
                  "| held-out | before | after |", "| --- | --- | --- |",
                  f"| loss per response token | {b['eval/loss']:.4f} | {a['eval/loss']:.4f} |",
-                 f"| perplexity | {b['eval/perplexity']:.2f} | {a['eval/perplexity']:.2f} |", "", "![loss](loss.png)",
-                 "", "## Samples", "", "| prompt | policy (after) |", "| --- | --- |"]
+                 f"| perplexity | {b['eval/perplexity']:.2f} | {a['eval/perplexity']:.2f} |", "",
+                 *plot_links(run.dir, ["loss"]), "", "## Samples", "", "| prompt | policy (after) |", "| --- | --- |"]
         lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['policy'])} |" for s in results["samples"]]
         atomic_write_text(run.dir.report, "\n".join(lines) + "\n")
         run.say(f"held-out loss per response token {b['eval/loss']:.3f} -> {a['eval/loss']:.3f}, perplexity "

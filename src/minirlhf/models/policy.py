@@ -58,7 +58,9 @@ class Rollout:
 
 def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows of ids (B, L): index (B,) of each row's distinct row, and first (U,) the first row holding each."""
-    _, index = torch.unique(ids, dim=0, return_inverse=True)
+    on_host = ids.device.type == "mps"  # torch.unique(dim=0) has no MPS kernel in some torch releases
+    _, index = torch.unique(ids.cpu() if on_host else ids, dim=0, return_inverse=True)
+    index = index.to(ids.device)
     rows = torch.arange(len(index), device=index.device)
     first = torch.full((int(index.max()) + 1,), len(index), device=index.device).scatter_reduce(0, index, rows, "amin")
     return index, first

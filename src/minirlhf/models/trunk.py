@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 
 from minirlhf import ModelError
@@ -46,13 +47,19 @@ class Trunk:
         raise NotImplementedError
 
     def run(self, hidden: torch.Tensor, mask: torch.Tensor | None, start: int = 0, stop: int | None = None,
-            positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+            positions: torch.Tensor | None = None, cache=None, checkpoint: bool = False) -> torch.Tensor:
         """Hidden states (B, L, H) after blocks start..stop-1, given their input `hidden` (B, L, H): the embeddings'
-        output for start 0, else block start-1's output. `mask` (B, cached + L) is 1 on real tokens."""
+        output for start 0, else block start-1's output. `mask` (B, cached + L) is 1 on real tokens. `checkpoint`
+        keeps only each block's input for the backward pass, which runs the block again (less memory, ~1/3 more
+        compute); never with a cache, which the second run would write to again."""
         stop = len(self.blocks) if stop is None else stop
         inputs = self.block_inputs(hidden, mask, positions, cache, start, stop)
+        recompute = checkpoint and cache is None and torch.is_grad_enabled()
         for i in range(start, stop):
-            hidden = self.call_block(i, hidden, inputs)
+            if recompute:
+                hidden = torch.utils.checkpoint.checkpoint(self.call_block, i, hidden, inputs, use_reentrant=False)
+            else:
+                hidden = self.call_block(i, hidden, inputs)
         return hidden
 
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:

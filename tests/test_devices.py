@@ -1,0 +1,162 @@
+"""Devices without a GPU: the strict mode (strict.py) that makes a CPU run fail on what a GPU or a Mac would fail on,
+the backend choice, mixed precision, gradient checkpointing and the memory report.
+
+The two-process PPO, GRPO (test_scale.py) and DPO (test_dpo.py) tests run under MINIRLHF_STRICT_DEVICES=1; here the
+reward model runs one under it too, and the strict mode itself is shown to catch each kind of bug."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli
+from minirlhf import ConfigError, distributed, strict
+from minirlhf.runtime import memory_report, set_precision
+
+STRICT = {"MINIRLHF_STRICT_DEVICES": "1"}
+
+
+@pytest.mark.parametrize("call, caught", [
+    (lambda x: x.double(), True),
+    (lambda x: x.to(torch.float64), True),
+    (lambda x: x.to(device=x.device, dtype=torch.float64), False),  # x is on the CPU here: an explicit host
+    (lambda x: x.to("cpu", torch.float64), False),
+    (lambda x: x.float(), False),
+])
+def test_the_float64_rule_names_the_host(call, caught):
+    x = torch.ones(2)
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(strict._float64_problem(func, args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        call(x)
+    assert any(seen) == caught, seen
+
+
+def test_float64_factories_may_not_be_given_a_device():
+    assert strict._float64_problem(torch.zeros, (3,), {"dtype": torch.float64, "device": torch.device("cpu")})
+    assert strict._float64_problem(torch.zeros, (3,), {"dtype": torch.float64}) is None
+    assert strict._float64_problem(torch.zeros, (3,), {"dtype": torch.float32, "device": "cpu"}) is None
+
+
+PROBE = """
+import os, torch, torch.distributed as dist
+from minirlhf import ConfigError, distributed, strict
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+strict.install()
+x = torch.ones(3)
+assert distributed.all_sum(x).tolist() == [1.0, 1.0, 1.0] and x.tolist() == [1.0, 1.0, 1.0]
+assert distributed.gather_rows(torch.ones(2, 3)).shape == (2, 3) and distributed.everywhere(True)
+assert distributed.spread([torch.nn.Parameter(torch.ones(4))]) == 0.0
+sums = pair_sums(*[torch.ones(2)] * 5)
+assert sums.dtype == torch.float64 and sums.device.type == "cpu"
+for name, bug in (("raw collective", lambda: dist.all_reduce(x)),
+                  ("float64 on the device", lambda: distributed.all_sum(torch.ones(1).double()))):
+    try:
+        bug()
+    except strict.StrictDeviceError as e:
+        print("caught", name, "|", e)
+dist.destroy_process_group()
+"""
+
+
+def test_strict_mode_passes_the_helpers_and_catches_each_bug(tmp_path):
+    """A raw collective and a `.double()` in minirlhf's code fail; every helper of distributed.py passes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    probe = tmp_path / "probe.py"
+    # the probe stands in for minirlhf code: the float64 rule reads only the package's own files
+    probe.write_text(PROBE.format(port=port).replace("strict.install()", f"strict.PACKAGE = {str(tmp_path)!r}\n"
+                                                     "strict.install()"))
+    out = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, **STRICT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "caught raw collective | torch.distributed.all_reduce called outside" in out.stdout, out.stdout
+    assert "caught float64 on the device | `.double()`" in out.stdout, out.stdout
+
+
+def test_backend_follows_the_device_asked_for():
+    assert distributed.backend_for("auto", cuda=True) == "nccl"
+    assert distributed.backend_for("cuda", cuda=True) == "nccl"
+    assert distributed.backend_for("cpu", cuda=True) == "gloo"  # --device=cpu on a GPU machine
+    assert distributed.backend_for("mps", cuda=False) == "gloo"
+    assert distributed.backend_for("auto", cuda=False) == "gloo"
+    assert distributed.backend_device("gloo") == torch.device("cpu")
+
+
+def test_reward_model_steps_under_the_strict_mode(tmp_path):
+    from test_reward_model import sentiment_pairs
+
+    prefs = tmp_path / "prefs.jsonl"
+    sentiment_pairs(prefs, 24)
+    out = run_cli("train-reward-model", "--preferences", str(prefs), "--train.epochs=1", "--max_train=16",
+                  "--train.batch_size=8", "--out", str(tmp_path / "rm"), "--device=cpu", cwd=tmp_path, env=STRICT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "rm" / "results.json").read_text())["train_pairs"] == 16
+
+
+def test_precision_on_the_cpu_is_fp32_unless_asked():
+    cpu = torch.device("cpu")
+    assert set_precision(cpu, "auto").dtype is None
+    bf16 = set_precision(cpu, "bf16")
+    with bf16.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not bf16.scaler.is_enabled()
+    set_precision(cpu, "fp32")
+
+
+def test_an_rl_step_runs_in_bf16_and_fp16_on_the_cpu_is_refused(tiny_generator, tiny_classifier, tmp_path):
+    from minirlhf.algorithms.ppo import PPOConfig
+    from minirlhf.algorithms.rl import train
+    from minirlhf.config import load_config
+
+    cfg = load_config(PPOConfig, overrides=[
+        f"--policy={tiny_generator}", f"--reward.classifier={tiny_classifier}", "--steps=1", "--batch_size=8",
+        "--minibatch_size=8", "--response_len=6", "--device=cpu", "--data.max_train=200", "--data.max_eval=50",
+        "--prompts.max_eval=8", "--dtype=bf16", f"--out={tmp_path / 'bf16'}"])
+    try:
+        run = train(cfg)
+    finally:
+        set_precision(torch.device("cpu"), "fp32")  # the process-wide setting, back for the other tests
+    row = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert all(abs(row[k]) < float("inf") for k in ("policy/loss", "objective/kl", "value/loss")), row
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        set_precision(torch.device("cpu"), "fp16")
+
+
+def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients():
+    from minirlhf.models.causal_lm import CausalLMPolicy
+
+    for freeze in (28, 0):  # the split trunk, and the whole model (the upper two blocks trained either way)
+        policy = CausalLMPolicy.load("smollm2", value_head=False, freeze_layers=freeze, gradient_checkpointing=True)
+        policy.requires_grad_(False)
+        top = [p for block in policy.trunk.blocks[28:] for p in block.parameters()]
+        for p in top:
+            p.requires_grad_(True)
+        rollout = policy.sample(["Say hello.", "Name a colour, please."], 5,
+                                [torch.Generator().manual_seed(i) for i in range(2)])
+        results = []
+        for recompute in (False, True):
+            policy.checkpointing = recompute
+            for p in top:
+                p.grad = None
+            logprobs = policy(rollout, entropy=False)[0]
+            logprobs.sum().backward()
+            results.append((logprobs.detach(), [p.grad.clone() for p in top]))
+        (lp_a, g_a), (lp_b, g_b) = results
+        assert torch.allclose(lp_a, lp_b, atol=1e-4), (freeze, (lp_a - lp_b).abs().max())
+        assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(g_a, g_b)), freeze
+
+
+def test_the_memory_report_names_no_accelerator_on_the_cpu():
+    report = memory_report([torch.nn.Linear(512, 512)])  # 1 MiB
+    assert report["memory/params_mb"] > 0 and "memory/accelerator_peak_mb" not in report
