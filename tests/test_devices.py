@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli
 from minirlhf import ConfigError, distributed, strict
 from minirlhf.runtime import memory_report, set_precision
 
@@ -93,15 +92,25 @@ def test_backend_follows_the_device_asked_for():
     assert distributed.backend_device("gloo") == torch.device("cpu")
 
 
-def test_reward_model_steps_under_the_strict_mode(tmp_path):
+def test_two_reward_model_processes_step_as_one_under_the_strict_mode(tmp_path):
+    """Each process scores its share of a step's pairs and the gradients are added up, so the weights stay the
+    same on both (dropout draws differ from one process's, so the figures are close, not equal)."""
     from test_reward_model import sentiment_pairs
 
     prefs = tmp_path / "prefs.jsonl"
     sentiment_pairs(prefs, 24)
-    out = run_cli("train-reward-model", "--preferences", str(prefs), "--train.epochs=1", "--max_train=16",
-                  "--train.batch_size=8", "--out", str(tmp_path / "rm"), "--device=cpu", cwd=tmp_path, env=STRICT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((tmp_path / "rm" / "results.json").read_text())["train_pairs"] == 16
+    args = ["train-reward-model", "--preferences", str(prefs), "--train.epochs=1", "--max_train=16",
+            "--train.batch_size=8", "--train.log_every=1", "--device=cpu"]
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **STRICT}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "minirlhf", *args, "--out", str(tmp_path / "two")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert len(steps) == 2 and all(r["dist/param_spread"] == 0.0 for r in steps), steps
+    assert all(0 < r["train/loss"] < 5 and 0 <= r["train/accuracy"] <= 1 for r in steps)
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["train_pairs"] == 16
 
 
 def test_precision_on_the_cpu_is_fp32_unless_asked():

@@ -121,6 +121,17 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return _communicate(dist.all_reduce, values) if dist.is_initialized() else values
 
 
+def sum_gradients(params: list[torch.Tensor]) -> None:
+    """Add up every process's gradients in one collective, for a model DistributedDataParallel does not wrap
+    (each process's loss is its share of the whole batch's mean, so the sum is the single-process gradient)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not dist.is_initialized() or not grads:
+        return
+    total = all_sum(torch.cat([g.flatten() for g in grads]))
+    for g, part in zip(grads, total.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
 def mean_over_ranks(stats: dict[str, float], share: float) -> dict[str, float]:
     """Statistics of a minibatch over every process: means weighted by each process's `share` of its tokens,
     and the largest probability ratio. float64 on the host: MPS has no float64."""

@@ -44,8 +44,9 @@ def make_optimizer(params: list, cfg, total_steps: int):
     return optimizer, scheduler
 
 
-def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: float) -> float:
+def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: float, sync=None) -> float:
     """Backward, clip the global gradient norm, step (and the LR schedule, if any); returns the norm before clipping.
+    `sync(params)` runs between backward and clipping (adding up the processes' gradients).
 
     A non-finite loss stops the run before it can touch the weights; checkpoints already saved stay.
     """
@@ -54,6 +55,8 @@ def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: floa
                         "(checkpoints saved so far are intact)")
     optimizer.zero_grad(set_to_none=True)
     backward(loss)
+    if sync is not None:
+        sync(params)
     return clipped_step(params, optimizer, scheduler, max_grad_norm)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minirlhf import ConfigError, runner
+from minirlhf import ConfigError, distributed, runner
 from minirlhf.checkpoint import atomic_dir
 from minirlhf.config import OptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.dialogue import dialogue_text
@@ -142,6 +142,10 @@ class RewardModelJob(runner.ModelJob):
             n = 0  # the whole model runs (its frozen layers only skip gradients)
         self.n = n
         self.plan = EpochPlan(shuffled_batches(self.texts["train"].n, cfg.train.batch_size), cfg.train.epochs, cfg.seed)
+        k, last = distributed.world_size(), self.texts["train"].n % cfg.train.batch_size or cfg.train.batch_size
+        if min(cfg.train.batch_size, last) < k:
+            raise ConfigError(f"with {k} processes every step needs at least {k} pairs; raise train.batch_size (now "
+                              f"{cfg.train.batch_size}) or change the number of training pairs ({self.texts['train'].n})")
         self.steps = self.plan.steps
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, self.steps)
@@ -168,17 +172,25 @@ class RewardModelJob(runner.ModelJob):
         cfg, texts = self.cfg, self.texts["train"]
         epoch, idx, last = self.plan.at(step)
         self.model.train()
-        r = texts.rewards(self.model, idx + [texts.n + i for i in idx], self.n, self.pad_id, self.run.device)  # (2B,)
-        chosen, rejected = r[: len(idx)], r[len(idx):]
-        loss = bradley_terry_loss(chosen, rejected).mean()
-        grad_norm = optimizer_step(loss, self.params, self.optimizer, self.scheduler, cfg.train.max_grad_norm)
-        self.recent.append((loss.item(), (chosen > rejected).float().mean().item()))
+        mine = idx[distributed.share(len(idx))]  # this process's pairs (all of them in a world of one)
+        r = texts.rewards(self.model, mine + [texts.n + i for i in mine], self.n, self.pad_id, self.run.device)  # (2b,)
+        chosen, rejected = r[: len(mine)], r[len(mine):]
+        losses = bradley_terry_loss(chosen, rejected)
+        loss = losses.sum() / len(idx)  # this process's share of the batch mean: the shares add up to it
+        if not distributed.everywhere(bool(torch.isfinite(loss))):
+            loss = loss.new_tensor(float("nan"))  # every process stops, with the same message
+        grad_norm = optimizer_step(loss, self.params, self.optimizer, self.scheduler, cfg.train.max_grad_norm,
+                                   sync=distributed.sum_gradients)
+        sums = torch.tensor([losses.sum().item(), (chosen > rejected).sum().item()], dtype=torch.float64)
+        self.recent.append(tuple((distributed.all_sum(sums) / len(idx)).tolist()))
         row = {}
         if step % cfg.train.log_every == 0:
             losses, accs = zip(*self.recent)
             self.recent = []
             row = {"train/loss": sum(losses) / len(losses), "train/accuracy": sum(accs) / len(accs),
                    "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
+            if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
+                row["dist/param_spread"] = distributed.spread(self.params)
         if last:
             self.held, _ = self._evaluate("eval")
             self.run.say(f"epoch {epoch}: held-out accuracy {self.held['accuracy']:.4f}  margin "
