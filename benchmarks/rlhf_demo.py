@@ -1,7 +1,9 @@
 """The demo's bar: `minirlhf demo` (classifier -> LSTM generator -> PPO -> evaluation) on the offline tweets.
 
-Bar: whole demo at most 10 minutes on a 2-core CPU, peak memory under 4 GB, and on held-out prompts the
-PPO policy beats the reference (win rate at least 0.7) with KL from the reference under 10 nats per response.
+Bar: whole demo at most 10 minutes on a 2-core CPU, peak memory under 4 GB, and on held-out prompts a healthy
+win: the PPO policy beats the reference (win rate at least 0.8) while keeping at least half the reference's
+distinct-2 (no collapse onto one answer), with KL from the reference under 10 nats per response and no health
+check fired during training.
 Prints one JSON object. Run from the repository root: `.venv/bin/python benchmarks/rlhf_demo.py`.
 """
 
@@ -27,9 +29,11 @@ def main() -> int:
         "reward_policy": round(res["reward_policy"], 3), "win_rate": round(res["win_rate"], 3),
         "kl_nats": round(res["kl"], 2), "distinct_2": {"reference": round(res["reference"]["distinct_2"], 3),
                                                        "policy": round(res["policy"]["distinct_2"], 3)},
+        "health": [f"{h['guard']} at step {h['step']}" for h in res.get("health", [])],
         "samples": res["samples"][:5],
-        "bar": {"wall<=600s": wall <= 600, "peak<4GB": peak_mb < 4096, "win_rate>=0.7": res["win_rate"] >= 0.7,
-                "kl<10": res["kl"] < 10},
+        "bar": {"wall<=600s": wall <= 600, "peak<4GB": peak_mb < 4096, "win_rate>=0.8": res["win_rate"] >= 0.8,
+                "distinct_2>=0.5x_reference": res["policy"]["distinct_2"] >= 0.5 * res["reference"]["distinct_2"],
+                "kl<10": res["kl"] < 10, "no_health_check_fired": not res.get("health")},
     }
     print(json.dumps(report, indent=2))
     return 0 if all(report["bar"].values()) else 1

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from minirlhf.pipeline import explain
+
 
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
@@ -100,10 +102,31 @@ def test_demo_runs_every_stage_end_to_end(cli, tmp_path):
                "--generator.samples.n=1", "--ppo.steps=2", "--ppo.batch_size=8", "--ppo.minibatch_size=4")
     assert proc.returncode == 0, proc.stderr
     assert "run directory: demo" in proc.stdout and "win rate" in proc.stdout
+    assert "estimated time: about" in proc.stdout  # the classifier's, before it trains
+    closing = " ".join(proc.stdout.split())  # wrapped for the terminal
+    assert "nats per response is how far the policy moved" in closing and "Distinct-2" in closing
     for name in ("config.yaml", "classifier/model/config.json", "classifier/accuracy.png",
                  "generator/perplexity.png", "generator/samples.md", "ppo/reward.png", "ppo/results.json",
                  "ppo/report.md", "ppo/samples.md", "ppo/checkpoint/policy/model.safetensors"):
         assert (tmp_path / "demo" / name).is_file(), name
+
+
+def test_demo_explains_kl_and_distinct_2_and_calls_out_collapse():
+    def results(policy_distinct_2: float, health: list | None) -> dict:
+        return {"win_rate": 0.98, "kl": 9.04, "policy": {"distinct_2": policy_distinct_2},
+                "reference": {"distinct_2": 0.90}, "health": health}
+
+    def said(*args) -> str:
+        return " ".join(explain(results(*args)).split())  # wrapped for the terminal
+
+    collapsed = said(0.22, [{"step": 14, "guard": "diversity_collapse", "message": "..."}])
+    assert "98%" in collapsed and "KL 9.0 nats" in collapsed and "8,434 times" in collapsed
+    assert "COLLAPSE" in collapsed and "Distinct-2 0.22 (reference 0.90)" in collapsed
+    assert "diversity_collapse at step 14" in collapsed
+    healthy = said(0.73, [])
+    assert "COLLAPSE" not in healthy and "keeps 81% of the reference's variety" in healthy
+    assert "No health check fired" in healthy
+    assert "health check" not in said(0.73, None)  # guards off: nothing said about them
 
 
 def test_rl_commands_train_evaluate_and_generate(cli, tmp_path, tiny_generator, tiny_classifier):

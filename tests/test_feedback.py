@@ -328,6 +328,8 @@ def test_no_arguments_serves_the_newest_rl_run_against_its_reference(tiny_genera
         policy, reference = sides[0]
         assert policy["step"] == 1 and policy["model"] == str((tmp_path / "runs" / "ppo-tiny").resolve())
         assert reference["model"] == str(Path(tiny_generator).resolve()) and reference["step"] is None
+        # the page's sampling defaults (for a person to judge), recorded with each response
+        assert {(p["temperature"], p["top_p"], p["top_k"]) for pair in sides for p in pair} == {(0.7, 0.9, 0)}
         _, held = load_prompts(dataclasses.replace(cfg.prompts, max_eval=10 ** 9), cfg.data)
         assert {prompt for prompt, _, _ in rows} <= set(held)
         assert (tmp_path / "runs" / "feedback" / "feedback.sqlite.admin-token").stat().st_mode & 0o777 == 0o600

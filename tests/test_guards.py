@@ -28,7 +28,7 @@ def test_a_healthy_run_fires_nothing():
     ("truncation", [{"response/ended": 0.05}]),
     ("flat_groups", [{"reward/flat_groups": 0.75}]),
     ("kl", [{"objective/kl": 19.0}]),  # over 3 x kl_target
-    ("kl", [{"objective/kl": 1.0 + 0.3 * s} for s in range(10)]),  # 1.0 -> 3.7 nats, rising at every step
+    ("kl", [{"objective/kl": 3.0 + 0.5 * s} for s in range(10)]),  # 3.0 -> 7.5 nats, past kl_target 6, rising
     ("length_drift", [{"response/length": 10.0}] * 3 + [{"response/length": 25.0}] * 3),
     ("length_drift", [{"response/length": 10.0}] * 3 + [{"response/length": 4.0}] * 3),
     ("diversity_collapse", [{"response/distinct_2": 0.8}] * 3 + [{"response/distinct_2": 0.3}] * 3),
@@ -41,7 +41,7 @@ def test_each_guard_fires_once_on_its_condition(guard, rows):
 
 def test_near_misses_fire_nothing():
     assert _fired([{"reward/flat_groups": 0.75}], group_size=1) == []  # no groups: no group baseline to flatten
-    assert _fired([{"objective/kl": 0.1 + 0.08 * s} for s in range(10)]) == []  # rising, but under 1 nat
+    assert _fired([{"objective/kl": 0.1 + 0.6 * s} for s in range(10)]) == []  # rising from 0 to kl_target: a start
     assert _fired([{"reward/mean": 1.0 - s, "response/ref_ppl": 30.0 + 20 * s} for s in range(6)]) == []  # reward fell
     assert _fired([{"response/length": 10.0}] * 3 + [{"response/length": 19.0}] * 3) == []
 

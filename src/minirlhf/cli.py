@@ -25,6 +25,7 @@ from minirlhf.algorithms.evaluate import evaluate_run
 from minirlhf.config import describe, load_config, load_saved
 from minirlhf.data.sentiment import read_source
 from minirlhf.feedback import loop, simulate, store
+from minirlhf.feedback.pairs import PAGE_SAMPLING
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
@@ -219,11 +220,11 @@ def _feedback(args, extra) -> int:
     return 0
 
 
-def _add_sampling(p, max_new_tokens: int) -> None:
+def _add_sampling(p, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> None:
     """The sampling flags of `generate` and `feedback serve`."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=temperature, help="(default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=top_p, help="(default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -248,7 +249,7 @@ def _add_feedback(sub) -> None:
                    help="serve the oldest fresh pair, or the one the reward model(s) are least sure about")
     s.add_argument("--reward-model", action="append", default=[], metavar="RM_RUN",
                    help="reward-model run(s) for --select uncertain; give it twice or more for an ensemble")
-    _add_sampling(s, 48)
+    _add_sampling(s, PAGE_SAMPLING.max_new_tokens, PAGE_SAMPLING.temperature, PAGE_SAMPLING.top_p)  # for people
     m = fsub.add_parser("simulate", help="judge pairs on a running page as simulated annotators (a judge model "
                         "with Bradley-Terry noise), through its HTTP endpoints as a browser does")
     m.add_argument("--url", required=True, help="the page's address (the admin link works too)")

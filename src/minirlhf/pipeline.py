@@ -5,8 +5,10 @@ report, on the offline default), and the reward classifier an RL run trains firs
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from minirlhf.algorithms import classifier, generator, rl
 from minirlhf.algorithms.classifier import ClassifierConfig, ClassifierModelConfig, ClassifierTrainConfig
 from minirlhf.algorithms.generator import GeneratorConfig
 from minirlhf.algorithms.ppo import PPOConfig
+from minirlhf.algorithms.rl_core import RLOptimizerConfig
 from minirlhf.checkpoint import load_json
 from minirlhf.config import DataConfig, RunConfig, save_config
 from minirlhf.data.prompts import PromptConfig
@@ -23,6 +26,16 @@ from minirlhf.models import rewards
 from minirlhf.models.rewards import RewardConfig
 from minirlhf.rundir import RunDir
 from minirlhf.runtime import peak_memory_mb, pick_device
+
+
+def demo_ppo() -> PPOConfig:
+    """PPO settings under which the LSTM gains on the classifier without collapsing. With kl_coef 0.1 (adaptive, but
+    its 10,000-response horizon barely moves it in 30 steps) it learned to answer "thank you!" to every prompt: win
+    rate 0.98, KL 9 nats, distinct-2 0.90 -> 0.22. A fixed 0.5 and a learning rate of 2e-4 win 0.88-0.89 on three
+    seeds at 2.6-3.3 nats, keeping 70-85% of the reference's distinct-2 and over half its response length, with no
+    health check firing; kl_target is the KL it should stay under (the health checks read it)."""
+    return PPOConfig(steps=30, kl_coef=0.5, adaptive_kl=False, kl_target=3.0, train=RLOptimizerConfig(lr=2e-4),
+                     prompts=PromptConfig(max_eval=128))
 
 
 def demo_classifier() -> ClassifierConfig:
@@ -51,7 +64,7 @@ def load_classifier(cfg: RewardConfig, device, data: DataConfig | None = None):
 def train_missing_reward(cfg) -> None:
     """Before an RL run: its reward classifier, if it is to be trained first (once, by the first process)."""
     if cfg.reward.train_missing and cfg.reward.classifier and not Path(cfg.reward.classifier).exists():
-        distributed.init()
+        distributed.init(cfg.device)  # before the runner: a GPU machine told --device cpu must get gloo
         with distributed.main_first():
             if not Path(cfg.reward.classifier).exists():
                 load_classifier(cfg.reward, pick_device(cfg.device)[0], cfg.data)
@@ -65,8 +78,9 @@ class DemoConfig(RunConfig):
     """stage 1, with quicker defaults than train-classifier's"""
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     """stage 3, as train-generator's defaults"""
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=30, prompts=PromptConfig(max_eval=128)))
-    """RLHF on the generator against the classifier (policy and reward are filled in by the demo)"""
+    ppo: PPOConfig = field(default_factory=demo_ppo)
+    """RLHF on the generator against the classifier, with settings that keep it healthy (policy and reward are
+    filled in by the demo)"""
 
 
 def _stage(cfg, demo: DemoConfig, out: Path):
@@ -107,3 +121,32 @@ def _summary(after: dict) -> None:
     for row in after["samples"][:6]:
         print(f"  {row['prompt']!r}: reference {row['reference']!r} ({row['reference_reward']:+.1f}) | "
               f"policy {row['policy']!r} ({row['policy_reward']:+.1f})")
+    print("\n" + explain(after))
+
+
+COLLAPSE = 0.5
+"""a policy whose distinct-2 is below this share of the reference's has collapsed onto a few answers"""
+
+
+def explain(after: dict) -> str:
+    """What the closing figures mean for the user, with the measured numbers; collapse and health checks called out."""
+    policy, reference = after["policy"]["distinct_2"], after["reference"]["distinct_2"]
+    lines = [f"What these mean: the policy's response scored higher than the reference's on {after['win_rate']:.0%} of "
+             f"the prompts. KL {after['kl']:.1f} nats per response is how far the policy moved from where it started "
+             f"(the generator before PPO): 0 is no change, and at {after['kl']:.1f} nats a typical response of the "
+             f"policy is about {math.exp(after['kl']):,.0f} times likelier under it than under the starting generator.",
+             f"Distinct-2 {policy:.2f} (reference {reference:.2f}) is the variety of the responses, the share of "
+             "their word pairs that are distinct: a policy that says one thing to every prompt scores near 0."]
+    if policy >= COLLAPSE * reference:
+        lines[-1] += f" The policy keeps {policy / max(reference, 1e-9):.0%} of the reference's variety: no collapse."
+    else:
+        lines.append(f"COLLAPSE: the policy's distinct-2 is under {COLLAPSE:g} x the reference's, so it wins by giving "
+                     "nearly the same answer to every prompt (see the samples); raise --ppo.kl_coef or lower "
+                     "--ppo.train.lr.")
+    health = after.get("health")
+    if health:
+        lines.append("Health checks that fired during training: " + "; ".join(
+            f"{h['guard']} at step {h['step']}" for h in health) + " (details in report.md).")
+    elif health is not None:
+        lines.append("No health check fired during training.")
+    return "\n".join(textwrap.fill(line, 116, subsequent_indent="  ") for line in lines)

@@ -1,7 +1,9 @@
 """Stage 1: fine-tune a pretrained encoder as a sentiment classifier (the reward model of RLHF).
 
 The embeddings and lower layers are frozen; their output is computed once and cached, so each step trains only the
-upper layers. The lifecycle (checkpoints, --resume, results) is the shared runner's: `ClassifierJob` is this stage.
+upper layers. Before it starts, a run says how long it will take (from its token counts and one timed batch) and, when
+that is over 10 minutes, which flags make it quicker. The lifecycle (checkpoints, --resume, results) is the shared
+runner's: `ClassifierJob` is this stage.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from minirlhf.checkpoint import atomic_dir
 from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
 from minirlhf.data.sentiment import load_splits
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained
-from minirlhf.models.trunk import FrozenCache, cached_forward
+from minirlhf.models.trunk import FrozenCache, cached_forward, lower_hidden, start_at_layer
 from minirlhf.training import EpochPlan, length_grouped, length_sorted_batches, make_optimizer, optimizer_step
 
 
@@ -66,6 +68,107 @@ def binary_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
             "loss": F.cross_entropy(logits, labels).item()}
 
 
+SLOW_S = 600.0
+"""a run estimated to take longer than this (10 minutes) is told, before it starts, how to be quicker"""
+QUICK_S = 300.0
+"""what the quicker run it is told of aims at (5 minutes)"""
+
+
+@dataclass
+class Estimate:
+    """What a run will cost, from the token counts of its splits (as truncated) and the seconds per token of each
+    pass it makes, timed on one batch (`time_passes`): linear in tokens, as batches are grouped by length."""
+
+    tokens: dict[str, int]
+    """tokens of the train, val and test splits"""
+    texts: int
+    """training texts"""
+    epochs: int
+    rates: tuple[float, float, float]
+    """seconds per token: the frozen layers' forward (the cache; 0 without one), a training step (forward and
+    backward), the whole model's forward (the test set)"""
+    cache_bytes: int = 0
+    """the frozen layers' output for the train and val splits, fp16"""
+    long_texts: bool = False
+    """most training texts were cut to max_length"""
+
+    def seconds(self, texts: int | None = None, epochs: int | None = None) -> float:
+        """Caching, training (with each epoch's validation pass) and testing, for this many training texts and
+        epochs (default: the run's)."""
+        lower, step, full = self.rates
+        train = self.tokens["train"] * (self.texts if texts is None else texts) / max(self.texts, 1)
+        val = self.tokens["val"]
+        epochs = epochs or self.epochs
+        # the cache, then per epoch a step per batch and a validation forward (about a third of a step), then the test
+        return lower * (train + val) + epochs * step * (train + val / 3) + full * self.tokens["test"]
+
+    def quicker(self) -> tuple[int, int] | None:
+        """(max_train, epochs) that bring a slow run near QUICK_S; None when the run is not slow."""
+        if self.seconds() <= SLOW_S:
+            return None
+        epochs = min(self.epochs, 2)
+        fixed = self.seconds(0, epochs)
+        per_text = (self.seconds(self.texts, epochs) - fixed) / max(self.texts, 1)
+        texts = int((QUICK_S - fixed) / max(per_text, 1e-12)) // 1000 * 1000
+        return max(1000, min(self.texts, texts)), epochs
+
+    def line(self) -> str:
+        """One line: the estimate, and for a slow run the flags of a quicker one."""
+        mean = self.tokens["train"] / max(self.texts, 1)
+        text = (f"estimated time: about {_duration(self.seconds())} ({self.epochs} epoch{'s' * (self.epochs > 1)} of "
+                f"{self.texts:,} texts x {mean:.0f} tokens; timed on one batch)")
+        if self.cache_bytes:
+            text += f", frozen-layer cache {self.cache_bytes / 2 ** 20:,.0f} MB"
+        faster = self.quicker()
+        if faster is not None:
+            texts, epochs = faster
+            tested = "; --config configs/imdb_classifier.yaml is a tested setting for long reviews" \
+                if self.long_texts else ""
+            text += (f"; quicker: --data.max_train={texts} --train.epochs={epochs} (about "
+                     f"{_duration(self.seconds(texts, epochs))}{tested})")
+        return text
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def time_passes(model, n: int, cached: bool, length: int, device, batch_size: int = 8) -> tuple[float, float, float]:
+    """Seconds per token of the frozen layers' forward, a training step and the whole model's forward, each timed
+    on a (batch_size, length) batch: on a CPU the rate per token hardly depends on the batch (on a GPU a small batch
+    overstates the time), and 8 texts take about a second in all. In eval mode, so that no dropout draws from the
+    run's random stream; the gradients are dropped."""
+    model.eval()
+    token = min(1000, model.config.vocab_size - 1)  # any real token: the time does not depend on which
+    ids = torch.full((batch_size, length), token, device=device)  # (B, T)
+    mask = torch.ones_like(ids)
+
+    def step() -> None:
+        if not cached:
+            return model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        with start_at_layer(model, n, lower_hidden(model, ids, mask, n)):
+            model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+
+    @torch.inference_mode()
+    def forward(lower: bool) -> None:
+        lower_hidden(model, ids, mask, n) if lower else model(input_ids=ids, attention_mask=mask)
+
+    def per_token(fn) -> float:
+        """The faster of two passes: the first of a shape also allocates and picks its kernels."""
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            if ids.device.type in ("cuda", "mps"):  # an accelerator returns before its kernels finish
+                getattr(torch, ids.device.type).synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times) / ids.numel()
+
+    rates = (per_token(lambda: forward(True)) if cached else 0.0, per_token(step), per_token(lambda: forward(False)))
+    model.zero_grad(set_to_none=True)
+    return rates
+
+
 @torch.inference_mode()
 def _evaluate(model, seqs, labels, cache, n, pad_id, batch_size, device) -> dict[str, float]:
     model.eval()
@@ -99,8 +202,10 @@ class ClassifierJob(runner.ModelJob):
         parts = {"train": splits.train, "val": splits.val, "test": splits.test}
         self.seqs = {k: truncate([t for t, _ in rows]) for k, rows in parts.items()}
         self.labels = {k: [y for _, y in rows] for k, rows in parts.items()}
-        t_cache = time.time()
         use_cache = cfg.model.cache_frozen and self.n > 0
+        self.estimate = self._estimate(use_cache, truncate)
+        run.say(self.estimate.line())
+        t_cache = time.time()
         self.cache = {k: FrozenCache(self.model, self.seqs[k], self.pad_id, self.n, cfg.train.eval_batch_size, device)
                       if use_cache else None for k in ("train", "val")}
         self.cache_s = time.time() - t_cache
@@ -109,6 +214,16 @@ class ClassifierJob(runner.ModelJob):
         self.steps = self.plan.steps
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, self.steps)
+
+    def _estimate(self, cached: bool, truncate: Truncator) -> Estimate:
+        """The run's cost before it starts: the texts' token counts and one timed batch of each pass."""
+        lengths = {k: [len(s) for s in seqs] for k, seqs in self.seqs.items()}
+        train = lengths["train"] or [8]
+        rates = time_passes(self.model, self.n, cached, max(8, round(sum(train) / len(train))), self.run.device)
+        cached_tokens = sum(lengths["train"]) + sum(lengths["val"]) if cached else 0
+        return Estimate({k: sum(v) for k, v in lengths.items()}, len(lengths["train"]), self.cfg.train.epochs, rates,
+                        cached_tokens * self.model.config.hidden_size * 2,  # the cache is fp16
+                        long_texts=sum(n >= truncate.max_length for n in train) > len(train) / 2)
 
     def begin(self, run: runner.Run) -> None:
         self.epoch_t0 = time.time()
@@ -159,7 +274,8 @@ class ClassifierJob(runner.ModelJob):
         return {"train_examples": len(self.seqs["train"]), "test_examples": len(self.seqs["test"]),
                 "best_val_accuracy": self.best, **{f"test_{k}": v for k, v in test.items()},
                 "trainable_params": self.trainable, "total_params": self.total, "cache_seconds": round(self.cache_s, 1),
-                "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - self.t0, 1)}
+                "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - self.t0, 1),
+                "estimated_seconds": round(self.estimate.seconds(), 1)}
 
     def report(self, run: runner.Run, results: dict) -> None:
         run.say(f"test accuracy {results.get('test_accuracy', float('nan')):.4f}  F1 "

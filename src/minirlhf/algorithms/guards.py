@@ -4,7 +4,8 @@ and OpenRLHF's issues are silent ones, and each of these says in one line what w
 - truncation: nearly every response hits response_len without ending (TRL #5697, #6263): the rewards then judge
   cut-off text, often alike, and nothing useful is learned;
 - flat groups: in most groups every response got the same reward, so the group baseline leaves no advantage;
-- KL: far above its target, or climbing steadily: the policy is leaving the reference (TRL #204's collapse);
+- KL: far above its target, or still climbing steadily past it: the policy is leaving the reference (TRL #204's
+  collapse). A KL that climbs from 0 towards its target is what training starts with, and is not flagged;
 - length drift: mean response length beyond a factor of 2 of the start, up or down (the reward paying for length);
 - diversity collapse: the batch's distinct-2 below half the start's (one answer for every prompt);
 - reward hacking: the reward rising while the responses' perplexity under the reference has doubled (TRL #6058:
@@ -24,7 +25,7 @@ from minirlhf import UserError
 UNENDED_SHARE = 0.9  # share of responses that never end
 FLAT_GROUP_SHARE = 0.5  # share of groups with zero reward variance
 KL_FACTOR = 3.0  # KL above this many times kl_target
-KL_RISE = (10, 2.0, 1.0)  # KL rising over this many steps, by this factor, above this many nats
+KL_RISE = (10, 2.0)  # KL rising over this many steps, by this factor, and past kl_target
 LENGTH_FACTOR = 2.0  # mean response length beyond this factor of the start's
 DISTINCT_FLOOR = 0.5  # distinct-2 below this share of the start's
 PPL_FACTOR = 2.0  # reference perplexity beyond this factor of the start's while the reward rose
@@ -104,12 +105,13 @@ def _kl(g: Guards) -> str | None:
     if kl and kl[-1] > KL_FACTOR * g.kl_target:
         return (f"KL from the reference is {kl[-1]:.1f} nats, over {KL_FACTOR:g}x kl_target ({g.kl_target:g}); "
                 "raise --kl_coef or lower --train.lr")
-    steps, factor, floor = KL_RISE
+    steps, factor = KL_RISE
     recent = kl[-steps:]
-    if len(recent) == steps and recent[-1] > floor and recent[-1] > factor * max(recent[0], 1e-3) and \
+    if len(recent) == steps and recent[-1] > g.kl_target and recent[-1] > factor * max(recent[0], 1e-3) and \
             sum(b > a for a, b in zip(recent, recent[1:])) >= 0.7 * (steps - 1):
-        return (f"KL from the reference rose steadily from {recent[0]:.2f} to {recent[-1]:.2f} nats over "
-                f"{steps} steps; raise --kl_coef or lower --train.lr before the policy collapses")
+        return (f"KL from the reference rose steadily from {recent[0]:.2f} to {recent[-1]:.2f} nats over {steps} "
+                f"steps, past kl_target ({g.kl_target:g}); raise --kl_coef or lower --train.lr before the policy "
+                "collapses")
     return None
 
 

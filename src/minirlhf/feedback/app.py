@@ -275,6 +275,8 @@ def serve(args) -> int:
         page.start()
         print(f"feedback: {source.describe()}; database {store.path}"
               + (f"; most uncertain pair first of {args.ahead}" if args.select == "uncertain" else ""), flush=True)
+        print(f"sampling: temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, top_k {sampling.top_k}, "
+              f"{sampling.max_new_tokens} new tokens at most (recorded with each response)", flush=True)
         print(f"serving on {page.url} (port {page.port})", flush=True)
         print(f"admin link (keep it to yourself; it also lets you judge): {page.admin_link}", flush=True)
         _watch(store, pool)

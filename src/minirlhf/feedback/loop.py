@@ -257,7 +257,7 @@ class LoopJob:
         rm_cfg = RewardModelConfig(
             preferences=str(r.folder / "rm_train.jsonl"), eval_file=str(r.folder / "rm_heldout.jsonl"),
             model=dataclasses.replace(cfg.reward_model, init=r.previous_rm), train=cfg.reward_model_train,
-            device=cfg.device, seed=cfg.seed)
+            seed=cfg.seed, **_run_settings(cfg))
         return load_json(RunDir(run_stage(train_reward_model, rm_cfg, r.reward_model)).results)
 
     # ---------------------------------------------------------------- 4: the policy, from where it is
@@ -327,6 +327,11 @@ def write_pairs(path: Path, pairs) -> None:
                                                ensure_ascii=False) + "\n" for p in pairs))
 
 
+def _run_settings(cfg: LoopConfig) -> dict:
+    """What every stage of the loop takes from the loop's own config: device, precision, dashboards."""
+    return dict(device=cfg.device, dtype=cfg.dtype, report_to=cfg.report_to)
+
+
 def _rl_stage(cfg: LoopConfig, r: Round) -> tuple:
     """RL against the round's reward model, from the round's policy, with the first policy as the reference."""
     cls = registry.get(cfg.method).config
@@ -335,7 +340,7 @@ def _rl_stage(cfg: LoopConfig, r: Round) -> tuple:
         base, policy=r.policy, ref_policy="" if r.policy == cfg.policy else cfg.policy,
         policy_options=cfg.policy_options, reward=dataclasses.replace(base.reward, reward_model=str(r.reward_model)),
         data=cfg.data, prompts=cfg.prompts, steps=cfg.steps, response_len=cfg.response_len,
-        kl_coef=base.kl_coef if cfg.kl_coef is None else cfg.kl_coef, device=cfg.device, seed=cfg.seed * 1009 + r.k)
+        kl_coef=base.kl_coef if cfg.kl_coef is None else cfg.kl_coef, seed=cfg.seed * 1009 + r.k, **_run_settings(cfg))
     return rl.train, stage_cfg
 
 
@@ -346,7 +351,7 @@ def _dpo_stage(cfg: LoopConfig, r: Round) -> tuple:
         base, policy=r.policy, ref_policy="" if r.policy == cfg.policy else cfg.policy,
         policy_options=cfg.policy_options, preferences=str(r.labels), train=dataclasses.replace(base.train, steps=cfg.steps),
         beta=base.beta if cfg.kl_coef is None else cfg.kl_coef, max_response_tokens=cfg.response_len + 1,
-        device=cfg.device, seed=cfg.seed * 1009 + r.k)
+        seed=cfg.seed * 1009 + r.k, **_run_settings(cfg))
     return dpo.train, stage_cfg
 
 

@@ -34,11 +34,23 @@ CORPUS_TEMPLATE = 'Write a short tweet that starts with "{prompt}".'
 
 @dataclass
 class Sampling:
+    """How the responses of the pairs are sampled; each response records these, with its own seed."""
+
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
+    """nucleus sampling: the smallest set of tokens reaching this probability (1: all)"""
     top_k: int = 0
+    """sample from the k most likely tokens only (0: all)"""
     seed: int = 0
+
+
+PAGE_SAMPLING = Sampling(temperature=0.7, top_p=0.9)
+"""`feedback serve`'s defaults, for a person to judge: common chat defaults (Jan's llama.cpp preset for SmolLM2).
+At temperature 1, SmolLM2-135M-Instruct with its 4-bit-rounded weights writes word salad in about half of its
+tweets ("host vangylo initiative incorporated ...", stray CJK and Hebrew); at 0.7 and top_p 0.9 nearly all are
+English a person can judge, still different enough that no pair of 24 was identical. Plain `Sampling()` (the
+policy's own distribution, temperature 1) is what the iterated loop samples its pairs with."""
 
 
 @dataclass
