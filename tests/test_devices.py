@@ -46,7 +46,8 @@ def test_float64_factories_may_not_be_given_a_device():
 
 PROBE = """
 import os, torch, torch.distributed as dist
-from minirlhf import ConfigError, distributed, strict
+from minirlhf import distributed, strict
+from minirlhf.algorithms.dpo import pair_sums
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 strict.install()
 x = torch.ones(3)
