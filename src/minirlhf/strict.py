@@ -40,13 +40,14 @@ def enabled() -> bool:
 
 
 @contextmanager
-def communicating():
-    """distributed.py's helpers call torch.distributed inside this block (and only there)."""
-    _local.depth = getattr(_local, "depth", 0) + 1
+def communicating(device: torch.device):
+    """distributed.py's helpers call torch.distributed inside this block (and only there), with the tensors on
+    `device`, their backend's."""
+    previous, _local.device = getattr(_local, "device", None), device
     try:
         yield
     finally:
-        _local.depth -= 1
+        _local.device = previous
 
 
 def install() -> None:
@@ -60,11 +61,6 @@ def install() -> None:
     _installed = True
 
 
-def _backend_device() -> torch.device:
-    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-
 def _tensors(values):
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -75,10 +71,10 @@ def _tensors(values):
 
 def _checked(name: str, collective):
     def call(*args, **kwargs):
-        if not getattr(_local, "depth", 0):
+        want = getattr(_local, "device", None)
+        if want is None:
             raise StrictDeviceError(f"torch.distributed.{name} called outside minirlhf.distributed's helpers, which "
                                     "put its tensors on the backend's device; call one of those instead")
-        want = _backend_device()
         for t in _tensors([*args, *kwargs.values()]):
             if t.device != want:
                 raise StrictDeviceError(f"torch.distributed.{name} was handed a tensor on {t.device}; the "
