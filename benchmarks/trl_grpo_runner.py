@@ -59,8 +59,9 @@ class StepTimer(TrainerCallback):
     """Training time at each step end (held-out evaluations excluded) and TRL's logged mean reward, appended to
     steps.jsonl; with `evaluate`, the held-out reward before training and every `every` steps."""
 
-    def __init__(self, path: Path, evaluate=None, every: int = 0, updates: int = 1):
+    def __init__(self, path: Path, evaluate=None, every: int = 0, updates: int = 1, stop_at: float | None = None):
         self.path, self.times, self.rewards, self.evals, self.updates = path, [], [], [], updates
+        self.stop_at = stop_at
         self.evaluate, self.every, self.paused = evaluate, every, 0.0
         path.write_text("")
 
@@ -84,6 +85,8 @@ class StepTimer(TrainerCallback):
         step = state.global_step // self.updates
         if self.evaluate and self.every and step % self.every == 0:
             self._eval(step, model)
+            if self.stop_at is not None and self.evals[-1]["eval_reward"] >= self.stop_at:
+                control.should_training_stop = True  # past the benchmark's target: the rest would not count
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "reward" in logs:  # logged at the first update of each generation batch
@@ -95,7 +98,7 @@ class StepTimer(TrainerCallback):
 
 
 @torch.no_grad()
-def eval_reward(model, tok, fn, prompts: list[str], max_new: int, seed: int, batch: int = 16) -> float:
+def eval_reward(model, tok, fn, prompts: list[str], max_new: int, seed: int, batch: int = 64) -> float:
     torch.manual_seed(seed)
     model.eval()
     tok.padding_side = "left"
@@ -130,6 +133,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval-prompts")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out reward before training and every N steps")
+    ap.add_argument("--stop-at", type=float, help="stop once a held-out check reaches this reward")
     a = ap.parse_args()
     minibatch = a.minibatch or a.per_step
     updates = a.iterations * (a.per_step // minibatch)  # optimizer steps per generation batch
@@ -154,7 +158,7 @@ def main():
     if a.eval_prompts:
         held_out = read_prompts(a.eval_prompts)
         evaluate = lambda model: eval_reward(model, tok, fn, held_out, a.max_completion_length, a.seed)  # noqa: E731
-    timer = StepTimer(out / "steps.jsonl", evaluate, a.eval_every, updates)
+    timer = StepTimer(out / "steps.jsonl", evaluate, a.eval_every, updates, a.stop_at)
     trainer = GRPOTrainer(model=a.model, reward_funcs=reward, args=cfg, train_dataset=dataset, callbacks=[timer])
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout keeps one JSON line

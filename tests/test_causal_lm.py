@@ -100,6 +100,28 @@ def test_two_steps_on_smollm2_train_only_the_unfrozen_layers(cls, lora, tiny_cla
     assert (run / "report.md").is_file()
 
 
+def test_train_head_unties_the_lm_head_and_trains_it_over_a_frozen_trunk(tiny_classifier, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(GRPOConfig, overrides=[
+        "--policy=smollm2", f"--reward.classifier={tiny_classifier}", f"--out={tmp_path / 'run'}", "--device=cpu",
+        "--policy_options.freeze_layers=28", "--policy_options.train_head", "--steps=2", "--batch_size=4",
+        "--group_size=2", "--minibatch_size=2", "--response_len=6", "--prompts.max_eval=4", "--data.max_train=200",
+        "--data.max_eval=50", "--train.lr=1e-3"])
+    run = train(cfg)
+    start = load_policy("smollm2", "cpu", value_head=False).model
+    trained = AutoModelForCausalLM.from_pretrained(run / "checkpoint" / "policy")  # as any transformers user loads it
+    assert trained.lm_head.weight is not trained.model.embed_tokens.weight  # saved untied
+    assert not torch.equal(trained.lm_head.weight, start.lm_head.weight)
+    assert torch.equal(trained.model.embed_tokens.weight, start.model.embed_tokens.weight)
+    assert torch.equal(trained.model.layers[27].mlp.down_proj.weight, start.model.layers[27].mlp.down_proj.weight)
+    policy = load_policy("smollm2", "cpu", freeze_layers=28, train_head=True)
+    ref = policy.frozen_copy()
+    assert ref.head.weight is not policy.head.weight and not ref.head.weight.requires_grad  # the reference keeps its own
+    with pytest.raises(UserError, match="train_head"):
+        load_policy("smollm2", "cpu", lora_rank=4, train_head=True)
+
+
 def test_models_whose_logits_are_not_the_head_of_the_trunk_are_refused(smol, tmp_path):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 

@@ -1,12 +1,14 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from minirlhf import UserError
-from minirlhf.algorithms.classifier import QUICK_S, SLOW_S, Estimate, binary_scores
+from minirlhf.algorithms.classifier import QUICK_S, SLOW_S, ClassifierConfig, Estimate, binary_scores, train
+from minirlhf.config import load_config
 from minirlhf.models.classifier import (DEFAULT_ENCODER, SentimentClassifier, Truncator, freeze_lower, load_pretrained,
-                                        pad_batch)
+                                        pad_batch, set_dropout)
 from minirlhf.models.trunk import lower_hidden, start_at_layer
 
 
@@ -54,6 +56,36 @@ def test_truncation_keeps_head_or_head_and_tail(minilm):
     assert head[1:-1] == full[1:19]
     assert both[1:5] == full[1:5] and both[5:-1] == full[-15:-1]
     assert Truncator(tok, 20, "head_tail")(["short"])[0] == tok("short")["input_ids"]
+
+
+def test_dropout_option_sets_every_dropout_layer():
+    model, tok = load_pretrained(DEFAULT_ENCODER)
+    set_dropout(model, 0.0)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert layers and all(m.p == 0.0 for m in layers)
+    ids, mask = pad_batch(Truncator(tok, 32, "head")(["a wonderful, moving film"]), tok.pad_token_id)
+    model.train()  # attention dropout reads its layer's p too: two training-mode passes now agree
+    with torch.no_grad():
+        first, second = (model(input_ids=ids, attention_mask=mask).logits for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_bf16_training_updates_the_weights_the_forward_uses(tmp_path):
+    """The runner's --dtype autocast spans the whole loop; its cast cache must not keep serving the first step's
+    bf16 weights. Without dropout, the two epochs' validation losses differ only if the forward saw the updates."""
+    cfg = load_config(ClassifierConfig, overrides=[
+        "--data.max_train=64", "--data.max_eval=32", "--train.epochs=2", "--train.batch_size=32", "--train.lr=1e-3",
+        "--model.max_length=32", "--model.dropout=0", "--dtype=bf16", f"--out={tmp_path / 'run'}", "--device=cpu"])
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert len(val) == 2 and val[0] != val[1]
+
+
+def test_imdb_config_is_valid():
+    cfg = load_config(ClassifierConfig, str(Path(__file__).parents[1] / "configs" / "imdb_classifier.yaml"))
+    assert cfg.model.dropout == 0.0 and cfg.model.max_length == 256 and cfg.dtype == "bf16"
+    assert ClassifierConfig().model.dropout is None  # the default keeps the encoder's own dropout
 
 
 def test_binary_scores_against_hand_counts():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from minirlhf.cli import _overrides
 from minirlhf.pipeline import explain
 
 
@@ -174,3 +175,8 @@ def test_debug_shows_the_traceback_with_its_cause(cli, tmp_path):
     assert loud.stderr.strip().splitlines()[-1].startswith("minirlhf: error:")
     env = cli("train-classifier", "--config", "broken.yaml", env={"MINIRLHF_DEBUG": "1"})
     assert env.returncode == 2 and "Traceback" in env.stderr
+
+
+def test_options_take_a_value_after_an_equals_sign_or_a_space_and_a_bare_one_is_a_switch():
+    assert _overrides(["--policy_options.train_head", "--steps=3", "--seed", "2", "--policy_options.lora_rank", "4"]) \
+        == ["--policy_options.train_head=true", "--steps=3", "--seed=2", "--policy_options.lora_rank=4"]

@@ -41,6 +41,14 @@ def test_bad_values_are_one_line_errors(override, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_bare_option_is_a_switch_that_only_a_boolean_takes():
+    from minirlhf.algorithms.grpo import GRPOConfig
+
+    assert load_config(GRPOConfig, None, ["--policy_options.train_head"]).policy_options.train_head is True
+    with pytest.raises(ConfigError, match="steps must be int"):
+        load_config(GRPOConfig, None, ["--steps"])
+
+
 def test_bad_yaml_files(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="does not exist"):

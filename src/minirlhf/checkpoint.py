@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from minirlhf import RunError
+from minirlhf import RunError, sharding
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,8 +127,9 @@ def atomic_dir(path: Path):
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state split into tensors (for safetensors, keyed `PARAM_INDEX.NAME`) and JSON."""
-    sd = optimizer.state_dict()
+    """An optimizer's state split into tensors (for safetensors, keyed `PARAM_INDEX.NAME`) and JSON; whole tensors
+    where it trains FSDP's shards (inside `sharding.gathered`)."""
+    sd = sharding.full_optimizer_state(optimizer)
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for name, v in state.items():

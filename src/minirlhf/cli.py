@@ -39,7 +39,8 @@ RESUME_FIXED = {"out", "seed", "policy", "ref_policy", "policy_options", "reward
 
 
 def _overrides(extra: list[str]) -> list[str]:
-    """`--a.b=v` and `--a.b v` both become `--a.b=v`; anything else is an error."""
+    """`--a.b=v` and `--a.b v` both become `--a.b=v`, and `--a.b` alone (a switch) `--a.b=true`; anything else is
+    an error."""
     out, i = [], 0
     while i < len(extra):
         item = extra[i]
@@ -48,7 +49,7 @@ def _overrides(extra: list[str]) -> list[str]:
         if "=" not in item and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             item, i = f"{item}={extra[i + 1]}", i + 1
         elif "=" not in item:
-            raise ConfigError(f"option {item} needs a value; write {item}=VALUE")
+            item = f"{item}=true"  # a field that is not a boolean says so when the config is checked
         out.append(item)
         i += 1
     return out

@@ -80,8 +80,11 @@ class TrainingRunConfig(RunConfig):
 
     save_every: int = 200
     """checkpoint every this many steps (and at the end)"""
+    strategy: str = "ddp"
+    """how the RL and DPO policy trains under torchrun: ddp (a whole copy in every process) or fsdp (PyTorch's FSDP2:
+    each process keeps 1/K of the trained weights, their gradients and Adam state); one process: no difference"""
 
-    checks: ClassVar[dict] = {**RunConfig.checks, "save_every": ">= 1"}
+    checks: ClassVar[dict] = {**RunConfig.checks, "save_every": ">= 1", "strategy": "{ddp,fsdp}"}
 
 
 @dataclasses.dataclass
@@ -182,10 +185,11 @@ def _read_yaml(path: str) -> dict:
 
 
 def _split_override(item: str) -> tuple[str, Any]:
-    m = re.fullmatch(r"--([A-Za-z_][\w.]*)=(.*)", item, flags=re.S)
+    """`--a.b=value`, or `--a.b` alone: a switch, true (a field that is not a boolean says so in its check)."""
+    m = re.fullmatch(r"--([A-Za-z_][\w.]*)(?:=(.*))?", item, flags=re.S)
     if not m:
         raise ConfigError(f"cannot read option {item!r}; write overrides as --section.key=value")
-    return m.group(1), _Raw(m.group(2))
+    return m.group(1), _Raw("true" if m.group(2) is None else m.group(2))
 
 
 class _Raw(str):

@@ -7,6 +7,8 @@ scales its token-mean loss so that DistributedDataParallel's gradient average eq
 gradient, and all processes step identically. Rank 0 alone writes files. gloo on CPU and MPS, NCCL on CUDA
 (gloo with `--device cpu`); the collectives here move their tensors to the backend's device and back.
 Without torchrun (WORLD_SIZE unset) every function here is a no-op for a world of one.
+
+`--strategy fsdp` shards the policy with PyTorch's FSDP2 instead of copying it whole (`wrap`; sharding.py).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from minirlhf import strict
+from minirlhf import sharding, strict
+
+_strategy = "ddp"  # how `wrap` spreads a trained module: `--strategy`, set by `init`
 
 
-def init(preference: str = "auto") -> tuple[int, int]:
+def init(preference: str = "auto", strategy: str = "ddp") -> tuple[int, int]:
     """Join the process group torchrun describes in the environment; (rank, world size). NCCL on this process's
     GPU when CUDA is there and `preference` (the config's device) allows it; gloo otherwise (`--device cpu` on a
-    CUDA machine, MPS, CPU)."""
+    CUDA machine, MPS, CPU). `strategy` (ddp or fsdp) is how `wrap` will spread the trained modules."""
+    global _strategy
+    _strategy = strategy
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_initialized():
@@ -98,9 +104,13 @@ def shard(rows: list[int]) -> list[int]:
 
 
 def wrap(module: torch.nn.Module | None, find_unused: bool = False):
-    """DistributedDataParallel around a module with trainable parameters (the module itself in a world of one)."""
+    """A module with trainable parameters as the update calls it: inside DistributedDataParallel (`--strategy ddp`),
+    or itself, sharded by FSDP2 (`--strategy fsdp`, sharding.py); the module itself in a world of one. Either way
+    it accumulates gradients without communicating inside `sharding.no_sync(it)`."""
     if module is None or not dist.is_initialized():
         return module
+    if _strategy == "fsdp":
+        return sharding.shard_module(module, comm_device().type)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, find_unused_parameters=find_unused)
@@ -185,8 +195,11 @@ def everywhere(flag: bool) -> bool:
 
 def spread(params: list[torch.Tensor]) -> float:
     """max - min over the processes of a checksum of the weights: 0 while every process holds the same ones.
-    Each tensor is summed on its device in float32, the sums added in float64 on the host (MPS has no float64)."""
-    checksum = torch.stack([p.detach().float().sum() for p in params]).to("cpu", torch.float64).sum().reshape(1)
+    Each tensor is summed on its device in float32, the sums added in float64 on the host (MPS has no float64).
+    FSDP's shards are left out: each lives on one process only, so there is no copy to differ."""
+    sums = [p.detach().float().sum() for p in params if not sharding.is_shard(p)]
+    checksum = torch.stack(sums).to("cpu", torch.float64).sum().reshape(1) if sums else \
+        torch.zeros(1, dtype=torch.float64)
     return (all_max(checksum) + all_max(-checksum)).item()
 
 

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from minirlhf import RunError, distributed, strict, tracking
+from minirlhf import RunError, distributed, sharding, strict, tracking
 from minirlhf.checkpoint import load_json, load_optimizer_state, load_weights, optimizer_state, save_json, save_weights
 from minirlhf.config import save_config, to_dict
 from minirlhf.metrics import MetricsWriter
@@ -86,7 +86,7 @@ def run(job: Job, cfg, resume: str | Path | None = None) -> Path | None:
     the other processes under torchrun."""
     strict.install()  # MINIRLHF_STRICT_DEVICES=1 only
     tracking.parse(cfg.report_to)  # a misspelt dashboard fails before anything runs
-    distributed.init(cfg.device)
+    distributed.init(cfg.device, cfg.strategy)
     device, why = (distributed.device(), "torchrun, NCCL") if distributed.device() else pick_device(cfg.device)
     run_ = Run(cfg, device, distributed.is_main(), precision=set_precision(device, cfg.dtype))
     seed_everything(cfg.seed)
@@ -96,14 +96,16 @@ def run(job: Job, cfg, resume: str | Path | None = None) -> Path | None:
     _open(run_, job, cfg, resume)
     with run_.precision.autocast():
         first = job.begin(run_)
+        sharding.adopt(job.optimizer)  # --strategy fsdp: the optimizer steps the shards `begin` made
         if run_.main and first and run_.done == 0:
             run_.metrics.log(0, **first)
         _loop(run_, job, cfg)
     job.end()
     gc.collect()  # DDP's reducers must go before the process group does, or the exit can abort
-    if run_.main:
-        with run_.precision.autocast():
-            _finish(run_, job)
+    with sharding.unsharded(job.modules()):  # --strategy fsdp: whole weights, for the main process alone
+        if run_.main:
+            with run_.precision.autocast():
+                _finish(run_, job)
     distributed.barrier()
     distributed.close()
     return run_.dir.path if run_.main else None
@@ -139,8 +141,10 @@ def _loop(run_: Run, job: Job, cfg) -> None:
             shown = {label: f"{row[key]:.3f}" for label, key in job.progress_keys.items() if key in row}
             if shown:
                 bar.set_postfix(shown, refresh=False)
-        if run_.main and (step % cfg.save_every == 0 or step == job.steps):
-            save_checkpoint(run_.dir, job, step)
+        if step % cfg.save_every == 0 or step == job.steps:
+            with sharding.gathered(job.modules(), job.optimizer):  # --strategy fsdp: every process lends its shards
+                if run_.main:
+                    save_checkpoint(run_.dir, job, step)
 
 
 def _finish(run_: Run, job: Job) -> None:

@@ -93,19 +93,27 @@ def accelerator_peak_mb(device: torch.device | None = None) -> float | None:
     return None
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: an FSDP shard (a DTensor) counts what the process holds, not the whole."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def memory_report(modules: list, optimizer=None) -> dict[str, float]:
     """Where the memory goes, in MiB: parameters (a tensor shared by several models counted once), their
     gradients (trainable parameters only), the optimizer's state, the process's peak resident memory, and the
     accelerator's peak where the modules live on one."""
-    tensors = {}
+    tensors, trained = {}, set()  # by storage: a tensor shared by several models counts once
     for module in modules:
         for p in module.parameters() if module is not None else []:
-            tensors[p.data_ptr()] = p
+            local = _local(p)
+            tensors[local.data_ptr()] = local
+            if p.requires_grad:
+                trained.add(local.data_ptr())
     size = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731
-    state = [v for s in (optimizer.state.values() if optimizer is not None else []) for v in s.values()
+    state = [_local(v) for s in (optimizer.state.values() if optimizer is not None else []) for v in s.values()
              if hasattr(v, "numel") and v.dim() > 0]
     report = {"memory/params_mb": round(size(tensors.values()), 1),
-              "memory/grads_mb": round(size(p for p in tensors.values() if p.requires_grad), 1),
+              "memory/grads_mb": round(size(t for k, t in tensors.items() if k in trained), 1),
               "memory/optimizer_mb": round(size(state), 1), "memory/peak_rss_mb": round(peak_memory_mb(), 1)}
     devices = {p.device for p in tensors.values() if p.device.type != "cpu"}
     accelerator = accelerator_peak_mb(next(iter(devices))) if devices else None

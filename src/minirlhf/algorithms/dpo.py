@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minirlhf import ConfigError, distributed, runner
+from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.algorithms.evaluate import md_cell, plot_links
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig
@@ -227,7 +227,7 @@ def train_step(train_policy, batches: list[PairBatch], n_pairs: int, optimizer, 
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1  # DDP all-reduces the accumulated gradients in the last backward only
-        sync = contextlib.nullcontext() if last or not hasattr(train_policy, "no_sync") else train_policy.no_sync()
+        sync = contextlib.nullcontext() if last else sharding.no_sync(train_policy)  # DDP's, or FSDP's equivalent
         with sync:
             losses, s = batch_losses(train_policy, batch, cfg)
             backward(losses.sum() * distributed.world_size() / n_pairs)
@@ -287,6 +287,7 @@ class DPOJob:
                                              self.cfg, bar)
         self.ref_s = time.time() - t0
         self.train_policy = distributed.wrap(self.policy)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]  # FSDP's shards replace them
         self.before = reference_eval(self.eval_batches, self.cfg)
         return self.before | {"time/ref_s": self.ref_s}
 
@@ -298,7 +299,8 @@ class DPOJob:
         row["time/step_s"] = time.time() - t0
         self.train_s += row["time/step_s"]
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == self.steps:
-            row |= evaluate(self.policy, self.eval_batches, cfg)
+            with sharding.unsharded([self.policy]):  # each process's share of the pairs: unequal numbers of passes
+                row |= evaluate(self.policy, self.eval_batches, cfg)
             self.last = row
         if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
             row["dist/param_spread"] = distributed.spread(self.params)

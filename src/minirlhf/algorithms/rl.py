@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minirlhf import ConfigError, distributed, runner
+from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.algorithms import registry
 from minirlhf.algorithms.evaluate import (distinct_n, evaluate_policy, held_out_reward, perplexity, response_nll,
                                           sample_table, training_plots, write_report)
@@ -131,13 +131,16 @@ class Models:
 
 def _experience(cfg, algo: Algorithm, step: int, models: Models, reward, prompts: list[str], device):
     """This process samples, scores and compares with the reference its share of the step's responses; then the
-    whole batch is gathered. Returns rollout, reward terms and reference log-probs of all B responses, and the
-    step's random stream."""
+    whole batch is gathered. Returns rollout, reward terms and reference log-probs of all B responses, the
+    step's random stream, and the seconds spent sampling."""
     rng, g = step_rng(cfg.seed, step), algo.group_size(cfg)
     batch_prompts = [p for p in rng.sample(prompts, min(cfg.batch_size // g, len(prompts))) for _ in range(g)]
     rows = range(len(batch_prompts))[distributed.share(len(batch_prompts))]
-    rollout = models.policy.sample(batch_prompts[rows.start: rows.stop], cfg.response_len,
-                                   row_generators(cfg.seed, step, rows, device))
+    t0 = time.perf_counter()
+    with sharding.unsharded([models.policy]):  # FSDP: whole weights for the decode loop, however long it runs
+        rollout = models.policy.sample(batch_prompts[rows.start: rows.stop], cfg.response_len,
+                                       row_generators(cfg.seed, step, rows, device))
+    sample_s = time.perf_counter() - t0
     models.policy.prepare(rollout)  # outside the inference mode below; a no-op where sampling kept it
     _, terms = reward(models.policy, rollout)
     with torch.inference_mode():
@@ -148,7 +151,7 @@ def _experience(cfg, algo: Algorithm, step: int, models: Models, reward, prompts
     gather = distributed.gather_rows
     terms = {k: gather(v.to(device)) for k, v in terms.items()}
     rollout = distributed.gather_rollout(rollout)
-    return rollout, terms, gather(ref_logprobs.clone()), rng
+    return rollout, terms, gather(ref_logprobs.clone()), rng, sample_s
 
 
 def check(cfg, algo: Algorithm, n_prompts: int) -> None:
@@ -211,18 +214,19 @@ class RLJob:
 
     def begin(self, run: runner.Run) -> dict | None:
         self.samples = samples_so_far(run.dir, self.cfg, run.done) if run.main else ""
+        first = None
+        if run.main and self.cfg.eval_every and run.done == 0:  # before sharding: the main process samples alone
+            first = {"eval/reward": self._held_out(), "time/train_s": 0.0}
         self.models.wrap()
-        if run.main and self.cfg.eval_every:
-            return {"eval/reward": self._held_out(), "time/train_s": 0.0} if run.done == 0 else None
-        return None
+        return first
 
     def _held_out(self) -> float:
         return held_out_reward(self.models.policy, self.reward, self.eval_prompts, self.cfg)
 
     def step(self, step: int) -> dict | None:
         cfg, models, t0 = self.cfg, self.models, time.time()
-        rollout, terms, ref_logprobs, rng = _experience(cfg, self.algo, step, models, self.reward, self.train_prompts,
-                                                        self.run.device)
+        rollout, terms, ref_logprobs, rng, sample_s = _experience(cfg, self.algo, step, models, self.reward,
+                                                                  self.train_prompts, self.run.device)
         mask, total = rollout.response_mask, terms["total"]
         kl = kl_terms(cfg, rollout.logprobs, ref_logprobs, mask)
         with torch.no_grad():
@@ -230,13 +234,16 @@ class RLJob:
         t1 = time.time()
         stats = _update(cfg, self.algo, models, self.optimizer, batch, self.kl_ctl.value, rng)
         row = _row(total, terms, kl, self.kl_ctl.value, rollout, stats, batch, self.algo.group_size(cfg)) | {
-            "time/rollout_s": t1 - t0, "time/update_s": time.time() - t1}
+            "time/rollout_s": t1 - t0, "time/sample_s": sample_s, "sample/decode_steps": rollout.response_ids.size(1),
+            "sample/prompt_len": rollout.prompt_ids.size(1), "time/update_s": time.time() - t1}
         for line in self.guards.check(step, row):  # the same rows on every process: all stop together under strict
             self.run.say(line)
         if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
             row["dist/param_spread"] = distributed.spread(models.trainable())
         self.kl_ctl.update(row["objective/kl"], len(rollout.prompts))
-        return self._logged(step, row, rollout, terms) if self.run.main else None
+        evaluating = bool(cfg.eval_every) and step % cfg.eval_every == 0
+        with sharding.unsharded([models.policy] if evaluating else []):  # FSDP: the main process samples alone
+            return self._logged(step, row, rollout, terms) if self.run.main else None
 
     def _logged(self, step: int, row: dict, rollout: Rollout, terms: dict) -> dict:
         """The row as logged (the main process): memory, held-out reward, and the samples table."""

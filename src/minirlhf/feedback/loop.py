@@ -329,7 +329,7 @@ def write_pairs(path: Path, pairs) -> None:
 
 def _run_settings(cfg: LoopConfig) -> dict:
     """What every stage of the loop takes from the loop's own config: device, precision, dashboards."""
-    return dict(device=cfg.device, dtype=cfg.dtype, report_to=cfg.report_to)
+    return dict(device=cfg.device, dtype=cfg.dtype, report_to=cfg.report_to, strategy=cfg.strategy)
 
 
 def _rl_stage(cfg: LoopConfig, r: Round) -> tuple:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minirlhf import ModelError
+from minirlhf import ModelError, sharding
 from minirlhf.checkpoint import atomic_dir, save_json, save_weights
 from minirlhf.data.dialogue import to_messages
 from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
@@ -43,7 +43,8 @@ class CausalLMPolicy(nn.Module):
     kind = "causal_lm"
 
     def __init__(self, model, tokenizer, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
-                 lora_rank: int = 0, lora_alpha: float = 16.0, gradient_checkpointing: bool = False):
+                 lora_rank: int = 0, lora_alpha: float = 16.0, gradient_checkpointing: bool = False,
+                 train_head: bool = False):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
@@ -67,9 +68,22 @@ class CausalLMPolicy(nn.Module):
             self.trunk = find_trunk(model, "--policy_options." + option)
         for module in self.frozen_modules():
             module.requires_grad_(False)  # the LM head too, where it is tied to the embeddings
+        self.train_head = train_head
+        if train_head:
+            if lora_rank > 0:
+                raise ModelError("--policy_options.train_head does not combine with lora_rank; use one of them")
+            self._untie_head()
         if lora_rank > 0:  # peft wraps the model but adapts the same block modules, so the trunk stays valid
             self.model = with_lora(model, self.trunk.blocks, lora_rank, lora_alpha, freeze_layers)
         self.lora = hasattr(self.model, "peft_config")
+
+    def _untie_head(self) -> None:
+        """Give the LM head weights of its own, a copy of the input embeddings it was tied to, and train them; the
+        embeddings stay as they were (frozen and shared with the lower blocks, when those are)."""
+        if self.head.weight is self.model.get_input_embeddings().weight:
+            self.head.weight = nn.Parameter(self.head.weight.detach().clone())
+            self.model.config.tie_word_embeddings = False  # save_pretrained writes both; loading keeps them apart
+        self.head.requires_grad_(True)
 
     def frozen_modules(self) -> list[nn.Module]:
         """The input embeddings and the lowest `freeze_layers` blocks: never trained, so shared by every copy."""
@@ -78,7 +92,7 @@ class CausalLMPolicy(nn.Module):
     @classmethod
     def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
              lora_rank: int = 0, lora_alpha: float = 16.0, keep_adapters: bool = False,
-             gradient_checkpointing: bool = False):
+             gradient_checkpointing: bool = False, train_head: bool = False):
         """From a hub name, a model folder, or a folder of LoRA adapters (a LoRA run's policy). Adapters are
         merged into the weights (the policy a new run starts from, and its reference, is the adapted model)
         unless `keep_adapters` (resuming the run that trains them)."""
@@ -89,7 +103,7 @@ class CausalLMPolicy(nn.Module):
         else:
             model, tokenizer = load_causal_lm(name)
         policy = cls(model, tokenizer, value_head, chat_template, freeze_layers, lora_rank, lora_alpha,
-                     gradient_checkpointing)
+                     gradient_checkpointing, train_head)
         policy._check_logits()
         policy.split = policy._check_split()
         return policy
@@ -122,7 +136,7 @@ class CausalLMPolicy(nn.Module):
         """A copy whose frozen lower blocks are this policy's own modules: only the upper blocks take memory."""
         other = CausalLMPolicy(_share_frozen(self.model, self.frozen_modules()), self.tokenizer, value_head=value_head,
                                chat_template=self.chat, freeze_layers=self.freeze_layers,
-                               gradient_checkpointing=self.checkpointing)
+                               gradient_checkpointing=self.checkpointing, train_head=self.train_head)
         other.split = self.split
         return other
 
@@ -317,8 +331,8 @@ class CausalLMPolicy(nn.Module):
         """transformers' own format (so `from_pretrained` loads it; with LoRA, the adapters only) plus the
         value head, replaced atomically."""
         with atomic_dir(folder) as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=sharding.full_state_dict(self.model))  # whole under FSDP
             self.tokenizer.save_pretrained(tmp)
             save_json({"kind": "causal_lm", "chat_template": self.chat}, tmp / "policy.json")
             if self.value_head is not None:
-                save_weights(self.value_head.state_dict(), tmp / "value_head.safetensors")
+                save_weights(sharding.full_state_dict(self.value_head), tmp / "value_head.safetensors")

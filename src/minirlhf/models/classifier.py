@@ -58,6 +58,13 @@ def freeze_lower(model: nn.Module, n: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the probability of every dropout layer; BERT-likes' attention dropout reads its layer's p too."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
 class Truncator:
     """Token ids with special tokens, cut to max_length keeping the head, the tail, or head and tail.
 

@@ -32,12 +32,16 @@ class PolicyOptions:
     gradient_checkpointing: bool = False
     """keep only each trainable block's input in the update's forward pass and recompute the block in the backward
     pass: activation memory of one block instead of all, for ~1/3 more compute (causal LMs)"""
+    train_head: bool = False
+    """train the LM head as weights of its own (untied from the input embeddings, which stay frozen with the lower
+    blocks): the head decides which words come out, so a frozen trunk learns more per update (causal LMs)"""
 
     checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
 
     def as_kwargs(self) -> dict:
         return dict(chat_template=self.chat_template, freeze_layers=self.freeze_layers, lora_rank=self.lora_rank,
-                    lora_alpha=self.lora_alpha, gradient_checkpointing=self.gradient_checkpointing)
+                    lora_alpha=self.lora_alpha, gradient_checkpointing=self.gradient_checkpointing,
+                    train_head=self.train_head)
 
 
 def policy_folder(spec: str) -> Path | None:

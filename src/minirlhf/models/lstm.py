@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minirlhf import RunError
+from minirlhf import RunError, sharding
 from minirlhf.checkpoint import load_json, load_weights, save_json, save_weights
 from minirlhf.data.vocab import Vocab
 
@@ -149,7 +149,7 @@ def _cut_at(ids: list[int], eos_id: int) -> list[int]:
 def save_generator(folder: Path, model: LSTMLanguageModel, vocab: Vocab, step: int, extra: dict) -> None:
     """An LSTM policy folder: weights (safetensors), vocabulary, and model config + step (JSON)."""
     folder = Path(folder)
-    save_weights(model.state_dict(), folder / "model.safetensors")
+    save_weights(sharding.full_state_dict(model), folder / "model.safetensors")  # whole, also under FSDP
     vocab.save(folder / "vocab.json")
     save_json({"model": dataclasses.asdict(model.cfg), "vocab_size": len(vocab), "step": step, **extra},
               folder / "checkpoint.json")

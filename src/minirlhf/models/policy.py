@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minirlhf import sharding
 from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import Generators, LSTMLanguageModel, sample, save_generator
@@ -200,7 +201,7 @@ class LSTMPolicy(nn.Module):
         with atomic_dir(folder) as tmp:
             save_generator(tmp, self.lm, self.vocab, 0, {})
             if self.value_head is not None:
-                save_weights(self.value_head.state_dict(), tmp / "value_head.safetensors")
+                save_weights(sharding.full_state_dict(self.value_head), tmp / "value_head.safetensors")
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
