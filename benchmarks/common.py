@@ -1,5 +1,7 @@
 """What every benchmark does: run one minirlhf command in a child process, timed, with its peak memory."""
 
+import contextlib
+import fcntl
 import json
 import resource
 import subprocess
@@ -28,3 +30,18 @@ def failed(proc: subprocess.CompletedProcess) -> bool:
 
 def new_run_dir(name: str) -> Path:
     return ROOT / "runs" / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@contextlib.contextmanager
+def cpu_lock(path: str | None):
+    """An exclusive flock(2) on `path`, as `flock PATH CMD` takes it, shared with other jobs on this machine, so
+    that none runs beside a timed part; nothing without a path."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -19,13 +19,12 @@ estimated memory exceeds what the machine has available now is not run; the repo
 mode, s/step = a * N^b is fitted by least squares on logs. Prints one JSON object; writes model_size.png to the
 run directory and docs/.
 
-The benchmark takes /tmp/cpu.lock itself around each model build and each child (do not wrap it in flock).
+With BENCH_LOCK=FILE it flocks FILE around each model build and each child (do not wrap it in flock): other jobs
+that flock FILE do not run beside a timed cell.
 Run from the repository root: `.venv/bin/python benchmarks/model_size.py [--sizes 135m,360m,1b] [--modes ...]`.
 """
 
 import argparse
-import contextlib
-import fcntl
 import json
 import math
 import os
@@ -39,7 +38,7 @@ import matplotlib
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common import ROOT, new_run_dir
+from common import ROOT, cpu_lock, new_run_dir
 
 from minirlhf.checkpoint import atomic_dir
 from minirlhf.models.pretrained import smollm2_path
@@ -48,7 +47,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 CACHE = ROOT / "runs" / "bench-cache" / "model-size"
-LOCK = "/tmp/cpu.lock"
+LOCK = os.environ.get("BENCH_LOCK") or None  # a file other jobs on this machine flock too (optional)
 SHAPES = {"135m": {},  # SmolLM2-135M's own config
           "360m": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
                        intermediate_size=2560),
@@ -71,17 +70,6 @@ def say(*what) -> None:
     print(*what, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def cpu_lock():
-    """The machine's shared lock (flock(2), as `flock /tmp/cpu.lock CMD` takes it): timings on a quiet machine."""
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def config_of(size: str) -> LlamaConfig:
     config = LlamaConfig.from_pretrained(smollm2_path())
     for key, value in SHAPES[size].items():
@@ -96,7 +84,7 @@ def model_folder(size: str) -> Path:
     if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     say(f"building {folder.name} (once)")
-    with cpu_lock(), atomic_dir(folder) as tmp:
+    with cpu_lock(LOCK), atomic_dir(folder) as tmp:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config_of(size))
         model.save_pretrained(tmp)
@@ -215,7 +203,7 @@ def cell(size: str, mode: str, c: dict, work: Path, prompts: tuple[Path, Path], 
     head = {"params": c["params"], "trainable_params": c["trainable"][mode], "estimated_peak_mb": est["total"]}
     if mode == "trunk":
         head["freeze_layers"] = c["freeze_layers"]
-    with cpu_lock():  # one hold for the memory check and the run: no other heavy job starts in between
+    with cpu_lock(LOCK):  # one hold for the memory check and the run: no other heavy job starts in between
         free = available_mb()
         if est["total"] > free - 1024:  # 1 GiB spare for the rest of the machine
             terms = " + ".join(f"{k} {v}" for k, v in est.items() if k != "total")
@@ -289,7 +277,7 @@ def main() -> int:
     if (ROOT / "docs").is_dir():
         shutil.copy(work / "model_size.png", ROOT / "docs" / "model_size.png")
     report = {"benchmark": "model_size", "run_dir": str(work.relative_to(ROOT)),
-              "machine": f"{os.cpu_count()} cores, 2 torch threads, fp32, each child under {LOCK}",
+              "machine": f"{os.cpu_count()} cores, 2 torch threads, fp32, each child under the lock {LOCK}",
               "batch": f"{BATCH} responses ({BATCH // GROUP} prompts x {GROUP}), {RESPONSE_LEN} tokens, GRPO, "
                        f"step {args.steps} of {args.steps} timed",
               "cells": cells, "fit_seconds_per_step": fits, "wall_seconds": round(time.time() - t0),

@@ -30,7 +30,6 @@ Run from the repository root: `.venv/bin/python benchmarks/sentiment_rlhf.py [--
 
 import argparse
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import ROOT, new_run_dir
+from common import ROOT, cpu_lock, new_run_dir
 from limits import decode_matmul_rate, matmul_peak, memory_bandwidth, model_shape, sampling_fractions, update_flops
 from verdict import lower_bound_speedup, reference_start, seconds_to, spread
 
@@ -160,21 +159,6 @@ def run_system(name: str, seed: int, cmd: list[str], work: Path, env: dict, limi
     else:
         result = {"out": work / f"{name}@seed{seed}"}
     return result | {"wall_seconds": round(wall, 1), "peak_memory_mb": round(peak_mb)}
-
-
-@contextlib.contextmanager
-def cpu_lock(path: str | None):
-    """An exclusive flock on `path` (shared with other jobs on this machine, so that none runs beside a timed
-    system); nothing without a path."""
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def main() -> int:
