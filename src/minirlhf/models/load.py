@@ -34,7 +34,7 @@ class PolicyOptions:
     pass: activation memory of one block instead of all, for ~1/3 more compute (causal LMs)"""
     train_head: bool = False
     """train the LM head as weights of its own (untied from the input embeddings, which stay frozen with the lower
-    blocks): the head decides which words come out, so a frozen trunk learns more per update (causal LMs)"""
+    blocks), with the upper blocks (causal LMs)"""
 
     checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
 
