@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minirlhf import ConfigError, distributed, strict
-from minirlhf.runtime import memory_report, set_precision
+from minirlhf.runtime import Precision, memory_report, set_precision
 
 STRICT = {"MINIRLHF_STRICT_DEVICES": "1"}
 
@@ -170,3 +170,15 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients():
 def test_the_memory_report_names_no_accelerator_on_the_cpu():
     report = memory_report([torch.nn.Linear(512, 512)])  # 1 MiB
     assert report["memory/params_mb"] > 0 and "memory/accelerator_peak_mb" not in report
+
+
+def test_one_autocast_context_over_many_steps_uses_each_step_s_weights():
+    """The runner holds one autocast context for a whole run: a cached bf16 copy of a weight must not outlive the
+    optimizer step that changed it (with torch's default cast cache, the second forward returns the first's)."""
+    layer, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
+    with Precision("bf16", "cpu", torch.bfloat16).autocast():
+        before = layer(x)
+        with torch.no_grad():
+            layer.weight.add_(1.0)  # what an optimizer step does
+        after = layer(x)
+    assert not torch.allclose(before, after)
