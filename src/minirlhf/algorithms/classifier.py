@@ -261,9 +261,6 @@ class ClassifierJob(runner.ModelJob):
         logits = cached_forward(self.model, idx, self.seqs["train"], self.cache["train"], self.n, self.pad_id, device)
         loss = F.cross_entropy(logits, torch.tensor([self.labels["train"][i] for i in idx], device=device))
         grad_norm = optimizer_step(loss, self.params, self.optimizer, self.scheduler, cfg.train.max_grad_norm)
-        # the runner's --dtype autocast spans the whole loop, and its cast cache would keep serving the bf16 copies
-        # of the weights made at the first step: the forward would never see the updates
-        torch.clear_autocast_cache()
         if step % TRIM_STEPS == 0:
             release_freed_memory()
         self.recent.append(loss.item())
