@@ -18,7 +18,7 @@ LAYERS = {
     "commands": ("minirlhf.cli", "minirlhf.pipeline", "minirlhf.doctor", "minirlhf.feedback", "minirlhf.__main__"),
 }
 ORDER = list(LAYERS)
-LAZY_ALLOWED = {("minirlhf.cli", "minirlhf.feedback.app"), ("minirlhf.feedback.loop", "minirlhf.feedback.app")}
+LAZY_ALLOWED = {("minirlhf.feedback.commands", "minirlhf.feedback.app"), ("minirlhf.feedback.loop", "minirlhf.feedback.app")}
 """function-local imports kept on purpose: serving needs flask, which importing the CLI (and with it the loop's
 config) must not"""
 

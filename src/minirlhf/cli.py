@@ -24,8 +24,8 @@ from minirlhf.algorithms import classifier, dpo, generator, registry, reward_mod
 from minirlhf.algorithms.evaluate import evaluate_run
 from minirlhf.config import describe, load_config, load_saved
 from minirlhf.data.sentiment import read_source
-from minirlhf.feedback import loop, simulate, store
-from minirlhf.feedback.pairs import PAGE_SAMPLING
+from minirlhf.feedback import commands, loop
+from minirlhf.feedback.pairs import Sampling, add_sampling_flags
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
@@ -205,73 +205,6 @@ def _generate(args, extra) -> int:
     return 0
 
 
-def _feedback(args, extra) -> int:
-    if args.feedback_command == "serve":
-        from minirlhf.feedback.app import serve  # flask and waitress are needed for serving only
-
-        return serve(args)
-    if args.feedback_command == "simulate":
-        return simulate.main(args)
-    if args.feedback_command == "export":
-        n = store.export_jsonl(args.db, args.out)
-        print(f"{n} preference pairs (ties and skips left out) -> {args.out}")
-        return 0
-    added, skipped = store.import_jsonl(args.files, args.db)
-    print(f"{added} pairs imported into {args.db}" + (f" ({skipped} already there)" if skipped else ""))
-    return 0
-
-
-def _add_sampling(p, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> None:
-    """The sampling flags of `generate` and `feedback serve`."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=temperature, help="(default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=top_p, help="(default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-
-
-def _add_feedback(sub) -> None:
-    p = sub.add_parser("feedback", help="a web page where people judge pairs of responses; export/import them")
-    fsub = p.add_subparsers(dest="feedback_command", required=True, metavar="COMMAND")
-    db = {"default": "runs/feedback/feedback.sqlite", "help": "the SQLite store (default: %(default)s)"}
-    s = fsub.add_parser("serve", help="serve pairs to judge (default: the newest RL run under runs/ against its "
-                        "reference, else two samples of smollm2); prints the admin link")
-    s.add_argument("--policy", metavar="RUN_DIR|MODEL", help="an RL run (against its reference), or a generator "
-                   "run / model folder / model name (two samples of it)")
-    s.add_argument("--prompts", metavar="FILE.jsonl", help="prompts to answer (default: the run's own, or the corpus's)")
-    s.add_argument("--db", **db)
-    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 shares it on your network (tokens still needed)")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
-    s.add_argument("--ahead", type=int, default=16, help="unjudged pairs kept ready (with --select uncertain: the "
-                   "candidates the most uncertain is served from)")
-    s.add_argument("--overlap", type=float, default=0.2, help="fraction of pairs wanted from two annotators")
-    s.add_argument("--select", default="random", choices=("random", "uncertain"),
-                   help="serve the oldest fresh pair, or the one the reward model(s) are least sure about")
-    s.add_argument("--reward-model", action="append", default=[], metavar="RM_RUN",
-                   help="reward-model run(s) for --select uncertain; give it twice or more for an ensemble")
-    _add_sampling(s, PAGE_SAMPLING.max_new_tokens, PAGE_SAMPLING.temperature, PAGE_SAMPLING.top_p)  # for people
-    m = fsub.add_parser("simulate", help="judge pairs on a running page as simulated annotators (a judge model "
-                        "with Bradley-Terry noise), through its HTTP endpoints as a browser does")
-    m.add_argument("--url", required=True, help="the page's address (the admin link works too)")
-    m.add_argument("--token", help="the admin token (default: the token= of --url)")
-    m.add_argument("--judge", required=True, metavar="RUN_DIR|module:function",
-                   help="a classifier run, a reward-model run, or a function (prompts, responses) -> scores")
-    m.add_argument("--labels", type=int, required=True, help="A/B judgements to give in all")
-    m.add_argument("--beta", type=float, default=1.0, help="P(A) = sigmoid(beta (r_A - r_B)); higher agrees "
-                   "with the judge more often")
-    m.add_argument("--annotators", type=int, default=1, help="simulated annotators, taking turns")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--timeout", type=float, default=600.0, help="seconds to wait in all for pairs to judge")
-    e = fsub.add_parser("export", help="write the A/B judgements as {prompt, chosen, rejected} JSONL")
-    e.add_argument("--db", **db)
-    e.add_argument("--out", required=True, metavar="FILE.jsonl")
-    i = fsub.add_parser("import", help="load {prompt, chosen, rejected} JSONL files as judged pairs")
-    i.add_argument("files", nargs="+", metavar="FILE.jsonl")
-    i.add_argument("--db", **db)
-    p.set_defaults(func=_feedback)
-
-
 def _add_tools(sub) -> None:
     """The commands that read a run rather than train one."""
     p = sub.add_parser("evaluate", help="an RL run's policy vs its reference on held-out prompts: JSON and report.md")
@@ -305,7 +238,7 @@ def _add_tools(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     p.add_argument("-n", type=int, default=5, help="samples per prompt")
-    _add_sampling(p, 30)
+    add_sampling_flags(p, Sampling(max_new_tokens=30))
     p.set_defaults(func=_generate)
 
 
@@ -318,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args, extra: doctor.run())
     _add_stages(sub)
     _add_tools(sub)
-    _add_feedback(sub)
+    commands.add_feedback(sub)
     return parser
 
 

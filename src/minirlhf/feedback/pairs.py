@@ -53,6 +53,16 @@ English a person can judge, still different enough that no pair of 24 was identi
 policy's own distribution, temperature 1) is what the iterated loop samples its pairs with."""
 
 
+def add_sampling_flags(parser, defaults: Sampling) -> None:
+    """The sampling flags of `generate` and `feedback serve`, with `defaults`."""
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="(default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default="auto")
+
+
 @dataclass
 class Source:
     """A policy and, for an RL run, its reference; and the prompts both answer."""
