@@ -14,6 +14,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (PPO, GRPO, RLOO, A2C, DR
 
 
 def get(name: str) -> Algorithm:
-    if name not in ALGORITHMS:
-        raise ConfigError(f"unknown RL algorithm {name!r}; use one of {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    """The algorithm of `name`, as the config writes it (dr_grpo) or as its command is spelt (dr-grpo)."""
+    algorithm = ALGORITHMS.get(name.replace("-", "_"))
+    if algorithm is None:
+        raise ConfigError(f"unknown RL algorithm {name!r}; use one of "
+                          f"{', '.join(n.replace('_', '-') for n in ALGORITHMS)}")
+    return algorithm

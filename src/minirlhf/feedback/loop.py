@@ -110,8 +110,11 @@ def _judge_spec(cfg: LoopConfig) -> str:
 def check(cfg: LoopConfig) -> None:
     if not cfg.policy:
         raise ConfigError("loop needs --policy (a generator run, a causal LM, or smollm2)")
-    if cfg.method != "dpo" and cfg.method not in registry.ALGORITHMS:
-        raise ConfigError(f"--method must be dpo or one of {', '.join(registry.ALGORITHMS)}, got {cfg.method!r}")
+    if cfg.method != "dpo":
+        try:
+            registry.get(cfg.method)  # an RL algorithm, spelt as its command (dr-grpo) or as its config (dr_grpo)
+        except ConfigError as e:
+            raise ConfigError(f"--method must be dpo or an RL algorithm: {e}") from e
     if cfg.annotator != "web" and not _judge_spec(cfg):
         raise ConfigError(f"--annotator must be web or simulate:JUDGE, got {cfg.annotator!r}")
 
