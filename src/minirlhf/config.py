@@ -80,11 +80,21 @@ class TrainingRunConfig(RunConfig):
 
     save_every: int = 200
     """checkpoint every this many steps (and at the end)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept: the last (checkpoint/) and those before it (checkpoint-STEP/), so that one damaged or
+    unwanted checkpoint still leaves an earlier one to resume from"""
+    guards: str = "warn"
+    """what a step does on trouble. A step whose gradients are not finite is always skipped (never saved): warn says
+    so once and counts them (`train/skipped_steps`), strict stops the run there (its last checkpoint intact), off
+    only counts. RL also runs its health checks (guards.py): warn prints each once, strict stops, off checks none"""
     strategy: str = "ddp"
     """how the RL and DPO policy trains under torchrun: ddp (a whole copy in every process) or fsdp (PyTorch's FSDP2:
     each process keeps 1/K of the trained weights, their gradients and Adam state); one process: no difference"""
+    dist_timeout_s: float = 1800.0
+    """under torchrun, how long a process waits for the others at a collective before the run stops with one line"""
 
-    checks: ClassVar[dict] = {**RunConfig.checks, "save_every": ">= 1", "strategy": "{ddp,fsdp}"}
+    checks: ClassVar[dict] = {**RunConfig.checks, "save_every": ">= 1", "keep_checkpoints": ">= 1",
+                              "guards": "{warn,strict,off}", "strategy": "{ddp,fsdp}", "dist_timeout_s": "> 0"}
 
 
 @dataclasses.dataclass

@@ -80,16 +80,12 @@ class RLConfig(TrainingRunConfig):
     eval_every: int = 0
     """log `eval/reward`, the mean reward on the held-out prompts, before training and every this many steps,
     with `time/train_s`, the training time so far (0: evaluate at the end only)"""
-    guards: str = "warn"
-    """health checks on every step (guards.py): warn once per condition, strict (stop the run, checkpoint intact)
-    or off"""
 
     algorithm: ClassVar[str] = ""
     checks = {**TrainingRunConfig.checks, "steps": ">= 1", "batch_size": ">= 1", "response_len": ">= 1",
               "ppo_epochs": ">= 1", "minibatch_size": ">= 1", "clip_eps": "> 0", "kl_coef": ">= 0",
               "kl_estimator": "{k1,k3}", "kl_target": "> 0", "kl_horizon": ">= 1", "target_kl": "> 0",
-              "sample_every": ">= 1", "eval_every": ">= 0",
-              "guards": "{warn,strict,off}"}
+              "sample_every": ">= 1", "eval_every": ">= 0"}
 
 
 @dataclass
