@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from minirlhf import ConfigError, distributed, strict
-from minirlhf.runtime import Precision, memory_report, set_precision
+from minirlhf.precision import Precision, set_precision
+from minirlhf.runtime import memory_report
 
 STRICT = {"MINIRLHF_STRICT_DEVICES": "1"}
 
@@ -114,14 +115,82 @@ def test_two_reward_model_processes_step_as_one_under_the_strict_mode(tmp_path):
     assert json.loads((tmp_path / "two" / "results.json").read_text())["train_pairs"] == 16
 
 
-def test_precision_on_the_cpu_is_fp32_unless_asked():
+AVX2 = {"mlp": 0.03, "lstm": None}  # what an AVX2-only CPU measures: bf16 matmuls ~30x slower, no bf16 LSTM kernel
+AVX512_BF16 = {"mlp": 2.0, "lstm": None}  # bf16 twice as fast (the LSTM left measured as missing: safe on any CPU)
+
+
+@pytest.mark.parametrize("forced, auto", [(AVX2, "fp32"), (AVX512_BF16, "bf16"), ({"mlp": 1.1, "lstm": 1.0}, "fp32")])
+def test_auto_takes_bf16_only_where_the_probe_measured_it_faster(forced, auto, monkeypatch):
     cpu = torch.device("cpu")
-    assert set_precision(cpu, "auto").dtype is None
-    bf16 = set_precision(cpu, "bf16")
-    with bf16.autocast():
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    assert not bf16.scaler.is_enabled()
-    set_precision(cpu, "fp32")
+    monkeypatch.setenv("MINIRLHF_DTYPE_PROBE", json.dumps(forced))
+    try:
+        chosen = set_precision(cpu, "auto")
+        assert chosen.name == auto and (chosen.dtype is None) == (auto == "fp32"), chosen
+        assert chosen.why.startswith("auto: bf16 ran the probe")
+        asked = set_precision(cpu, "bf16")  # as asked, its missing or slower ops in fp32
+        assert asked.dtype == torch.bfloat16 and asked.fp32_ops == ({"lstm"} if forced["lstm"] is None else set())
+        assert ("--dtype auto would take " + auto) in asked.why
+        with asked.autocast():
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+        assert not asked.scaler.is_enabled()
+    finally:
+        set_precision(cpu, "fp32")  # the process-wide setting, back for the other tests
+
+
+def test_a_bad_forced_probe_is_one_line(monkeypatch):
+    monkeypatch.setenv("MINIRLHF_DTYPE_PROBE", '{"mlp": "fast"}')
+    with pytest.raises(ConfigError, match="MINIRLHF_DTYPE_PROBE"):
+        set_precision(torch.device("cpu"), "auto")
+
+
+PROBE_TWICE = """
+import json, time, torch
+from minirlhf.precision import measured, set_precision
+t0 = time.perf_counter(); first = measured(torch.device("cpu")); t1 = time.perf_counter()
+again = measured(torch.device("cpu")); t2 = time.perf_counter()
+p = set_precision(torch.device("cpu"), "auto")
+print(json.dumps({"first": first, "again": again, "measure_s": t1 - t0, "cached_s": t2 - t1, "auto": p.name}))
+"""
+
+
+def test_the_probe_measures_once_per_machine_and_finds_what_an_avx2_cpu_lacks(tmp_path):
+    """The real probe, unforced, in fresh processes: it measures, caches, and reads its cache the second time. Under
+    oneDNN's and ATen's AVX2 limits (what an AVX2-only CPU runs) it is another machine: no bf16 LSTM, slow bf16."""
+    import os
+    import platform
+
+    env = {k: v for k, v in os.environ.items() if k != "MINIRLHF_DTYPE_PROBE"} | {"MINIRLHF_CACHE": str(tmp_path)}
+    runs = [("here", env)]
+    if platform.machine() in ("x86_64", "AMD64"):
+        runs.append(("avx2", env | {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}))
+    seen = {}
+    for name, e in runs:
+        out = subprocess.run([sys.executable, "-c", PROBE_TWICE], capture_output=True, text=True, timeout=120, env=e)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = seen[name]
+        assert r["first"] == r["again"] and r["cached_s"] < r["measure_s"] / 10, r
+        assert set(r["first"]) == {"mlp", "lstm"} and r["first"]["mlp"] > 0, r
+        assert r["auto"] == ("bf16" if r["first"]["mlp"] >= 1.25 else "fp32"), r
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    assert len(cache) == len(runs)  # one entry per machine (here, and the AVX2-limited one)
+    if "avx2" in seen:
+        assert seen["avx2"]["first"]["lstm"] is None and seen["avx2"]["first"]["mlp"] < 0.5
+        assert seen["avx2"]["auto"] == "fp32"
+
+
+@pytest.mark.parametrize("forced", [AVX2, AVX512_BF16])
+def test_an_lstm_rl_step_runs_under_either_probe_result(forced, cli, tiny_generator, tiny_classifier, tmp_path):
+    """`--dtype auto` on an AVX2-only CPU (fp32) and on an AVX-512 BF16 one (bf16, the LSTM in fp32): a PPO step
+    either way, its losses finite; the first output line says what was chosen and why."""
+    proc = cli("ppo", "--policy", str(tiny_generator), "--reward", str(tiny_classifier), "--steps=1", "--batch_size=8",
+               "--minibatch_size=8", "--response_len=6", "--device=cpu", "--data.max_train=200", "--data.max_eval=50",
+               "--prompts.max_eval=8", "--out=run", env={"MINIRLHF_DTYPE_PROBE": json.dumps(forced)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name = "fp32" if forced is AVX2 else "bf16"
+    assert f"{name} passes (auto: bf16 ran the probe" in proc.stdout, proc.stdout
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert all(abs(row[k]) < float("inf") for k in ("policy/loss", "objective/kl", "value/loss")), row
 
 
 def test_an_rl_step_runs_in_bf16_and_fp16_on_the_cpu_is_refused(tiny_generator, tiny_classifier, tmp_path):

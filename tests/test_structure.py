@@ -11,7 +11,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "minirlhf"
 LAYERS = {
     "base": ("minirlhf", "minirlhf.ops", "minirlhf.checkpoint", "minirlhf.runtime", "minirlhf.config",
-             "minirlhf.metrics", "minirlhf.training", "minirlhf.distributed", "minirlhf.rundir", "minirlhf.runner"),
+             "minirlhf.metrics", "minirlhf.precision", "minirlhf.training", "minirlhf.distributed", "minirlhf.rundir",
+             "minirlhf.runner"),
     "data": ("minirlhf.data",),
     "models": ("minirlhf.models",),
     "stages": ("minirlhf.algorithms",),

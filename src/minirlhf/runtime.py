@@ -1,14 +1,13 @@
 """Where and how a run executes: the process-wide settings made once at the entry point, device choice,
-seeding, memory."""
+seeding, memory, the cache folder. The precision of its passes is precision.py's."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import resource
 import socket
-from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
@@ -31,6 +30,12 @@ def configure_process() -> None:
 
         os.environ["HF_HUB_OFFLINE"] = "1"
         constants.HF_HUB_OFFLINE = True
+
+
+def cache_root() -> Path:
+    """Where minirlhf keeps what it makes once per machine (converted models, the precision probe):
+    $MINIRLHF_CACHE, else ~/.cache/minirlhf."""
+    return Path(os.environ.get("MINIRLHF_CACHE") or Path.home() / ".cache" / "minirlhf")
 
 
 def pick_device(preference: str = "auto") -> tuple[torch.device, str]:
@@ -120,47 +125,3 @@ def memory_report(modules: list, optimizer=None) -> dict[str, float]:
     if accelerator is not None:
         report["memory/accelerator_peak_mb"] = round(accelerator, 1)
     return report
-
-
-@dataclass
-class Precision:
-    """The arithmetic of a run's forward passes (`--dtype`): autocast to `dtype` on `device` (None: plain fp32), and
-    the gradient scaler fp16 needs (a disabled one passes everything through). Weights and optimizer state stay
-    fp32 whatever the setting."""
-
-    name: str
-    device_type: str
-    dtype: torch.dtype | None = None
-    scaler: torch.amp.GradScaler = field(default=None)
-
-    def __post_init__(self):
-        if self.scaler is None:
-            self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        # no cast cache: a run holds one autocast context for all its steps, and a cached low-precision copy of a
-        # weight would outlive the optimizer step that changed the weight (every forward would use step 1's)
-        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False)
-
-
-_precision = Precision("fp32", "cpu")
-
-
-def set_precision(device: torch.device, name: str = "auto") -> Precision:
-    """The run's precision from `--dtype` (auto: bf16 on a CUDA card that has it; fp32 on the CPU, where bf16 is
-    slower without AVX-512 BF16 and changes results, and on MPS, where no mixed precision has been measured yet;
-    `--dtype bf16` on a CPU with AVX-512 BF16 was ~1.9x faster for MiniLM). The optimizer steps read it."""
-    global _precision
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16" and device.type == "cpu":
-        raise ConfigError("--dtype fp16 needs a GPU (CPU autocast has no fp16 scaling); use fp32 or bf16")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    _precision = Precision(name, device.type, dtype)
-    return _precision
-
-
-def precision() -> Precision:
-    return _precision

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from minirlhf import UserError
-from minirlhf.runtime import precision
+from minirlhf.precision import precision
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from minirlhf import RunError, sharding
 from minirlhf.checkpoint import load_json, load_weights, save_json, save_weights
 from minirlhf.data.vocab import Vocab
+from minirlhf.precision import keep_fp32
 
 
 @dataclass
@@ -50,7 +51,8 @@ class LSTMLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, state=None):
         """input_ids (B, T) -> logits (B, T, V), hidden (B, T, emb_dim), new LSTM state."""
         x = self.drop(self.embed(input_ids))  # (B, T, E)
-        out, state = self.lstm(x, state)  # (B, T, H)
+        with keep_fp32("lstm"):  # bf16 runs: fp32 where this CPU has no bf16 LSTM kernel, or a slower one
+            out, state = self.lstm(x.float(), state)  # (B, T, H)
         hidden = self.drop(self.proj(out))  # (B, T, E)
         return self.head(hidden), hidden, state
 

