@@ -43,11 +43,10 @@ def test_imdb_without_the_hub_names_the_alternatives(cli):
 
 def test_bad_data_file_is_one_line_exit_2_and_leaves_other_files_alone(cli, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "oops", "label": "meh"}\n')
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "keep.txt").write_text("precious")
+    (tmp_path / "keep.txt").write_text("precious")
     proc = cli("train-generator", "--data", "d.jsonl", "--out", "run")
     assert_one_line_error(proc, "d.jsonl:2: label 'meh'")
-    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+    assert (tmp_path / "keep.txt").read_text() == "precious" and not (tmp_path / "run").exists()
 
 
 def test_generator_commands_end_to_end(cli, tmp_path):

@@ -2,11 +2,12 @@
 renames, and a run of the wrong kind is a one-line error."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from minirlhf import RunError
-from minirlhf.rundir import RunDir, newest
+from minirlhf.rundir import RunDir, check_new, newest
 
 
 def test_a_run_records_its_kind_when_it_is_created(tmp_path):
@@ -41,3 +42,49 @@ def test_the_wrong_kind_of_run_is_a_one_line_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunError, match="is a file"):
         RunDir.create(tmp_path / "file", "rl")
+
+
+def _tree(path: Path) -> dict:
+    """Every file under `path` with its bytes: what 'unchanged' means."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_run_is_never_written_over_and_overwrite_moves_it_aside(tmp_path):
+    first = RunDir.create(tmp_path / "r", "rl", "ppo")
+    (first / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _tree(tmp_path / "r")
+    with pytest.raises(RunError, match=r"already holds an RL run; continue it with --resume .* or pass --overwrite"):
+        RunDir.create(tmp_path / "r", "rl", "ppo")
+    assert _tree(tmp_path / "r") == before
+    RunDir.create(tmp_path / "r", "dpo", overwrite=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(aside) == 1 and _tree(aside[0]) == before  # nothing deleted
+    assert RunDir.find(tmp_path / "r").stage == "dpo" and not (tmp_path / "r" / "metrics.jsonl").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for out, match in ((tmp_path / "mine", "not empty and holds no minirlhf run"), ("", "--out is empty")):
+        with pytest.raises(RunError, match=match):
+            check_new(out, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" and check_new(None) is False
+
+
+def test_a_training_command_into_a_finished_run_exits_2_and_changes_no_byte(cli, tmp_path, tiny_generator):
+    args = ["ppo", "--policy", str(tiny_generator), "--reward.classifier_weight=0", "--reward.length_weight=1",
+            "--steps=1", "--batch_size=4", "--minibatch_size=4", "--ppo_epochs=1", "--prompts.max_eval=4",
+            "--data.max_train=200", "--data.max_eval=50", "--device=cpu", "--out", "run"]
+    assert cli(*args).returncode == 0
+    before = _tree(tmp_path / "run")
+    again = cli(*args)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert "--resume run" in again.stderr and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert _tree(tmp_path / "run") == before
+    loop = cli("loop", "--policy", str(tiny_generator), "--annotator", "simulate:nowhere:f", "--out", "run")
+    assert loop.returncode == 2 and "already holds an RL run" in loop.stderr and _tree(tmp_path / "run") == before
+    empty = cli("ppo", "--policy", str(tiny_generator), "--out=")
+    assert empty.returncode == 2 and "--out is empty" in empty.stderr
+    both = cli("ppo", "--resume", "run", "--overwrite")
+    assert both.returncode == 2 and "give one of them" in both.stderr
+    replaced = cli(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and _tree(aside[0]) == before and f"is now in {aside[0].name}" in replaced.stdout

@@ -29,7 +29,7 @@ from minirlhf.feedback.pairs import Sampling, add_sampling_flags
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
-from minirlhf.rundir import RunDir
+from minirlhf.rundir import RunDir, check_new
 from minirlhf.runtime import configure_process, pick_device, seed_everything
 
 RESUME_FIXED = {"out", "seed", "policy", "ref_policy", "policy_options", "reward", "data", "prompts", "batch_size",
@@ -107,18 +107,22 @@ def _add_stage(sub, name: str, cls, help: str, run, resume: bool = True) -> None
     p.add_argument("--out", help="run directory (default: a new folder under runs/)")
     p.add_argument("--device", help="auto, cpu, cuda or mps")
     p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="--out holds a run: move it aside (to OUT.replaced-TIME, "
+                   "nothing deleted) and start anew there; without it, a run is never written over")
     if resume:
         p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint (its own "
                        "config; --steps=N or more epochs to train longer)")
-    p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra), getattr(args, "resume", None)),
-                   stage=True)
+    p.set_defaults(func=lambda args, extra: run(_stage_config(cls, args, extra), getattr(args, "resume", None),
+                                                args.overwrite), stage=True)
 
 
-def _train(train, what: str, cfg, resume) -> int:
+def _train(train, what: str, cfg, resume, overwrite: bool) -> int:
     """A stage's command: train, then say where the run is and what to do with it (not on the other processes)."""
+    if resume is None:
+        check_new(cfg.out, overwrite)  # a run in the way stops the command before a missing reward is trained
     if hasattr(cfg, "reward"):
         train_missing_reward(cfg)
-    run_dir = train(cfg, resume)
+    run_dir = train(cfg, resume, overwrite)
     if run_dir is not None:
         print(f"run directory: {run_dir}  ({what.format(run=run_dir)})")
     return 0
@@ -150,15 +154,15 @@ STAGE_COMMANDS = (
 def _add_stages(sub) -> None:
     _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo, resume=False)
     for name, cls, train, help, what in STAGE_COMMANDS:
-        _add_stage(sub, name, cls, help, lambda cfg, resume, t=train, w=what: _train(t, w, cfg, resume))
+        _add_stage(sub, name, cls, help, lambda cfg, *run, t=train, w=what: _train(t, w, cfg, *run))
     for algo in registry.ALGORITHMS.values():
         _add_stage(sub, algo.name.replace("_", "-"), algo.config, f"RLHF with {algo.summary} (--policy "
                    "GENERATOR_RUN|smollm2|MODEL --reward CLASSIFIER_RUN)",
-                   lambda cfg, resume: _train(rl.train, RL_DONE, cfg, resume))
+                   lambda cfg, *run: _train(rl.train, RL_DONE, cfg, *run))
 
 
-def _demo(cfg, resume) -> int:
-    run_demo(cfg)
+def _demo(cfg, resume, overwrite: bool) -> int:
+    run_demo(cfg, overwrite)
     return 0
 
 

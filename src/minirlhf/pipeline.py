@@ -88,9 +88,9 @@ def _stage(cfg, demo: DemoConfig, out: Path):
                                out=str(out), device=demo.device, seed=demo.seed)
 
 
-def run_demo(cfg: DemoConfig) -> Path:
+def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     t0 = time.time()
-    run_dir = RunDir.create(cfg.out, "demo")
+    run_dir = RunDir.create(cfg.out, "demo", overwrite=overwrite)
     save_config(cfg, run_dir.config)
     print(f"== 1/3 reward classifier -> {run_dir / 'classifier'}")
     clf_dir = classifier.train(_stage(cfg.classifier, cfg, run_dir / "classifier"))

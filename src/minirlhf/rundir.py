@@ -13,6 +13,7 @@ A generator run keeps its LSTM (model.safetensors, vocab.json, checkpoint.json) 
 from __future__ import annotations
 
 import datetime
+import os
 from contextlib import contextmanager
 from functools import cached_property
 from dataclasses import dataclass
@@ -83,14 +84,17 @@ class RunDir:
 
     # ---------------------------------------------------------------- making and finding runs
     @classmethod
-    def create(cls, out: str | Path | None, stage: str, algorithm: str | None = None,
-               base: str | None = None) -> "RunDir":
-        """A new run directory (`out`, or a time-stamped folder under runs/) recording what makes it."""
+    def create(cls, out: str | Path | None, stage: str, algorithm: str | None = None, base: str | None = None,
+               overwrite: bool = False) -> "RunDir":
+        """A new run directory (`out`, or a time-stamped folder under runs/) recording what makes it. A run already
+        at `out` is never written into: it stops the run (`check_new`), or with `overwrite` is moved aside whole."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         path = Path(out) if out is not None else _fresh(Path("runs"), (algorithm or stage).replace("_", "-"))
-        if path.exists() and not path.is_dir():
-            raise RunError(f"--out {path} is a file; give a directory path")
+        if check_new(path, overwrite):
+            aside = _fresh(path.parent, f"{path.name}.replaced")
+            os.replace(path, aside)
+            print(f"--overwrite: the run that was in {path} is now in {aside} (nothing deleted)", flush=True)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         save_json({"stage": stage, "algorithm": algorithm, "base": base, "version": __version__}, run.info_file)
@@ -128,6 +132,27 @@ class RunDir:
     def checkpoint_step(self) -> int:
         """The step of the last checkpoint (0 if there is none)."""
         return int(load_json(self.state).get("step", 0)) if self.state.is_file() else 0
+
+
+def check_new(out: str | Path | None, overwrite: bool = False) -> bool:
+    """Whether a new run may go to `out` (None: a fresh folder under runs/): one line and no change when it may not.
+    True when `out` holds a run that `overwrite` will move aside."""
+    if out is None:
+        return False
+    path = Path(out)
+    if str(out).strip() == "":
+        raise RunError("--out is empty; name a folder for the run, or leave --out out for a new one under runs/")
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out {path} is a file; give a directory path")
+    if (path / "run.json").is_file():
+        if overwrite:
+            return True
+        kind = A_STAGE.get(load_json(path / "run.json").get("stage"), "a")
+        raise RunError(f"{path} already holds {kind} run; continue it with --resume {path}, or pass --overwrite "
+                       f"to move it aside (to {path}.replaced-TIME) and start anew there")
+    if path.is_dir() and any(path.iterdir()):
+        raise RunError(f"--out {path} is not empty and holds no minirlhf run; give a new or empty folder")
+    return False
 
 
 def _fresh(root: Path, name: str) -> Path:

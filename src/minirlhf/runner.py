@@ -31,7 +31,7 @@ from minirlhf.checkpoint import load_json, load_optimizer_state, load_weights, o
 from minirlhf.config import save_config, to_dict
 from minirlhf.metrics import MetricsWriter
 from minirlhf.modelcard import write_model_card
-from minirlhf.rundir import RunDir
+from minirlhf.rundir import RunDir, check_new
 from minirlhf.precision import Precision, measured, set_precision
 from minirlhf.runtime import memory_report, peak_memory_mb, pick_device, seed_everything
 from minirlhf.training import progress
@@ -82,9 +82,13 @@ class Job(Protocol):
     def report(self, run: Run, results: dict) -> None: ...  # report.md and the closing lines
 
 
-def run(job: Job, cfg, resume: str | Path | None = None) -> Path | None:
+def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False) -> Path | None:
     """Run `job` to its last step (from RUN_DIR's last checkpoint with `resume`); the run directory, or None on
-    the other processes under torchrun."""
+    the other processes under torchrun. A new run never writes into another: `overwrite` moves it aside first."""
+    if resume is None:
+        check_new(cfg.out, overwrite)  # before anything loads, so that a refusal is quick and changes nothing
+    elif overwrite:
+        raise RunError("--overwrite starts a run anew and --resume continues one; give one of them")
     strict.install()  # MINIRLHF_STRICT_DEVICES=1 only
     tracking.parse(cfg.report_to)  # a misspelt dashboard fails before anything runs
     distributed.init(cfg.device, cfg.strategy)
@@ -99,7 +103,7 @@ def run(job: Job, cfg, resume: str | Path | None = None) -> Path | None:
              f"({run_.precision.why})")
     with distributed.main_first():
         job.setup(run_)  # bad input fails here, before anything is written
-    _open(run_, job, cfg, resume)
+    _open(run_, job, cfg, resume, overwrite)
     with run_.precision.autocast():
         first = job.begin(run_)
         sharding.adopt(job.optimizer)  # --strategy fsdp: the optimizer steps the shards `begin` made
@@ -117,7 +121,7 @@ def run(job: Job, cfg, resume: str | Path | None = None) -> Path | None:
     return run_.dir.path if run_.main else None
 
 
-def _open(run_: Run, job: Job, cfg, resume) -> None:
+def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False) -> None:
     """The run directory: a new one, or `resume`'s with the job restored from its checkpoint."""
     if resume is not None:
         run_.dir = RunDir.open(resume, job.stage)
@@ -130,7 +134,7 @@ def _open(run_: Run, job: Job, cfg, resume) -> None:
                            "(or more epochs) to train further")
         run_.say(f"{job.name}: resuming after step {run_.done}")
     elif run_.main:
-        run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base)
+        run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base, overwrite)
     if run_.main:
         save_config(cfg, run_.dir.config)
         resumed_at = run_.done if resume is not None else None
