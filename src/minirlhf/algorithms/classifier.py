@@ -313,6 +313,6 @@ class ClassifierJob(runner.ModelJob):
                 f"{results['peak_memory_mb']} MB)")
 
 
-def train(cfg: ClassifierConfig, resume: str | Path | None = None) -> Path:
+def train(cfg: ClassifierConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path:
     """Fine-tune the classifier; returns the run directory."""
-    return runner.run(ClassifierJob(cfg), cfg, resume)
+    return runner.run(ClassifierJob(cfg), cfg, resume, overwrite)

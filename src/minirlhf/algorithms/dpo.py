@@ -343,10 +343,10 @@ class DPOJob:
                 f"log-prob margin (chosen - rejected) {b['logps/margin']:.2f} -> {a['logps/margin']:.2f} nats")
 
 
-def train(cfg: DPOConfig, resume: str | Path | None = None) -> Path | None:
+def train(cfg: DPOConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path | None:
     """Reference log-probs once, then DPO steps over the training pairs; returns the run directory (None on the
     other processes under torchrun)."""
-    return runner.run(DPOJob(cfg), cfg, resume)
+    return runner.run(DPOJob(cfg), cfg, resume, overwrite)
 
 
 @torch.no_grad()

@@ -196,6 +196,6 @@ class GeneratorJob(runner.ModelJob):
             run.say(f"  {p} ... {c}")
 
 
-def train(cfg: GeneratorConfig, resume: str | Path | None = None) -> Path:
+def train(cfg: GeneratorConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path:
     """Train the LSTM; returns the run directory."""
-    return runner.run(GeneratorJob(cfg), cfg, resume)
+    return runner.run(GeneratorJob(cfg), cfg, resume, overwrite)

@@ -221,9 +221,9 @@ class RewardModelJob(runner.ModelJob):
                 f"({results['total_seconds']:.0f}s, peak memory {results['peak_memory_mb']} MB)")
 
 
-def train(cfg: RewardModelConfig, resume: str | Path | None = None) -> Path:
+def train(cfg: RewardModelConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path:
     """Fit the reward model; returns the run directory."""
-    return runner.run(RewardModelJob(cfg), cfg, resume)
+    return runner.run(RewardModelJob(cfg), cfg, resume, overwrite)
 
 
 def evaluate_run(run_dir: str, preferences: str, device_name: str = "auto", batch_size: int = 32) -> dict:

@@ -190,6 +190,6 @@ class SFTJob:
                 f"{b['eval/perplexity']:.1f} -> {a['eval/perplexity']:.1f}")
 
 
-def train(cfg: SFTConfig, resume: str | Path | None = None) -> Path | None:
+def train(cfg: SFTConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path | None:
     """Fine-tune the policy on the examples; returns the run directory."""
-    return runner.run(SFTJob(cfg), cfg, resume)
+    return runner.run(SFTJob(cfg), cfg, resume, overwrite)
