@@ -1,7 +1,9 @@
 import pytest
+from test_cli import assert_one_line_error
 
 from minirlhf.algorithms.classifier import ClassifierConfig
 from minirlhf.algorithms.generator import GeneratorConfig
+from minirlhf.algorithms.ppo import PPOConfig
 from minirlhf.config import ConfigError, describe, load_config, load_saved, save_config
 from minirlhf.pipeline import DemoConfig
 
@@ -39,6 +41,29 @@ def test_bad_values_are_one_line_errors(override, message):
         load_config(ClassifierConfig, None, [override])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("inf", "inf"), ("-inf", "-inf"), ("nan", "nan"), ("Infinity", "Infinity"), ("NaN", "NaN"),  # as typed
+    (".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan"),  # YAML's spellings, read as floats
+    ("1e400", "1e400"), ("1" + "0" * 400, "1" + "0" * 400),  # overflow: a string to float, an int YAML reads whole
+])
+def test_a_float_must_be_finite(value, shown):
+    """inf passes `> 0` and nan fails every comparison, so the range checks cannot catch them: each is refused by
+    name, whatever field, including ones with no range check (reward weights)."""
+    for key in ("train.lr", "reward.unended_weight", "kl_coef"):
+        with pytest.raises(ConfigError) as e:
+            load_config(PPOConfig, None, [f"--{key}={value}"])
+        assert str(e.value) == f"{key} must be a finite number, got {shown}"
+    assert load_config(PPOConfig, None, ["--reward.function=inf"]).reward.function == "inf"  # a string stays one
+
+
+def test_non_finite_values_in_a_yaml_file_or_on_the_command_line_are_one_line_exit_2(cli, tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: .nan\n")
+    assert_one_line_error(cli("train-classifier", "--config", "c.yaml"), "train.lr must be a finite number, got nan")
+    assert_one_line_error(cli("grpo", "--train.lr=inf"), "train.lr must be a finite number, got inf")
+    assert_one_line_error(cli("ppo", "--reward.length_weight", ".inf"),
+                          "reward.length_weight must be a finite number, got inf")
 
 
 def test_a_bare_option_is_a_switch_that_only_a_boolean_takes():

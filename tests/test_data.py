@@ -1,10 +1,14 @@
 import json
 
 import pytest
+from test_cli import assert_one_line_error
 
 from minirlhf import UserError
 from minirlhf.config import DataConfig
-from minirlhf.data.sentiment import load_splits, read_source, read_tweets
+from minirlhf.data.preferences import read_pairs
+from minirlhf.data.prompts import read_prompts
+from minirlhf.data.sentiment import CSV_FIELD_LIMIT, load_splits, read_source, read_tweets
+from minirlhf.data.sft import read_examples
 
 
 def write(path, text, encoding="utf-8"):
@@ -97,3 +101,34 @@ def test_a_split_left_empty_is_a_user_error(tmp_path):
     f = write(tmp_path / "two.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
     with pytest.raises(UserError, match="none for validation"):
         load_splits(DataConfig(source=str(f), val_fraction=0.1, test_fraction=0.1))
+
+
+def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path):
+    review = "a long review " * 15_000  # 210,000 characters: past csv's default field_size_limit of 131,072
+    f = write(tmp_path / "long.csv", f'text,label\n"{review}",positive\nshort,0\n')
+    assert read_source(str(f)) == {"all": [(review, 1), ("short", 0)]}
+
+
+def test_a_csv_field_past_the_limit_names_the_file_and_the_line_it_starts_on(tmp_path):
+    f = write(tmp_path / "huge.csv", f'text,label\nok,1\n"{"x" * CSV_FIELD_LIMIT}\n",1\nok,0\n')
+    with pytest.raises(UserError) as e:
+        read_source(str(f))
+    assert str(e.value).startswith(f"{f}:3: not valid CSV (field larger than field limit ({CSV_FIELD_LIMIT}))")
+
+
+@pytest.mark.parametrize("reader", [
+    lambda path: read_source(str(path)), read_pairs, read_prompts, read_examples,
+], ids=["sentiment", "preferences", "prompts", "sft"])
+def test_json_nested_too_deeply_names_the_file_and_line(tmp_path, reader):
+    """json.loads recurses once per level: 100,000 levels raise RecursionError, which must not escape as one."""
+    f = write(tmp_path / "deep.jsonl", '{"text": "fine", "label": 1}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(UserError, match="deep.jsonl:2: JSON nested too deeply to read"):
+        reader(f)
+
+
+def test_unreadable_csv_and_json_are_one_line_exit_2(cli, tmp_path):
+    write(tmp_path / "huge.csv", f'text,label\n"{"x" * (CSV_FIELD_LIMIT + 1)}",1\n')
+    assert_one_line_error(cli("eval-classifier", "no-run", "--data", "huge.csv"), "huge.csv:2: not valid CSV")
+    write(tmp_path / "deep.jsonl", "[" * 100_000 + "\n")
+    assert_one_line_error(cli("train-reward-model", "--preferences", "deep.jsonl"),
+                          "deep.jsonl:1: JSON nested too deeply to read")

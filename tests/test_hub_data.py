@@ -12,6 +12,7 @@ from minirlhf.config import DataConfig, PreferenceDataConfig
 from minirlhf.data.preferences import load_split, read_pairs
 from minirlhf.data.prompts import PromptConfig, load_prompts, read_prompts
 from minirlhf.data.sentiment import load_splits, read_source
+from minirlhf.data.sft import read_examples
 
 SHARED_HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences" / "hh_rlhf.jsonl"
 
@@ -152,7 +153,27 @@ def test_prompts_from_a_local_folder_go_through_datasets(tmp_path):
     assert len(train) == 18 and len(held) == 2 and all(p.startswith("Q: Write about topic") for p in train + held)
 
 
-@pytest.mark.parametrize("command, flag", [("train-reward-model", "--preferences"), ("train-classifier", "--data")])
+def test_sft_examples_from_a_local_folder_or_file_go_through_datasets(tmp_path):
+    folder = tmp_path / "chats"
+    jsonl(folder / "train.jsonl", [{"messages": [user(f"Say {i}"), assistant(f"number {i}")]} for i in range(6)])
+    jsonl(folder / "test.jsonl", [{"messages": [user("Say held"), assistant("held out")]}])
+    assert [(e.prompt, e.response) for e in read_examples(f"hf:{folder}")[:2]] == \
+        [("\n\nHuman: Say 0\n\nAssistant:", "number 0"), ("\n\nHuman: Say 1\n\nAssistant:", "number 1")]
+    assert [e.response for e in read_examples(f"hf:{folder}:test")] == ["held out"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["Tell me a joke", "2+2?"], "response": ["Knock knock.", "4"]}),
+                   tmp_path / "sft.parquet")
+    assert [(e.prompt, e.response) for e in read_examples(f"hf:{tmp_path / 'sft.parquet'}")] == \
+        [("Tell me a joke", "Knock knock."), ("2+2?", "4")]
+    pq.write_table(pa.table({"prompt": ["a"], "response": [""]}), tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match=rf"hf:{tmp_path / 'bad.parquet'}:train\[0\]: the response must be a non-empty"):
+        read_examples(f"hf:{tmp_path / 'bad.parquet'}")
+
+
+@pytest.mark.parametrize("command, flag", [("train-reward-model", "--preferences"), ("train-classifier", "--data"),
+                                           ("sft", "--data")])
 def test_offline_hub_dataset_is_one_line_saying_how_to_pass_a_file(cli, command, flag):
     proc = cli(command, flag, "hf:some/name:test", env={"HF_HUB_OFFLINE": "1"})
     assert_one_line_error(proc, "cannot load 'some/name' from the Hugging Face hub (HF_HUB_OFFLINE=1)",

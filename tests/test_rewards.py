@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_cli import assert_one_line_error
 
-from minirlhf import UserError
+from minirlhf import ConfigError, UserError
 from minirlhf.config import DataConfig
 from minirlhf.models.policy import Rollout
-from minirlhf.models.rewards import Reward, RewardConfig, RunningMoments, load_function, repetition
+from minirlhf.models.rewards import Reward, RewardConfig, RunningMoments, load_function, repetition, weighted_terms
 from minirlhf.pipeline import load_classifier
 
 
@@ -81,10 +82,43 @@ def test_running_moments_match_numpy_over_all_batches():
 
 
 def test_normalisation_standardises_with_the_running_moments():
-    reward = Reward(RewardConfig(classifier_weight=0, normalize=True), 4, "cpu")
+    reward = Reward(RewardConfig(classifier_weight=0, length_weight=1, normalize=True), 4, "cpu")
     out = reward.normalized(torch.tensor([1.0, 3.0]))
     assert out.tolist() == pytest.approx([-1.0, 1.0], abs=1e-4)
-    assert Reward(RewardConfig(classifier_weight=0), 4, "cpu").normalized(torch.tensor([5.0])).item() == 5.0
+    plain = Reward(RewardConfig(classifier_weight=0, length_weight=1), 4, "cpu")
+    assert plain.normalized(torch.tensor([5.0])).item() == 5.0
+
+
+@pytest.mark.parametrize("cfg, off", [
+    (RewardConfig(classifier_weight=0), "classifier_weight=0, no reward_model, no function"),
+    (RewardConfig(classifier="clf", classifier_weight=0, reward_model="rm", reward_model_weight=0),
+     "classifier_weight=0, reward_model_weight=0, no function"),
+    (RewardConfig(reward_model="rm", reward_model_weight=0), "no classifier, reward_model_weight=0"),  # rm replaces it
+    (RewardConfig(classifier_weight=0, function="m:f", function_weight=0), "no reward_model, function_weight=0"),
+])
+def test_a_reward_with_every_term_off_is_refused_before_any_model_loads(cfg, off):
+    """Every response would score 0 and the policy would train on the KL penalty alone. The runs named here do not
+    exist: the check comes before anything is loaded, so it is what answers."""
+    with pytest.raises(ConfigError) as e:
+        Reward(cfg, 4, "cpu")
+    assert str(e.value).startswith("the reward is 0 for every response: no term has a source and a nonzero weight")
+    assert off in str(e.value) and "--reward.function=module:fn" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cfg, terms", [
+    (RewardConfig(), ["classifier"]),  # no source named: the classifier, which load_classifier then asks for
+    (RewardConfig(reward_model="rm"), ["reward_model"]),
+    (RewardConfig(classifier="clf", reward_model="rm"), ["classifier", "reward_model"]),
+    (RewardConfig(classifier_weight=0, function="m:f", function_weight=-0.5), ["function"]),
+    (RewardConfig(classifier_weight=0, repetition_weight=-1), ["repetition"]),
+])
+def test_the_weighted_terms_are_those_with_a_source_and_a_nonzero_weight(cfg, terms):
+    assert weighted_terms(cfg) == terms
+
+
+def test_a_reward_with_every_term_off_stops_the_command_in_one_line(cli, tiny_generator):
+    assert_one_line_error(cli("ppo", "--policy", str(tiny_generator), "--reward.classifier_weight=0", "--device=cpu"),
+                          "the reward is 0 for every response", "classifier_weight=0")
 
 
 def test_a_missing_classifier_is_an_error_unless_asked_to_train_it(tmp_path):

@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from minirlhf import UserError
+from minirlhf.algorithms import registry
 from minirlhf.algorithms.grpo import GRPOConfig
 from minirlhf.algorithms.ppo import A2CConfig, PPOConfig, value_loss
 from minirlhf.algorithms.rl import AdaptiveKLController, _positions_read, _shuffled, policy_loss, train
+from minirlhf.algorithms.rl_core import DEFAULT_LR, default_lr
 from minirlhf.algorithms.rloo import RLOOConfig
 from minirlhf.config import load_config
 from minirlhf.data.vocab import Vocab
@@ -133,7 +136,19 @@ def test_two_steps_change_the_policy_with_finite_losses(cls, extra, critic, tiny
     assert (ckpt / "value_model").is_dir() == ("--critic=separate" in extra)
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 2 and state["algorithm"] == cls.algorithm
+    lstm_lr = {"ppo": 3e-4, "a2c": 1e-3, "grpo": 5e-4, "rloo": 5e-4}[cls.algorithm]  # none set: by policy kind
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == lstm_lr
     assert rows[-1]["memory/optimizer_mb"] > 0 and rows[-1]["memory/grads_mb"] > 0
+
+
+def test_a2c_takes_the_learning_rate_of_its_policy_kind():
+    """A2C kept a fixed 1e-3, which made SmolLM2 train at 33x the causal-LM rate. Its LSTM rate stays 1e-3 (one
+    gradient step per rollout, where PPO takes 16 at 3e-4); a causal LM gets the causal-LM rate like every algorithm."""
+    assert A2CConfig().train.lr is None
+    a2c = registry.get("a2c")
+    assert default_lr("causal_lm", a2c) == DEFAULT_LR["causal_lm", False] == 3e-5
+    assert all(default_lr("causal_lm", algo) == 3e-5 for algo in registry.ALGORITHMS.values())
+    assert default_lr("lstm", a2c) == 1e-3 and default_lr("lstm", registry.get("ppo")) == 3e-4
 
 
 def test_group_algorithms_sample_each_prompt_group_size_times(tiny_generator, tiny_classifier, tmp_path):

@@ -64,6 +64,20 @@ def test_two_steps_change_the_policy_and_the_run_is_a_policy(tiny_generator, tmp
     assert generated.returncode == 0 and len(generated.stdout.strip().splitlines()) == 2, generated.stderr
 
 
+def test_the_command_trains_on_hf_data_from_a_local_folder(cli, tiny_generator, tmp_path):
+    """`sft --data hf:...` as the README writes it, offline: a folder read through `datasets`, not only a .jsonl."""
+    (tmp_path / "chats").mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"i say {i}"}]}
+            for i in range(10)]
+    (tmp_path / "chats" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = cli("sft", "--policy", str(tiny_generator), "--data", "hf:./chats", "--out", "run", "--device=cpu",
+               "--train.batch_size=8", "--samples=1")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (results["examples_train"], results["examples_eval"], results["steps"]) == (9, 1, 2), results
+    assert results["samples"][0]["prompt"].startswith("\n\nHuman: say"), results["samples"]
+
+
 def test_missing_or_bad_data_is_one_line(cli, tiny_generator, tmp_path):
     none = cli("sft", "--policy", str(tiny_generator))
     assert none.returncode == 2 and "sft needs examples" in none.stderr and len(none.stderr.strip().splitlines()) == 1

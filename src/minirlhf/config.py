@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -84,9 +85,10 @@ class TrainingRunConfig(RunConfig):
     """checkpoints kept: the last (checkpoint/) and those before it (checkpoint-STEP/), so that one damaged or
     unwanted checkpoint still leaves an earlier one to resume from"""
     guards: str = "warn"
-    """what a step does on trouble. A step whose gradients are not finite is always skipped (never saved): warn says
-    so once and counts them (`train/skipped_steps`), strict stops the run there (its last checkpoint intact), off
-    only counts. RL also runs its health checks (guards.py): warn prints each once, strict stops, off checks none"""
+    """what a run does on trouble. An update whose gradients are not finite is always skipped, the weights untouched:
+    warn says so at the first, counts them (`train/skipped_updates`) and stops after 10 in a row; strict stops the
+    run at the first (its last checkpoint intact); off only counts. RL also runs its health checks (guards.py):
+    warn prints each once, strict stops, off checks none"""
     strategy: str = "ddp"
     """how the RL and DPO policy trains under torchrun: ddp (a whole copy in every process) or fsdp (PyTorch's FSDP2:
     each process keeps 1/K of the trained weights, their gradients and Adam state); one process: no difference"""
@@ -248,10 +250,10 @@ def _coerce(value: Any, hint: Any, key: str):
     for t in allowed:
         if t is type(None) and value is None:
             return None
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
+        if t is float and (number := _number(value)) is not None:
+            if not math.isfinite(number):  # inf and nan pass every "> 0"-style range check
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            return number
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t in (str, bool) and isinstance(value, t):
@@ -263,6 +265,23 @@ def _coerce(value: Any, hint: Any, key: str):
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_NOT_FINITE = re.compile(r"[-+]?\.?(inf|infinity|nan)", flags=re.I)
+"""inf and nan as typed (`inf`, `-Infinity`, `NaN`; YAML's `.inf` and `.nan`), read as numbers to refuse them by name"""
+
+
+def _number(value) -> float | None:
+    """`value` as a float if it is a number: an int or float, or a string that spells one (YAML 1.1 reads 3e-5, with
+    no dot, and 1e400 as strings)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return math.inf if isinstance(value, int) and abs(value) >= 2 ** 1024 else float(value)  # float() overflows
+    text = value.strip() if isinstance(value, str) else ""
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    if _NOT_FINITE.fullmatch(text):
+        return float(text.replace(".", ""))  # float() reads inf and nan, not YAML's .inf and .nan
+    return None
+
+
 _RANGE = re.compile(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])")
 
 
@@ -297,6 +316,11 @@ def to_dict(cfg) -> dict:
 
 def save_config(cfg, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml_dict(path: Path) -> dict:
+    """A config file a run wrote, as plain nested values ({} when it is missing)."""
+    return _read_yaml(str(path)) if Path(path).is_file() else {}
 
 
 def load_saved(cls: type, path: Path):

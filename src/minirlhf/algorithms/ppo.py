@@ -8,10 +8,10 @@ the adaptive KL controller are shared with the other algorithms (rl.py, rl_core.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minirlhf import ConfigError
-from minirlhf.algorithms.rl_core import Algorithm, Batch, RLConfig, RLOptimizerConfig, value_loss
+from minirlhf.algorithms.rl_core import Algorithm, Batch, RLConfig, value_loss
 from minirlhf.ops import gae, masked_whiten, token_rewards
 
 __all__ = ["PPOConfig", "A2CConfig", "PPO", "A2C", "advantages", "value_loss"]  # the clipped value loss is PPO's
@@ -44,7 +44,6 @@ class A2CConfig(PPOConfig):
     """passes over each batch of rollouts (1 for A2C)"""
     minibatch_size: int = 64
     """responses per gradient step (at least batch_size for A2C: one step per rollout)"""
-    train: RLOptimizerConfig = field(default_factory=lambda: RLOptimizerConfig(lr=1e-3))
 
     algorithm = "a2c"
     checks = {**PPOConfig.checks, "ppo_epochs": "[1, 1]"}

@@ -24,7 +24,7 @@ from minirlhf.algorithms import registry
 from minirlhf.algorithms.evaluate import (distinct_n, evaluate_policy, held_out_reward, perplexity, response_nll,
                                           sample_table, training_plots, write_report)
 from minirlhf.algorithms.guards import Guards
-from minirlhf.algorithms.rl_core import (DEFAULT_LR, AdaptiveKLController, Algorithm, Batch, RLConfig, kl_terms,
+from minirlhf.algorithms.rl_core import (AdaptiveKLController, Algorithm, Batch, RLConfig, default_lr, kl_terms,
                                          policy_loss, value_loss, explained_variance)
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
@@ -201,7 +201,7 @@ class RLJob:
             else policy.frozen_copy()
         self.models = Models(policy, ref, value_model)
         if cfg.train.lr is None:  # recorded in config.yaml, which is written after this
-            cfg.train.lr = DEFAULT_LR[policy.kind, algo.grouped]
+            cfg.train.lr = default_lr(policy.kind, algo)
         self.guards = Guards(cfg.guards, cfg.kl_target, algo.group_size(cfg))
         self.reward = Reward(cfg.reward, cfg.response_len, device)
         self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.data)
@@ -274,6 +274,11 @@ class RLJob:
         if self.reward.moments is not None and state.get("reward_moments"):
             self.reward.moments = RunningMoments(**state["reward_moments"])
 
+    def resumed(self, changed: dict) -> None:
+        """--kl_coef given on resume restarts the KL controller from it (the checkpoint holds where it had got to)."""
+        if "kl_coef" in changed:
+            self.kl_ctl.value = self.cfg.kl_coef
+
     def end(self) -> None:
         self.models.train_policy = self.models.train_critic = None
 
@@ -311,7 +316,7 @@ def _row(total, terms, kl, kl_coef, rollout: Rollout, stats: dict, batch: Batch,
     return row
 
 
-def train(cfg: RLConfig, resume: str | Path | None = None) -> Path | None:
+def train(cfg: RLConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path | None:
     """Rollout, score, KL against the reference, advantages, clipped updates; returns the run directory (None on
     the other processes under torchrun). `resume` continues a run from its last checkpoint."""
-    return runner.run(RLJob(cfg), cfg, resume)
+    return runner.run(RLJob(cfg), cfg, resume, overwrite)

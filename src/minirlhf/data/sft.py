@@ -1,4 +1,5 @@
-"""Examples for supervised fine-tuning: a prompt and the response to learn, from JSON Lines in any of the forms
+"""Examples for supervised fine-tuning: a prompt and the response to learn, from JSON Lines or `hf:NAME[:split]` (a
+Hugging Face dataset, or a local folder or data file read through `datasets`; see data/hub.py) in any of the forms
 minirlhf reads elsewhere:
 
 - {"prompt", "response"}: the prompt (a string, HH text or a message list) and its response;
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minirlhf import DataError
+from minirlhf.data import hub
 from minirlhf.data.dialogue import from_messages, prompt_of
 from minirlhf.data.sentiment import jsonl_objects
 
@@ -45,12 +47,16 @@ def _example(obj: dict, where: str) -> Example:
     return Example(prompt, response)
 
 
-def read_examples(path: str | Path) -> list[Example]:
-    """Every example of a .jsonl file; a bad line stops with `file:line: problem`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"SFT data {path} does not exist; give a .jsonl file of {FORMS}")
-    return [_example(obj, where) for where, obj in jsonl_objects(path, (), FORMS)]
+def read_examples(path: str | Path, flag: str = "--data") -> list[Example]:
+    """Every example of a .jsonl file or an `hf:` dataset; a bad row stops with `file:line: problem`. `flag` is the
+    option that gave the source, for the offline error's advice."""
+    if hub.is_hub(str(path)):
+        rows = hub.load_rows(str(path), flag)
+    elif not Path(path).is_file():
+        raise DataError(f"SFT data {path} does not exist; give a .jsonl file of {FORMS}, or hf:DATASET[:split]")
+    else:
+        rows = jsonl_objects(Path(path), (), FORMS)
+    return [_example(obj, where) for where, obj in rows]
 
 
 def split_examples(examples: list[Example], eval_fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:

@@ -109,10 +109,32 @@ class RunningMoments:
         return {"mean": self.mean, "var": self.var, "count": self.count}
 
 
+def weighted_terms(cfg: RewardConfig) -> list[str]:
+    """The terms that add to the total: a nonzero weight and something to compute them from. The classifier stands
+    in when neither it nor a reward model is named (load_classifier then asks for one)."""
+    sources = {"classifier": bool(cfg.classifier or not cfg.reward_model), "reward_model": bool(cfg.reward_model),
+               "function": bool(cfg.function)}
+    return [t for t in TERMS if getattr(cfg, f"{t}_weight") != 0 and sources.get(t, True)]
+
+
+def check(cfg: RewardConfig) -> None:
+    """Refuse a reward that is 0 for every response: the policy would train on nothing but the KL penalty."""
+    if weighted_terms(cfg):
+        return
+    off = [f"classifier_weight={cfg.classifier_weight:g}" if cfg.classifier_weight == 0 else "no classifier",
+           "no reward_model" if not cfg.reward_model else f"reward_model_weight={cfg.reward_model_weight:g}",
+           "no function" if not cfg.function else f"function_weight={cfg.function_weight:g}",
+           "unended/length/repetition weights 0"]
+    raise ConfigError("the reward is 0 for every response: no term has a source and a nonzero weight "
+                      f"({', '.join(off)}); pass --reward CLASSIFIER_RUN|REWARD_MODEL_RUN or "
+                      "--reward.function=module:fn, or give a term a nonzero weight")
+
+
 class Reward:
     """`reward(policy, rollout)` -> (total (B,) for training, {term: (B,)} raw values for logging)."""
 
     def __init__(self, cfg: RewardConfig, response_len: int, device):
+        check(cfg)  # before the reward's models load
         self.cfg, self.response_len = cfg, response_len
         self.weights = {t: getattr(cfg, f"{t}_weight") for t in TERMS}
         self.classifier = self.function = self.reward_model = None
