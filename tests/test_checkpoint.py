@@ -1,3 +1,6 @@
+import json
+import math
+
 import pytest
 import torch
 
@@ -45,17 +48,80 @@ def test_corrupt_files_are_user_errors(tmp_path):
         load_weights(tmp_path / "none.safetensors")
 
 
-def test_a_non_finite_loss_stops_before_the_weights_change():
-    from minirlhf.training import make_optimizer, optimizer_step
+def test_an_update_with_non_finite_gradients_is_skipped_counted_or_stops():
+    from minirlhf.training import make_optimizer, optimizer_step, skips
     from minirlhf.config import OptimConfig
 
     w = torch.nn.Parameter(torch.ones(3))
-    opt, sched = make_optimizer([w], OptimConfig(), total_steps=10)
-    with pytest.raises(UserError, match="loss became nan"):
-        optimizer_step((w * float("nan")).sum(), [w], opt, sched, 1.0)
-    assert torch.equal(w.detach(), torch.ones(3))
+    opt, sched = make_optimizer([w], OptimConfig(), total_steps=40)
+    skips("warn")
+    for bad in (float("nan"), float("inf")):
+        assert not math.isfinite(optimizer_step((w * bad).sum(), [w], opt, sched, 1.0))
+    assert torch.equal(w.detach(), torch.ones(3)) and skips().total == 2 and not opt.state  # no Adam state either
     optimizer_step((w * 2).sum(), [w], opt, sched, 1.0)
-    assert not torch.equal(w.detach(), torch.ones(3))
+    assert not torch.equal(w.detach(), torch.ones(3)) and skips().in_a_row == 0
+    for _ in range(skips().IN_A_ROW - 1):  # warn: a run that only ever skips is going nowhere
+        optimizer_step((w * float("nan")).sum(), [w], opt, sched, 1.0)
+    with pytest.raises(UserError, match="10 updates in a row had non-finite gradients"):
+        optimizer_step((w * float("nan")).sum(), [w], opt, sched, 1.0)
+    skips("strict")
+    kept = w.detach().clone()
+    with pytest.raises(UserError, match="--guards strict stopped the run before the update"):
+        optimizer_step((w * float("nan")).sum(), [w], opt, sched, 1.0)
+    assert torch.equal(w.detach(), kept)
+    skips("warn")
+
+
+def test_weights_that_are_not_finite_never_replace_what_was_saved(tmp_path):
+    from minirlhf.checkpoint import NotFinite
+    from safetensors.torch import save_file
+
+    f = tmp_path / "w.safetensors"
+    save_weights({"w": torch.ones(3), "step": torch.tensor([3])}, f)
+    with pytest.raises(NotFinite, match="w in .* is not finite"):
+        save_weights({"w": torch.tensor([1.0, float("nan"), 2.0])}, f)
+    assert torch.equal(load_weights(f)["w"], torch.ones(3))
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        save_file({"a": torch.ones(2)}, str(tmp / "model.safetensors"))  # as transformers' save_pretrained writes
+    with pytest.raises(NotFinite, match="model.safetensors"):
+        with atomic_dir(target) as tmp:
+            save_file({"a": torch.tensor([float("inf"), 0.0])}, str(tmp / "model.safetensors"))
+    assert torch.equal(load_weights(target / "model.safetensors")["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "w.safetensors"]
+
+
+def test_the_last_checkpoints_are_kept_and_an_unreadable_one_gives_way_to_the_one_before(tmp_path):
+    from minirlhf.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "r", "rl", "ppo")
+    for step in (2, 4, 6):
+        with run.write_checkpoint(keep=2) as tmp:
+            save_json({"step": step}, tmp / "state.json")
+    assert run.checkpoint_step() == 6 and run.earlier_checkpoints() == [run.path / "checkpoint-4"]
+    assert load_json(run.path / "checkpoint-4" / "state.json") == {"step": 4}
+    with run.write_checkpoint(keep=1) as tmp:
+        save_json({"step": 8}, tmp / "state.json")
+    assert run.checkpoint_step() == 8 and run.earlier_checkpoints() == []
+
+
+def test_every_random_stream_comes_back(tmp_path):
+    import random
+
+    import numpy as np
+
+    from minirlhf.runtime import rng_state, set_rng_state
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # a cached Gaussian in NumPy's state
+    tensors, meta = rng_state()
+    save_weights(tensors, tmp_path / "rng.safetensors")
+    (tmp_path / "rng.json").write_text(json.dumps(meta))
+    draws = lambda: (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(), random.random())  # noqa: E731
+    first = draws()
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_rng_state(load_weights(tmp_path / "rng.safetensors"), json.loads((tmp_path / "rng.json").read_text()))
+    assert draws() == first
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):

@@ -94,3 +94,70 @@ def test_resuming_what_is_not_a_run_of_the_stage_is_one_line(command, tiny_gener
     assert missing.returncode == 2 and "config.yaml" in missing.stderr and "Traceback" not in missing.stderr
     other = cli(command, "--resume", str(tiny_generator))
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+
+
+HUGE = "def reward(prompts, responses):\n    return [1e38 * (1 + len(r) % 3) for r in responses]\n"
+"""a user reward whose sums overflow float32: every update's gradients are non-finite"""
+
+
+def test_updates_with_non_finite_gradients_are_skipped_and_never_saved(cli, tmp_path, tiny_generator):
+    (tmp_path / "huge.py").write_text(HUGE)
+    args = ["ppo", "--policy", str(tiny_generator), "--reward.classifier_weight=0", "--reward.function=huge:reward",
+            "--steps=1", "--batch_size=8", "--minibatch_size=4", "--ppo_epochs=2", "--response_len=6",
+            "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", "--device=cpu"]
+    warned = cli(*args, "--out", "warn")
+    assert warned.returncode == 0, warned.stderr[-2000:]
+    assert "that update was skipped, the weights are unchanged" in warned.stdout
+    row = [json.loads(line) for line in (tmp_path / "warn" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["train/skipped_updates"] == 4  # 2 epochs of 2 minibatches
+    saved = load_file(str(tmp_path / "warn" / "checkpoint" / "policy" / "model.safetensors"))
+    start = load_file(str(tiny_generator / "model.safetensors"))
+    assert all(torch.equal(saved[k], start[k]) for k in start)  # the checkpoint holds the start: nothing was applied
+    strict = cli(*args, "--guards=strict", "--out", "strict")
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr, strict.stderr[-2000:]
+    last = strict.stderr.strip().splitlines()[-1]  # after the progress bar's lines
+    assert last.startswith("minirlhf: error: the gradients were not finite") and "--guards strict stopped" in last
+    assert not (tmp_path / "strict" / "checkpoint").exists()
+
+
+def test_a_resume_applies_and_records_the_settings_it_changes(cli, tmp_path, tiny_generator):
+    """--train.lr and --kl_coef given on resume were undone by the checkpoint's optimizer and KL state; now they take
+    effect from the next step, are said, and recorded in resumes.jsonl beside the new config.yaml."""
+    pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 48)
+    dpo = ["dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--train.batch_size=8",
+           "--train.micro_batch_size=8", "--max_response_tokens=20", "--eval_every=0", "--samples=0", "--device=cpu"]
+    assert cli(*dpo, "--train.steps=4", "--train.lr=1e-2", "--out", "dpo").returncode == 0
+    resumed = cli("dpo", "--resume", "dpo", "--train.steps=6", "--train.lr=1e-4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "settings changed on resume, applied from step 5: train.lr 0.01 -> 0.0001" in resumed.stdout
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines())}
+    assert rows[4]["lr"] > 1e-3 and 0 < rows[5]["lr"] <= 1e-4  # the new base rate, down the same schedule
+    record = [json.loads(line) for line in (tmp_path / "dpo" / "resumes.jsonl").read_text().splitlines()]
+    assert record == [{"after_step": 4, "changed": {"train.lr": [0.01, 0.0001], "train.steps": [4, 6]}}]
+
+    ppo = ["ppo", "--policy", str(tiny_generator), "--reward.classifier_weight=0", "--reward.length_weight=1",
+           "--batch_size=4", "--minibatch_size=4", "--ppo_epochs=1", "--prompts.max_eval=4", "--data.max_train=200",
+           "--data.max_eval=50", "--device=cpu", "--kl_coef=0.1"]
+    assert cli(*ppo, "--steps=2", "--out", "ppo").returncode == 0
+    assert cli("ppo", "--resume", "ppo", "--steps=3", "--kl_coef=0.5").returncode == 0
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["objective/kl_coef"] == 0.5
+
+
+def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it(cli, tmp_path, tiny_generator):
+    """--keep_checkpoints 2 (the default) keeps the checkpoint before the last; when the last cannot be read, a resume
+    takes the one before and ends where an uninterrupted run ends."""
+    pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 48)
+    args = ["dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--train.batch_size=8",
+            "--train.micro_batch_size=8", "--max_response_tokens=20", "--eval_every=0", "--samples=0", "--save_every=2",
+            "--device=cpu", "--seed=3"]
+    for out in ("full", "cut"):
+        assert cli(*args, "--train.steps=6", "--out", out).returncode == 0
+    cut = tmp_path / "cut"
+    assert sorted(p.name for p in cut.glob("checkpoint*")) == ["checkpoint", "checkpoint-4"]
+    state = cut / "checkpoint" / "trainer_state.safetensors"
+    state.write_bytes(state.read_bytes()[:64])  # the last checkpoint damaged
+    resumed = cli("dpo", "--resume", "cut")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint-4/ instead (step 4)" in resumed.stdout and (cut / "checkpoint.damaged").is_dir()
+    _same(tmp_path / "full", cut, ["checkpoint/policy/model.safetensors"])

@@ -107,11 +107,19 @@ def test_two_processes_train_as_one(algorithm, tiny_generator, tiny_classifier, 
     assert len(rows) == 2 and all(r["dist/param_spread"] == 0.0 for r in rows)  # the ranks hold identical weights
     assert "2 process(es)" in two.stdout
     one_rows, two_rows = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    # A KL of ~1e-3 nats is a sum of differences of log-probs near -5: float32 rounding, which varies with the kernels
+    # a CPU picks for a batch (each process holds half the rows), moves it by ~1e-6 a token (measured 6e-6 in all on
+    # an AVX-512 CPU); a misaligned row would move it by orders of magnitude more.
     for a, b in zip(one_rows, two_rows):
-        for key in ("reward/mean", "objective/kl", "policy/approx_kl", "policy/loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        for key, tol in (("reward/mean", 1e-6), ("objective/kl", 2e-5), ("policy/approx_kl", 2e-5),
+                         ("policy/loss", 1e-6)):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=tol), key
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # GRPO's advantages sum to zero within each group, so the output bias of a token no response used gets a
+    # gradient that is zero up to rounding, which Adam's normalised first steps turn into a move of up to lr in the
+    # rounding's direction (measured 8e-5 at lr 5e-4 on an AVX-512 CPU); every other weight agrees to 1e-5.
+    noise = {"head.bias"} if algorithm == "grpo" else set()
+    assert max((a[k] - b[k]).abs().max().item() for k in a if k not in noise) < 1e-5
 
 
 def test_two_processes_share_the_frozen_trunk_of_smollm2(tiny_classifier, tmp_path):

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from minirlhf import RunError, sharding
@@ -62,14 +63,36 @@ def load_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise RunError(f"{path} is missing; point at a complete run directory") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path} is corrupt ({e}); re-run the stage that wrote it") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise RunError(f"{path} is corrupt ({str(e)[:120]}); re-run the stage that wrote it") from e
+
+
+class NotFinite(RunError):
+    """Weights with a NaN or an infinity, refused before they could replace what was saved before."""
+
+
+def check_finite(tensors, where: Path) -> None:
+    """Raise NotFinite naming the first floating-point tensor of (name, tensor) pairs that holds a NaN or an inf."""
+    for name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NotFinite(f"{name} in {where} is not finite, so it was not saved and what was saved before stays; "
+                            "lower --train.lr and resume from the last checkpoint (--resume)")
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """Save tensors as safetensors, atomically (each tensor copied, so tied weights are stored per name)."""
+    """Save tensors as safetensors, atomically (each tensor copied, so tied weights are stored per name); only
+    finite ones: a NaN anywhere leaves the previous file in place (NotFinite)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    check_finite(tensors.items(), path)
     atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+
+
+def check_finite_files(folder: Path) -> None:
+    """Every .safetensors file directly in `folder` (written by another library, such as transformers'
+    `save_pretrained`) read back a tensor at a time and checked finite."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as weights:
+            check_finite(((k, weights.get_tensor(k)) for k in weights.keys()), f)
 
 
 def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -98,19 +121,21 @@ def recover_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(path: Path):
-    """Yield a temporary directory; on success it replaces `path` as a whole.
+def atomic_dir(path: Path, keep_old_as: Path | None = None):
+    """Yield a temporary directory; on success it replaces `path` as a whole, and the previous folder is deleted or,
+    with `keep_old_as`, renamed to it.
 
-    For writers that fill a folder (transformers' `save_pretrained`): readers see the old
-    folder or the new one, never a mix.
+    For writers that fill a folder (transformers' `save_pretrained`): readers see the old folder or the new one,
+    never a mix, and never a new one with weights that are not finite (`check_finite_files`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        check_finite_files(tmp)  # sub-folders were written, checked and synced by atomic_dir themselves
         for f in tmp.iterdir():
-            if f.is_file():  # sub-folders were written by atomic_dir themselves, and synced there
+            if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None
@@ -120,7 +145,10 @@ def atomic_dir(path: Path):
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-        if old is not None:
+        if old is not None and keep_old_as is not None:
+            shutil.rmtree(keep_old_as, ignore_errors=True)  # the same step saved again (a run resumed before it)
+            os.replace(old, keep_old_as)
+        elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,9 @@
       model/          a classifier's or reward model's weights (transformers' own format)
       checkpoint/     the last checkpoint, replaced whole: state.json (step and the stage's JSON state),
                       trainer_state.safetensors (optimizer and RNG), and model folders such as policy/
+      checkpoint-STEP/  the checkpoints before it (`--keep_checkpoints`), the latest first to resume from when
+                      checkpoint/ cannot be read
+      resumes.jsonl   each resume that changed a setting: the step, and each setting's old and new value
 A generator run keeps its LSTM (model.safetensors, vocab.json, checkpoint.json) at the top, the policy folder that
 `--policy RUN` loads. Readers never guess a run's kind from its files: they ask `RunDir.find(path).stage`.
 """
@@ -14,13 +17,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 from contextlib import contextmanager
 from functools import cached_property
 from dataclasses import dataclass
 from pathlib import Path
 
 from minirlhf import RunError, __version__
-from minirlhf.checkpoint import atomic_dir, load_json, recover_dir, save_json
+from minirlhf.checkpoint import atomic_dir, load_json, old_copy, recover_dir, save_json
 
 STAGES = ("classifier", "generator", "reward_model", "sft", "dpo", "rl", "demo", "loop")
 """the kinds of run; an RL run also records its algorithm"""
@@ -54,6 +58,7 @@ class RunDir:
     checkpoint = property(lambda self: self.path / "checkpoint")
     state = property(lambda self: self.path / "checkpoint" / "state.json")
     trainer_state = property(lambda self: self.path / "checkpoint" / "trainer_state.safetensors")
+    resumes = property(lambda self: self.path / "resumes.jsonl")
 
     def plot(self, name: str) -> Path:
         return self.path / f"{name}.png"
@@ -108,6 +113,12 @@ class RunDir:
         run = cls(Path(path))
         for folder in (run.checkpoint, run.model):
             recover_dir(folder)
+        previous = old_copy(run.checkpoint)  # a crash after the swap, before the previous one was set aside
+        if previous.is_dir() and (previous / "state.json").is_file():
+            try:
+                os.replace(previous, run.path / f"checkpoint-{int(load_json(previous / 'state.json')['step'])}")
+            except (OSError, RunError, KeyError, ValueError, TypeError):
+                pass  # a damaged leftover: the next checkpoint replaces it
         return run
 
     @classmethod
@@ -124,10 +135,20 @@ class RunDir:
 
     # ---------------------------------------------------------------- the checkpoint
     @contextmanager
-    def write_checkpoint(self):
-        """A folder to fill; on success it replaces checkpoint/ whole, so a crash leaves the previous one intact."""
-        with atomic_dir(self.checkpoint) as tmp:
+    def write_checkpoint(self, keep: int = 1):
+        """A folder to fill; on success it replaces checkpoint/ whole (a crash, or weights that are not finite, leave
+        the previous one intact), which moves to checkpoint-STEP/ while `keep` checkpoints are kept in all."""
+        previous = self.checkpoint_step() if keep > 1 else 0
+        with atomic_dir(self.checkpoint, self.path / f"checkpoint-{previous}" if previous else None) as tmp:
             yield tmp
+        for old in self.earlier_checkpoints()[keep - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def earlier_checkpoints(self) -> list[Path]:
+        """The checkpoint-STEP/ folders kept besides checkpoint/, the latest first."""
+        found = [(int(p.name.split("-", 1)[1]), p) for p in self.path.glob("checkpoint-*")
+                 if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+        return [p for _, p in sorted(found, reverse=True)]
 
     def checkpoint_step(self) -> int:
         """The step of the last checkpoint (0 if there is none)."""

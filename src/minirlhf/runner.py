@@ -18,6 +18,8 @@ and metrics.jsonl keeps only the rows up to the checkpoint.
 from __future__ import annotations
 
 import gc
+import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -27,14 +29,16 @@ from typing import Protocol
 import torch
 
 from minirlhf import RunError, distributed, sharding, strict, tracking
-from minirlhf.checkpoint import load_json, load_optimizer_state, load_weights, optimizer_state, save_json, save_weights
-from minirlhf.config import save_config, to_dict
+from minirlhf.checkpoint import (NotFinite, atomic_write_text, load_json, load_optimizer_state, load_weights,
+                                 optimizer_state, save_json, save_weights)
+from minirlhf.config import load_yaml_dict, save_config, to_dict
 from minirlhf.metrics import MetricsWriter
 from minirlhf.modelcard import write_model_card
 from minirlhf.rundir import RunDir, check_new
-from minirlhf.precision import Precision, measured, set_precision
-from minirlhf.runtime import memory_report, peak_memory_mb, pick_device, seed_everything
-from minirlhf.training import progress
+from minirlhf.precision import Precision, measured, precision, set_precision
+from minirlhf.runtime import memory_report, peak_memory_mb, pick_device, rng_state, seed_everything, set_rng_state
+from minirlhf.tracking import flatten
+from minirlhf.training import progress, skips
 
 
 @dataclass
@@ -98,6 +102,7 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
         with distributed.main_first():  # one process times the precision probe (once a machine); the others read it
             measured(device)
     run_.precision = set_precision(device, cfg.dtype, agree=distributed.everywhere)
+    skips(cfg.guards)  # a count of skipped updates for this run (a resumed run takes its checkpoint's)
     seed_everything(cfg.seed)
     run_.say(f"device: {device} ({why}), {distributed.world_size()} process(es), {run_.precision.name} passes "
              f"({run_.precision.why})")
@@ -128,11 +133,14 @@ def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False) -> None:
         if run_.dir.algorithm != job.algorithm:
             raise RunError(f"{resume} holds a {run_.dir.algorithm or run_.dir.stage} run, not {job.algorithm}; "
                            "resume it with its own command")
+        saved = load_yaml_dict(run_.dir.config)
         run_.done = restore(run_.dir, job)
         if run_.done >= job.steps and run_.dir.results.is_file():
             raise RunError(f"{resume} already ran {run_.done} steps; pass --steps=N with N > {run_.done} "
                            "(or more epochs) to train further")
         run_.say(f"{job.name}: resuming after step {run_.done}")
+        if run_.main:
+            apply_changes(run_, job, saved)
     elif run_.main:
         run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base, overwrite)
     if run_.main:
@@ -146,6 +154,8 @@ def _loop(run_: Run, job: Job, cfg) -> None:
     bar = progress(range(run_.done + 1, job.steps + 1), desc=job.name, unit="step", disable=not run_.main)
     for step in bar:
         row = job.step(step)
+        if row and skips().total:
+            row["train/skipped_updates"] = skips().total
         if run_.main and row:
             run_.metrics.log(step, **row)
             shown = {label: f"{row[key]:.3f}" for label, key in job.progress_keys.items() if key in row}
@@ -154,7 +164,7 @@ def _loop(run_: Run, job: Job, cfg) -> None:
         if step % cfg.save_every == 0 or step == job.steps:
             with sharding.gathered(job.modules(), job.optimizer):  # --strategy fsdp: every process lends its shards
                 if run_.main:
-                    save_checkpoint(run_.dir, job, step)
+                    save_checkpoint(run_.dir, job, step, cfg.keep_checkpoints)
 
 
 def _finish(run_: Run, job: Job) -> None:
@@ -182,41 +192,123 @@ def _model_cards(run_: Run, job: Job, results: dict) -> None:
                              results=results, command=command)
 
 
-def save_checkpoint(run_dir: RunDir, job: Job, step: int) -> None:
-    """checkpoint/, replaced whole: the job's model folders and JSON state, the optimizer's tensors and torch's RNG
-    state as safetensors, the step. A crash while writing leaves the previous checkpoint intact."""
+def save_checkpoint(run_dir: RunDir, job: Job, step: int, keep: int = 1) -> None:
+    """checkpoint/, replaced whole: the job's model folders and JSON state, the optimizer's tensors and every random
+    stream (safetensors), the gradient scaler, the count of skipped updates, the step. A crash while writing, or
+    weights that are not finite, leave the previous checkpoint in place; `keep` checkpoints are kept in all."""
     tensors, optimizer_meta = optimizer_state(job.optimizer) if job.optimizer is not None else ({}, None)
-    with run_dir.write_checkpoint() as tmp:
-        state = job.save(tmp)
-        save_weights({**{f"optimizer.{k}": v for k, v in tensors.items()}, "rng.torch": torch.get_rng_state()},
-                     tmp / run_dir.trainer_state.name)
-        scheduler = job.scheduler.state_dict() if job.scheduler is not None else None
-        save_json({"stage": job.stage, "algorithm": job.algorithm, "step": step, "base": job.base, **state,
-                   "optimizer": optimizer_meta, "scheduler": scheduler}, tmp / run_dir.state.name)
+    rng, rng_meta = rng_state()
+    try:
+        with run_dir.write_checkpoint(keep) as tmp:
+            state = job.save(tmp)
+            save_weights({**{f"optimizer.{k}": v for k, v in tensors.items()}, **rng}, tmp / run_dir.trainer_state.name)
+            scheduler = job.scheduler.state_dict() if job.scheduler is not None else None
+            save_json({"stage": job.stage, "algorithm": job.algorithm, "step": step, "base": job.base, **state,
+                       "optimizer": optimizer_meta, "scheduler": scheduler, "rng": rng_meta,
+                       "scaler": precision().scaler.state_dict(), "skipped_updates": skips().total},
+                      tmp / run_dir.state.name)
+    except NotFinite as e:
+        name = str(e).split(" in ", 1)[0]
+        raise NotFinite(f"the weights became non-finite by step {step} ({name}), so they were not saved; checkpoint/ "
+                        f"still holds step {run_dir.checkpoint_step()}: resume it with a lower --train.lr") from e
+
+
+class WrongRun(RunError):
+    """A checkpoint of another run (another starting policy): never a reason to try an earlier checkpoint."""
 
 
 def restore(run_dir: RunDir, job: Job) -> int:
-    """Load the last checkpoint into the freshly set-up job; the step it was taken at (0 if there is none yet:
-    the run then starts again from the beginning, in the same directory)."""
-    if not run_dir.state.is_file():
+    """Load the last checkpoint into the freshly set-up job; the step it was taken at (0 if there is none yet: the
+    run then starts again from the beginning, in the same directory). A checkpoint that cannot be read gives way to
+    the latest earlier one that can (`--keep_checkpoints`), which takes its place; the damaged one is kept aside."""
+    folders = [run_dir.checkpoint, *run_dir.earlier_checkpoints()]
+    if not any(f.is_dir() for f in folders):
         return 0
-    state = load_json(run_dir.state)
+    first_error = None
+    for folder in folders:
+        try:
+            step = _load_checkpoint(folder, job)
+        except WrongRun:
+            raise
+        except RunError as e:
+            first_error = first_error or e
+            continue
+        if folder != run_dir.checkpoint:
+            damaged = _fresh_name(run_dir.path / "checkpoint.damaged")
+            if run_dir.checkpoint.exists():
+                os.replace(run_dir.checkpoint, damaged)
+            os.replace(folder, run_dir.checkpoint)
+            print(f"checkpoint/ could not be read ({first_error}); resuming from {folder.name}/ instead (step {step}); "
+                  f"the damaged one is kept as {damaged.name}/", flush=True)
+        return step
+    raise first_error
+
+
+def _load_checkpoint(folder: Path, job: Job) -> int:
+    state = load_json(folder / "state.json")
     if state.get("base") != job.base:
-        raise RunError(f"{run_dir.checkpoint} holds a run of {state.get('base')!r}, not of {job.base!r}; "
-                       "resume it with the config it was started with")
-    tensors = load_weights(run_dir.trainer_state)
-    job.load(run_dir.checkpoint, state)
+        raise WrongRun(f"{folder} holds a run of {state.get('base')!r}, not of {job.base!r}; resume it with the "
+                       "config it was started with")
+    tensors = load_weights(folder / "trainer_state.safetensors")
+    job.load(folder, state)
     try:
         if job.optimizer is not None:  # (a job that trains nothing itself, such as the loop, has none)
             load_optimizer_state(job.optimizer, {k[len("optimizer."):]: v for k, v in tensors.items()
-                                                 if k.startswith("optimizer.")}, state["optimizer"], run_dir.checkpoint)
+                                                 if k.startswith("optimizer.")}, state["optimizer"], folder)
         if job.scheduler is not None:
             job.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
+        set_rng_state(tensors, state.get("rng", {}))
+        if state.get("scaler"):
+            precision().scaler.load_state_dict(state["scaler"])
+        skips().total = int(state.get("skipped_updates", 0))
         return int(state["step"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise RunError(f"{run_dir.checkpoint} is incomplete ({e!r} missing or malformed); resume from an intact "
-                       "run") from e
+        raise RunError(f"{folder} is incomplete ({e!r} missing or malformed); resume from an intact run") from e
+
+
+def _fresh_name(path: Path) -> Path:
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+OPTIMIZER_KEYS = {"train.lr": "lr", "train.weight_decay": "weight_decay"}
+"""settings a checkpoint's optimizer state holds, which a resume must set again when they were changed"""
+
+
+def apply_changes(run_: Run, job: Job, saved: dict) -> None:
+    """The settings a resume changed (the overrides that RESUME_FIXED allows, such as --steps or --train.lr) take
+    effect from the next step: those the checkpoint's state would have undone are set again (the optimizer's lr and
+    weight decay; `job.resumed` for the job's own, such as RL's kl_coef). Each is said and recorded."""
+    before, after = flatten(saved), flatten(to_dict(run_.cfg))
+    changed = {k: [before.get(k), v] for k, v in after.items() if k != "out" and before.get(k) != v}
+    if not changed:
+        return
+    for key, name in OPTIMIZER_KEYS.items():
+        if key in changed and job.optimizer is not None:
+            _set_hyperparameter(job, name, changed[key][1])
+    if hasattr(job, "resumed"):
+        job.resumed(changed)
+    lines = [json.loads(x) for x in run_.dir.resumes.read_text().splitlines()] if run_.dir.resumes.is_file() else []
+    atomic_write_text(run_.dir.resumes, "".join(json.dumps(x) + "\n" for x in [
+        *lines, {"after_step": run_.done, "changed": changed}]))
+    run_.say("settings changed on resume, applied from step " + str(run_.done + 1) + ": " +
+             ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) + f" (recorded in {run_.dir.resumes.name})")
+
+
+def _set_hyperparameter(job: Job, name: str, value: float) -> None:
+    """An optimizer hyperparameter as the config now says, over what the checkpoint restored (with an LR schedule,
+    the schedule's base rate, and this step's rate from it)."""
+    scheduler = job.scheduler
+    for i, group in enumerate(job.optimizer.param_groups):
+        group[name] = value
+        if name == "lr" and scheduler is not None:
+            group["initial_lr"] = scheduler.base_lrs[i] = value
+            group["lr"] = value * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    if name == "lr" and scheduler is not None:
+        scheduler._last_lr = [g["lr"] for g in job.optimizer.param_groups]  # what get_last_lr() reports
 
 
 class ModelJob:

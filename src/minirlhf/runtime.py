@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from minirlhf import ConfigError, UserError
+from minirlhf import UserError
 
 
 def configure_process() -> None:
@@ -65,6 +65,41 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random stream a run draws from, as tensors (for safetensors) and JSON: torch's on the CPU and on each
+    CUDA GPU or MPS, NumPy's and Python's, so that a resumed run draws what the uninterrupted one drew."""
+    import numpy as np
+
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors |= {f"rng.cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())}
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        tensors["rng.mps"] = torch.mps.get_rng_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(internal), gauss_next]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """The inverse of `rng_state` (a checkpoint from before it saved NumPy's and Python's streams restores torch's)."""
+    import numpy as np
+
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    if "rng.mps" in tensors and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(tensors["rng.mps"])
+    if "rng.numpy" in tensors and "numpy" in meta:
+        kind, pos, has_gauss, gauss = meta["numpy"]
+        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "python" in meta:
+        version, internal, gauss_next = meta["python"]
+        random.setstate((version, tuple(internal), gauss_next))
 
 
 def peak_memory_mb() -> float:

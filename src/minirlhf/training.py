@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import random
 import sys
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
 
-from minirlhf import UserError
+from minirlhf import UserError, distributed
 from minirlhf.precision import precision
 
 
@@ -44,15 +48,49 @@ def make_optimizer(params: list, cfg, total_steps: int):
     return optimizer, scheduler
 
 
+@dataclass
+class Skips:
+    """Updates skipped because their gradients were not finite (`--guards`): warn says so at the first and stops the
+    run after IN_A_ROW in a row (it is going nowhere); strict stops at the first; off only counts. The weights are
+    never touched by such an update, so no checkpoint can hold what it would have made."""
+
+    mode: str = "warn"
+    total: int = 0
+    """in the whole run (a resumed run continues the count from its checkpoint)"""
+    in_a_row: int = 0
+
+    IN_A_ROW: ClassVar[int] = 10
+
+    def skip(self, grad_norm: float) -> None:
+        self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
+        fix = ("lower --train.lr, or find what made the loss non-finite (a reward or a data value); no skipped update "
+               "reaches a checkpoint, so the last one is intact for --resume")
+        if self.mode == "strict":
+            raise UserError(f"the gradients were not finite (norm {grad_norm}); --guards strict stopped the run "
+                            f"before the update; {fix}")
+        if self.mode == "warn" and self.in_a_row >= self.IN_A_ROW:
+            raise UserError(f"{self.in_a_row} updates in a row had non-finite gradients and were skipped; {fix}")
+        if self.mode == "warn" and self.total == 1 and distributed.is_main():
+            print(f"the gradients were not finite (norm {grad_norm}): that update was skipped, the weights are "
+                  "unchanged (counted in train/skipped_updates; --guards strict stops instead)", flush=True)
+
+
+_skips = Skips()
+
+
+def skips(mode: str | None = None, total: int = 0) -> Skips:
+    """The run's count of skipped updates; a new count for a run that starts (`mode`) or resumes (`total`)."""
+    global _skips
+    if mode is not None:
+        _skips = Skips(mode, total)
+    return _skips
+
+
 def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: float, sync=None) -> float:
     """Backward, clip the global gradient norm, step (and the LR schedule, if any); returns the norm before clipping.
-    `sync(params)` runs between backward and clipping (adding up the processes' gradients).
-
-    A non-finite loss stops the run before it can touch the weights; checkpoints already saved stay.
-    """
-    if not torch.isfinite(loss):
-        raise UserError(f"the training loss became {loss.item()}; lower the learning rate or raise the warm-up "
-                        "(checkpoints saved so far are intact)")
+    `sync(params)` runs between backward and clipping (adding up the processes' gradients). A non-finite loss gives
+    non-finite gradients, and the update is skipped (`clipped_step`): every process of a torchrun sees the same
+    summed gradients, so all of them skip together."""
     optimizer.zero_grad(set_to_none=True)
     backward(loss)
     if sync is not None:
@@ -67,15 +105,23 @@ def backward(loss: torch.Tensor) -> None:
 
 def clipped_step(params: list, optimizer, scheduler, max_grad_norm: float) -> float:
     """Unscale (fp16), clip the global gradient norm, step the optimizer and the LR schedule (if any); returns the
-    norm before clipping."""
+    norm before clipping. Gradients that are not finite skip the update (`Skips`); the schedule still steps, so
+    the learning rate stays a function of the step."""
     scaler = precision().scaler
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
-    scaler.update()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    if math.isfinite(grad_norm) or scaler.is_enabled():  # fp16's scaler skips an overflow and lowers its scale itself
+        scaler.step(optimizer)
+        scaler.update()
+        _skips.in_a_row = 0
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        _skips.skip(grad_norm)
     if scheduler is not None:
-        scheduler.step()
-    return grad_norm.item()
+        with warnings.catch_warnings():  # torch's warning of a schedule stepped without the optimizer: meant here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
+    return grad_norm
 
 
 def progress(iterable, desc: str, **kwargs):
