@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
+import sqlite3
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 
-from minirlhf import ConfigError, UserError, __version__, doctor
+from minirlhf import ConfigError, UserError, __version__, distributed, doctor
 from minirlhf.algorithms import classifier, dpo, generator, registry, reward_model, rl, sft
 from minirlhf.algorithms.evaluate import evaluate_run
 from minirlhf.config import describe, load_config, load_saved
@@ -282,13 +284,43 @@ def main(argv: list[str] | None = None) -> int:
         _check_sampling(args)
         return args.func(args, extra)
     except UserError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"minirlhf: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e), 2, debug)
     except KeyboardInterrupt:
         print("minirlhf: interrupted", file=sys.stderr)
         return 130
+    except (OSError, sqlite3.Error, RuntimeError) as e:
+        line = environment_error(e)
+        if line is None:
+            raise  # a bug: its traceback
+        return _error(line, 1, debug)
+    finally:
+        distributed.close()  # a run stopped by an error leaves no process group behind
+
+
+def _error(line: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"minirlhf: error: {line}\n")  # one write: the processes of a torchrun share the stream
+    sys.stderr.flush()
+    return code
+
+
+def environment_error(e: BaseException) -> str | None:
+    """One line for what the machine did rather than the user or minirlhf: a full disk or any other failed file
+    operation, a database error, a collective that another process never joined. Written files stay whole
+    (every write is atomic), so the line says how to go on. None for anything else (a bug)."""
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        hint = ("free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the path and "
+                "its permissions")
+        return (f"{e.strerror or e}{where}; {hint}, then run again (a training run: --resume it; what was saved "
+                "before is intact)")
+    if isinstance(e, sqlite3.Error):
+        return f"the feedback database failed ({e}); nothing half-written was kept; check the disk, then run again"
+    if distributed.timed_out(e):
+        return ("another process of this torchrun stopped or did not answer within --dist_timeout_s (see its own "
+                f"output): {str(e).splitlines()[0][:200]}")
+    return None
 
 
 if __name__ == "__main__":

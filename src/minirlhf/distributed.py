@@ -16,20 +16,29 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import fields
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from minirlhf import sharding, strict
+from minirlhf import UserError, sharding, strict
 
 _strategy = "ddp"  # how `wrap` spreads a trained module: `--strategy`, set by `init`
+_alone = False  # inside `alone()`: this process runs as a world of one, its process group left untouched
 
 
-def init(preference: str = "auto", strategy: str = "ddp") -> tuple[int, int]:
+def _active() -> bool:
+    return dist.is_initialized() and not _alone
+
+
+def init(preference: str = "auto", strategy: str = "ddp", timeout_s: float = 1800.0) -> tuple[int, int]:
     """Join the process group torchrun describes in the environment; (rank, world size). NCCL on this process's
     GPU when CUDA is there and `preference` (the config's device) allows it; gloo otherwise (`--device cpu` on a
-    CUDA machine, MPS, CPU). `strategy` (ddp or fsdp) is how `wrap` will spread the trained modules."""
+    CUDA machine, MPS, CPU). `strategy` (ddp or fsdp) is how `wrap` will spread the trained modules. A collective
+    that waits `timeout_s` for another process fails (`--dist_timeout_s`) instead of hanging."""
     global _strategy
+    if _alone:
+        return 0, 1
     _strategy = strategy
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
@@ -37,8 +46,20 @@ def init(preference: str = "auto", strategy: str = "ddp") -> tuple[int, int]:
         backend = backend_for(preference, torch.cuda.is_available())
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextmanager
+def alone():
+    """This process as a world of one: what runs inside (a stage that one process runs for all, such as the reward
+    classifier trained first) makes no collective, and leaves the process group to the run around it."""
+    global _alone
+    previous, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = previous
 
 
 def backend_for(preference: str, cuda: bool) -> str:
@@ -48,11 +69,11 @@ def backend_for(preference: str, cuda: bool) -> str:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if _active() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if _active() else 1
 
 
 def is_main() -> bool:
@@ -65,29 +86,66 @@ def backend_device(backend: str | None) -> torch.device:
 
 
 def comm_device() -> torch.device:
-    return backend_device(dist.get_backend() if dist.is_initialized() else None)
+    return backend_device(dist.get_backend() if _active() else None)
 
 
 def device() -> torch.device | None:
     """This process's GPU under torchrun with NCCL, else None (the config decides: CPU, or MPS with gloo)."""
-    return comm_device() if dist.is_initialized() and dist.get_backend() == "nccl" else None
+    return comm_device() if _active() and dist.get_backend() == "nccl" else None
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if _active():
         dist.barrier()
+
+
+class Failed(UserError):
+    """What stopped another process of the run, as every process reports it."""
+
+
+def agree(error: BaseException | None) -> None:
+    """Every process says whether it failed, in one collective; if any did, every process raises the same one-line
+    error (the first failed process's), so none is left waiting for the others at a later collective."""
+    if not _active():
+        if error is not None:
+            raise error
+        return
+    said = gather_list([None if error is None else f"{_describe(error)} (process {rank()} of {world_size()})"])
+    first = next((x for x in said if x is not None), None)
+    if first is None:
+        return
+    if error is not None and not isinstance(error, UserError):
+        raise error  # a bug: its own traceback where it happened; the others say what stopped it
+    raise Failed(first) from error
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {str(error)[:300]}"
+
+
+@contextmanager
+def agreeing():
+    """Run the block on every process; then `agree` on how it went (a block that makes no collective itself)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (every process hears of it, and then it is raised again)
+        agree(e)
+        raise
+    agree(None)
 
 
 @contextmanager
 def main_first():
-    """Rank 0 runs the block first (it may train a missing classifier or fill a cache), then the others."""
-    if not is_main():
-        barrier()
-    try:
-        yield
-    finally:  # rank 0 failing (bad input) still releases the others, which then fail the same way
-        if is_main():
-            barrier()
+    """Rank 0 runs the block first (it may train a missing classifier or fill a cache), then, if it succeeded, the
+    others; each time every process learns how it went (`agree`), so a failure anywhere stops all of them."""
+    if is_main():
+        with agreeing():
+            yield
+        agree(None)
+    else:
+        agree(None)  # waits for rank 0's outcome (raising what stopped it)
+        with agreeing():
+            yield
 
 
 def share(n: int) -> slice:
@@ -107,7 +165,7 @@ def wrap(module: torch.nn.Module | None, find_unused: bool = False):
     """A module with trainable parameters as the update calls it: inside DistributedDataParallel (`--strategy ddp`),
     or itself, sharded by FSDP2 (`--strategy fsdp`, sharding.py); the module itself in a world of one. Either way
     it accumulates gradients without communicating inside `sharding.no_sync(it)`."""
-    if module is None or not dist.is_initialized():
+    if module is None or not _active():
         return module
     if _strategy == "fsdp":
         return sharding.shard_module(module, comm_device().type)
@@ -129,14 +187,14 @@ def _communicate(collective, tensor: torch.Tensor, *args, **kwargs) -> torch.Ten
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:
-    return _communicate(dist.all_reduce, values) if dist.is_initialized() else values
+    return _communicate(dist.all_reduce, values) if _active() else values
 
 
 def sum_gradients(params: list[torch.Tensor]) -> None:
     """Add up every process's gradients in one collective, for a model DistributedDataParallel does not wrap
     (each process's loss is its share of the whole batch's mean, so the sum is the single-process gradient)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not dist.is_initialized() or not grads:
+    if not _active() or not grads:
         return
     total = all_sum(torch.cat([g.flatten() for g in grads]))
     for g, part in zip(grads, total.split([g.numel() for g in grads])):
@@ -154,13 +212,13 @@ def mean_over_ranks(stats: dict[str, float], share: float) -> dict[str, float]:
 
 
 def all_max(values: torch.Tensor) -> torch.Tensor:
-    return _communicate(dist.all_reduce, values, op=dist.ReduceOp.MAX) if dist.is_initialized() else values
+    return _communicate(dist.all_reduce, values, op=dist.ReduceOp.MAX) if _active() else values
 
 
 def gather_rows(t: torch.Tensor | None, pad_left: bool = False) -> torch.Tensor | None:
     """Concatenate every process's (B_r, ...) tensor along dim 0, in rank order; a second dimension of
     different lengths is padded with zeros (on the left for left-padded prompts)."""
-    if t is None or not dist.is_initialized():
+    if t is None or not _active():
         return t
     if t.dtype == torch.bool:  # not every backend gathers bools
         return gather_rows(t.to(torch.uint8), pad_left).bool()
@@ -188,7 +246,7 @@ def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 def everywhere(flag: bool) -> bool:
     """Whether `flag` holds on every process (so that all of them take the same branch)."""
-    if not dist.is_initialized():
+    if not _active():
         return flag
     return all_max(torch.tensor([0.0 if flag else 1.0])).item() == 0.0
 
@@ -204,7 +262,7 @@ def spread(params: list[torch.Tensor]) -> float:
 
 
 def gather_list(items: list) -> list:
-    if not dist.is_initialized():
+    if not _active():
         return items
     out = [None] * world_size()
     with strict.communicating(comm_device()):
@@ -214,7 +272,7 @@ def gather_list(items: list) -> list:
 
 def gather_rollout(rollout):
     """Every process's Rollout joined into the whole batch, on every process."""
-    if not dist.is_initialized():
+    if not _active():
         return rollout
     joined, P = {}, rollout.prompt_ids.size(1)
     for f in fields(rollout):
@@ -228,5 +286,13 @@ def gather_rollout(rollout):
 
 
 def close() -> None:
-    if dist.is_initialized():
+    if _active():
         dist.destroy_process_group()
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process never came (or died): the backends raise
+    it as a DistError, or a RuntimeError naming a timeout or a closed connection."""
+    text = str(error)
+    return isinstance(error, getattr(dist, "DistError", ())) or (
+        isinstance(error, RuntimeError) and any(s in text for s in ("Timed out", "timed out", "Connection closed")))

@@ -51,9 +51,10 @@ def load_classifier(cfg: RewardConfig, device, data: DataConfig | None = None):
     if path is not None and cfg.train_missing and not path.exists():
         print(f"reward classifier {path} does not exist yet: training it first (once; it is reused afterwards)")
         clf = demo_classifier()
-        if data is not None:
-            clf = dataclasses.replace(clf, data=dataclasses.replace(data, max_train=clf.data.max_train,
-                                                                    max_eval=clf.data.max_eval))
+        if data is not None:  # the run's data, at most as much as the quick settings take
+            fewer = lambda mine, quick: quick if mine is None else min(mine, quick)  # noqa: E731
+            clf = dataclasses.replace(clf, data=dataclasses.replace(
+                data, max_train=fewer(data.max_train, clf.data.max_train), max_eval=fewer(data.max_eval, clf.data.max_eval)))
         tmp = path.with_name(f".{path.name}.training")  # renamed into place only when complete
         shutil.rmtree(tmp, ignore_errors=True)
         classifier.train(dataclasses.replace(clf, out=str(tmp), device=str(device)))
@@ -62,12 +63,14 @@ def load_classifier(cfg: RewardConfig, device, data: DataConfig | None = None):
 
 
 def train_missing_reward(cfg) -> None:
-    """Before an RL run: its reward classifier, if it is to be trained first (once, by the first process)."""
+    """Before an RL run: its reward classifier, if it is to be trained first. Under torchrun the first process trains
+    it as a world of one while the others wait (up to --dist_timeout_s), then all of them go on, or stop together."""
     if cfg.reward.train_missing and cfg.reward.classifier and not Path(cfg.reward.classifier).exists():
-        distributed.init(cfg.device)  # before the runner: a GPU machine told --device cpu must get gloo
+        distributed.init(cfg.device, cfg.strategy, cfg.dist_timeout_s)  # a GPU machine told --device cpu: gloo
         with distributed.main_first():
-            if not Path(cfg.reward.classifier).exists():
-                load_classifier(cfg.reward, pick_device(cfg.device)[0], cfg.data)
+            if distributed.is_main() and not Path(cfg.reward.classifier).exists():
+                with distributed.alone():
+                    load_classifier(cfg.reward, pick_device(cfg.device)[0], cfg.data)
 
 
 @dataclass

@@ -95,7 +95,7 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
         raise RunError("--overwrite starts a run anew and --resume continues one; give one of them")
     strict.install()  # MINIRLHF_STRICT_DEVICES=1 only
     tracking.parse(cfg.report_to)  # a misspelt dashboard fails before anything runs
-    distributed.init(cfg.device, cfg.strategy)
+    distributed.init(cfg.device, cfg.strategy, cfg.dist_timeout_s)
     device, why = (distributed.device(), "torchrun, NCCL") if distributed.device() else pick_device(cfg.device)
     run_ = Run(cfg, device, distributed.is_main())
     if cfg.dtype in ("auto", "bf16"):
@@ -108,7 +108,8 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
              f"({run_.precision.why})")
     with distributed.main_first():
         job.setup(run_)  # bad input fails here, before anything is written
-    _open(run_, job, cfg, resume, overwrite)
+    with distributed.agreeing():  # the main process alone writes: a failure there must stop every process
+        _open(run_, job, cfg, resume, overwrite)
     with run_.precision.autocast():
         first = job.begin(run_)
         sharding.adopt(job.optimizer)  # --strategy fsdp: the optimizer steps the shards `begin` made
@@ -117,11 +118,10 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
         _loop(run_, job, cfg)
     job.end()
     gc.collect()  # DDP's reducers must go before the process group does, or the exit can abort
-    with sharding.unsharded(job.modules()):  # --strategy fsdp: whole weights, for the main process alone
+    with sharding.unsharded(job.modules()), distributed.agreeing():  # fsdp: whole weights, for the main process
         if run_.main:
             with run_.precision.autocast():
                 _finish(run_, job)
-    distributed.barrier()
     distributed.close()
     return run_.dir.path if run_.main else None
 
@@ -162,7 +162,7 @@ def _loop(run_: Run, job: Job, cfg) -> None:
             if shown:
                 bar.set_postfix(shown, refresh=False)
         if step % cfg.save_every == 0 or step == job.steps:
-            with sharding.gathered(job.modules(), job.optimizer):  # --strategy fsdp: every process lends its shards
+            with sharding.gathered(job.modules(), job.optimizer), distributed.agreeing():  # fsdp: all lend shards
                 if run_.main:
                     save_checkpoint(run_.dir, job, step, cfg.keep_checkpoints)
 

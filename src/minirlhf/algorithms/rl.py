@@ -142,7 +142,8 @@ def _experience(cfg, algo: Algorithm, step: int, models: Models, reward, prompts
                                        row_generators(cfg.seed, step, rows, device))
     sample_s = time.perf_counter() - t0
     models.policy.prepare(rollout)  # outside the inference mode below; a no-op where sampling kept it
-    _, terms = reward(models.policy, rollout)
+    with distributed.agreeing():  # a reward that fails on one process (a NaN, a user function) stops all of them
+        _, terms = reward(models.policy, rollout)
     with torch.inference_mode():
         ref_logprobs = models.ref(rollout, entropy=False)[0]
         values = models.value_model(rollout, entropy=False)[1] if models.value_model is not None else None
