@@ -59,6 +59,9 @@ def test_generator_commands_end_to_end(cli, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("i love") for line in lines)
     assert_one_line_error(cli("generate", "gen", "--temperature", "0"), "--temperature must be > 0")
+    assert_one_line_error(cli("generate", "gen", "--top-p", "nan"), "--top-p must be a finite number, got nan")
+    assert_one_line_error(cli("feedback", "simulate", "--url", "http://127.0.0.1:1", "--judge", "m:f", "--labels", "1",
+                              "--beta", "inf"), "--beta must be a finite number, got inf")
     assert_one_line_error(cli("generate", "nowhere", env={"HF_HUB_OFFLINE": "1"}), "'nowhere' is not a run directory")
 
 

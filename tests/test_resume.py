@@ -161,3 +161,26 @@ def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it(cli, tmp_path, 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from checkpoint-4/ instead (step 4)" in resumed.stdout and (cut / "checkpoint.damaged").is_dir()
     _same(tmp_path / "full", cut, ["checkpoint/policy/model.safetensors"])
+
+
+def test_a_disk_that_fills_during_a_save_leaves_the_last_checkpoint_usable(cli, tmp_path, tiny_generator):
+    """RLIMIT_FSIZE makes every write past 100 KB fail as a full disk does: the run stops with one line (exit 1), its
+    last checkpoint is whole, and resuming it on a roomier disk ends where an uninterrupted run ends."""
+    import resource
+
+    args = ["ppo", "--policy", str(tiny_generator), "--reward.classifier_weight=0", "--reward.length_weight=1",
+            "--batch_size=4", "--minibatch_size=4", "--ppo_epochs=1", "--prompts.max_eval=4", "--data.max_train=200",
+            "--data.max_eval=50", "--save_every=2", "--device=cpu", "--seed=3"]
+    assert cli(*args, "--steps=4", "--out", "full").returncode == 0
+    assert cli(*args, "--steps=2", "--out", "cut").returncode == 0
+    limit = 100_000  # above metrics.jsonl and the config, below the policy's weights
+    full = subprocess.run([sys.executable, "-m", "minirlhf", "ppo", "--resume", "cut", "--steps=4"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("minirlhf: error: File too large") and "free some space" in last, last
+    assert _step_of(tmp_path / "cut") == 2 and not list((tmp_path / "cut").glob(".checkpoint*"))
+    resumed = cli("ppo", "--resume", "cut", "--steps=4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _same(tmp_path / "full", tmp_path / "cut", ["checkpoint/policy/model.safetensors"])

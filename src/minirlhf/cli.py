@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -265,6 +266,10 @@ def _check_sampling(args) -> None:
     n = getattr(args, "n", 1)
     if (n is not None and n < 1) or getattr(args, "max_new_tokens", 1) < 1:
         raise ConfigError("-n and --max-new-tokens must be at least 1")
+    numbers = {k: v for k, v in vars(args).items() if isinstance(v, float)}
+    bad = next((k for k, v in numbers.items() if not math.isfinite(v)), None)
+    if bad is not None:
+        raise ConfigError(f"--{bad.replace('_', '-')} must be a finite number, got {numbers[bad]}")
     if getattr(args, "temperature", 1.0) <= 0:
         raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < getattr(args, "top_p", 1.0) <= 1 or getattr(args, "top_k", 0) < 0:

@@ -30,6 +30,7 @@ from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
 from minirlhf.models.load import load_policy, load_reference, restore_policy
 from minirlhf.models.policy import Rollout, distinct_rows
+from minirlhf.models import rewards
 from minirlhf.models.rewards import Reward, RunningMoments
 from minirlhf.ops import masked_mean
 from minirlhf.rundir import RunDir
@@ -163,6 +164,7 @@ def check(cfg, algo: Algorithm, n_prompts: int) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of group_size={g}")
     if algo.check is not None:
         algo.check(cfg)
+    rewards.check(cfg.reward)  # before any model loads
     batch = min(cfg.batch_size // g, n_prompts) * g  # fewer prompts than batch_size // g make a smaller batch
     k, last = distributed.world_size(), batch % cfg.minibatch_size or cfg.minibatch_size
     if min(batch, cfg.minibatch_size, last) < k:

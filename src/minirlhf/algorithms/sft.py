@@ -39,9 +39,10 @@ class SFTConfig(TrainingRunConfig):
     policy_options: PolicyOptions = field(default_factory=PolicyOptions)
     """how a causal LM policy is set up (freeze_layers, LoRA, chat template)"""
     data: str = ""
-    """examples, .jsonl of {"prompt", "response"}, {"messages"}, {"text"} or preference pairs (their chosen side)"""
+    """examples: a .jsonl file or hf:NAME[:split] of {"prompt", "response"}, {"messages"}, {"text"} or preference
+    pairs (their chosen side)"""
     eval_file: str | None = None
-    """held-out examples (.jsonl); default: hold out `eval_fraction` of the prompts of `data`"""
+    """held-out examples (.jsonl or hf:NAME[:split]); default: hold out `eval_fraction` of the prompts of `data`"""
     eval_fraction: float = 0.1
     """share of the prompts (of plain texts: of the texts) held out"""
     max_train: int | None = None
@@ -80,7 +81,7 @@ def load_examples(cfg: SFTConfig) -> tuple[list[Example], list[Example]]:
                           "or {\"text\"} lines")
     examples = read_examples(cfg.data)
     if cfg.eval_file is not None:
-        return examples[: cfg.max_train], read_examples(cfg.eval_file)[: cfg.max_eval]
+        return examples[: cfg.max_train], read_examples(cfg.eval_file, "--eval_file")[: cfg.max_eval]
     train, held = split_examples(examples, cfg.eval_fraction, cfg.split_seed)
     return train[: cfg.max_train], held[: cfg.max_eval]
 
