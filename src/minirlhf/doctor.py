@@ -140,6 +140,8 @@ def _device_pass(r: Report, model, tokenizer) -> None:
                "run with --device cpu, and report it")
         return
     peak = accelerator_peak_mb(device)
+    r.ok("precision", f"--dtype auto takes {precision.name} here ({precision.why})"
+         + (f"; in bf16 runs {', '.join(sorted(precision.fp32_ops))} stays fp32" if precision.fp32_ops else ""))
     r.ok("device pass", f"SmolLM2 on {device} ({precision.name}): sample 2x8 tokens {t_sample:.2f}s, forward "
                         f"{t_forward:.2f}s, backward {t_backward:.2f}s" + (f", peak {peak:.0f} MB" if peak else ""))
 
