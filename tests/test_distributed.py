@@ -79,3 +79,18 @@ def test_the_reward_classifier_is_trained_first_once_under_torchrun(tiny_generat
     assert (tmp_path / "clf" / "model" / "config.json").is_file()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["dist/param_spread"] == 0.0 and "reward/classifier" in rows[0]
+
+
+def test_two_processes_resume_alike_from_a_fallback_checkpoint_with_a_changed_setting(tiny_generator, tmp_path):
+    """Both processes resume from the same checkpoint (the first sets the damaged last one aside before the other
+    reads) and both apply the learning rate given on resume: their weights stay identical."""
+    args = _ppo(tiny_generator, "--reward.classifier_weight=0", "--reward.length_weight=1", "--save_every=1")
+    first, _ = torchrun([*args, "--steps=2", "--out", "run"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = tmp_path / "run" / "checkpoint" / "trainer_state.safetensors"
+    state.write_bytes(state.read_bytes()[:64])
+    again, _ = torchrun(["ppo", "--resume", "run", "--steps=3", "--train.lr=1e-3"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoint-1/ instead (step 1)" in again.stdout and "train.lr 0.0003 -> 0.001" in again.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["dist/param_spread"] == 0.0 for r in rows)

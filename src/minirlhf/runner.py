@@ -98,6 +98,8 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
     distributed.init(cfg.device, cfg.strategy, cfg.dist_timeout_s)
     device, why = (distributed.device(), "torchrun, NCCL") if distributed.device() else pick_device(cfg.device)
     run_ = Run(cfg, device, distributed.is_main())
+    # what a resumed run was configured with, read by every process before the main one writes the new config
+    saved = load_yaml_dict(Path(resume) / "config.yaml") if resume is not None else {}
     if cfg.dtype in ("auto", "bf16"):
         with distributed.main_first():  # one process times the precision probe (once a machine); the others read it
             measured(device)
@@ -108,8 +110,8 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
              f"({run_.precision.why})")
     with distributed.main_first():
         job.setup(run_)  # bad input fails here, before anything is written
-    with distributed.agreeing():  # the main process alone writes: a failure there must stop every process
-        _open(run_, job, cfg, resume, overwrite)
+    with distributed.main_first():  # it writes the run, and may set a damaged checkpoint aside, before the others read
+        _open(run_, job, cfg, resume, overwrite, saved)
     with run_.precision.autocast():
         first = job.begin(run_)
         sharding.adopt(job.optimizer)  # --strategy fsdp: the optimizer steps the shards `begin` made
@@ -126,21 +128,20 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
     return run_.dir.path if run_.main else None
 
 
-def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False) -> None:
-    """The run directory: a new one, or `resume`'s with the job restored from its checkpoint."""
+def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False, saved: dict | None = None) -> None:
+    """The run directory: a new one, or `resume`'s with the job restored from its checkpoint and the settings changed
+    since `saved` (its config) applied."""
     if resume is not None:
         run_.dir = RunDir.open(resume, job.stage)
         if run_.dir.algorithm != job.algorithm:
             raise RunError(f"{resume} holds a {run_.dir.algorithm or run_.dir.stage} run, not {job.algorithm}; "
                            "resume it with its own command")
-        saved = load_yaml_dict(run_.dir.config)
         run_.done = restore(run_.dir, job)
         if run_.done >= job.steps and run_.dir.results.is_file():
             raise RunError(f"{resume} already ran {run_.done} steps; pass --steps=N with N > {run_.done} "
                            "(or more epochs) to train further")
         run_.say(f"{job.name}: resuming after step {run_.done}")
-        if run_.main:
-            apply_changes(run_, job, saved)
+        apply_changes(run_, job, saved or {})
     elif run_.main:
         run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base, overwrite)
     if run_.main:
@@ -291,6 +292,8 @@ def apply_changes(run_: Run, job: Job, saved: dict) -> None:
             _set_hyperparameter(job, name, changed[key][1])
     if hasattr(job, "resumed"):
         job.resumed(changed)
+    if not run_.main:  # every process applies them; the main one writes
+        return
     lines = [json.loads(x) for x in run_.dir.resumes.read_text().splitlines()] if run_.dir.resumes.is_file() else []
     atomic_write_text(run_.dir.resumes, "".join(json.dumps(x) + "\n" for x in [
         *lines, {"after_step": run_.done, "changed": changed}]))
