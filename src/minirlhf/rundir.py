@@ -95,9 +95,9 @@ class RunDir:
         at `out` is never written into: it stops the run (`check_new`), or with `overwrite` is moved aside whole."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
-        path = Path(out) if out is not None else _fresh(Path("runs"), (algorithm or stage).replace("_", "-"))
+        path = Path(out) if out is not None else fresh_path(Path("runs"), (algorithm or stage).replace("_", "-"))
         if check_new(path, overwrite):
-            aside = _fresh(path.parent, f"{path.name}.replaced")
+            aside = fresh_path(path.parent, f"{path.name}.replaced")
             os.replace(path, aside)
             print(f"--overwrite: the run that was in {path} is now in {aside} (nothing deleted)", flush=True)
         path.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,8 @@ def check_new(out: str | Path | None, overwrite: bool = False) -> bool:
     return False
 
 
-def _fresh(root: Path, name: str) -> Path:
+def fresh_path(root: Path, name: str) -> Path:
+    """`root/NAME-TIME` (a -2, -3 ... after it if that exists already): a new name for a run or a folder set aside."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path, n = root / f"{name}-{stamp}", 1
     while path.exists():

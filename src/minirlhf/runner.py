@@ -34,7 +34,7 @@ from minirlhf.checkpoint import (NotFinite, atomic_write_text, load_json, load_o
 from minirlhf.config import load_yaml_dict, save_config, to_dict
 from minirlhf.metrics import MetricsWriter
 from minirlhf.modelcard import write_model_card
-from minirlhf.rundir import RunDir, check_new
+from minirlhf.rundir import RunDir, check_new, fresh_path
 from minirlhf.precision import Precision, measured, precision, set_precision
 from minirlhf.runtime import memory_report, peak_memory_mb, pick_device, rng_state, seed_everything, set_rng_state
 from minirlhf.tracking import flatten
@@ -235,7 +235,7 @@ def restore(run_dir: RunDir, job: Job) -> int:
             first_error = first_error or e
             continue
         if folder != run_dir.checkpoint:
-            damaged = _fresh_name(run_dir.path / "checkpoint.damaged")
+            damaged = fresh_path(run_dir.path, "checkpoint.damaged")
             if run_dir.checkpoint.exists():
                 os.replace(run_dir.checkpoint, damaged)
             os.replace(folder, run_dir.checkpoint)
@@ -265,14 +265,6 @@ def _load_checkpoint(folder: Path, job: Job) -> int:
         return int(state["step"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise RunError(f"{folder} is incomplete ({e!r} missing or malformed); resume from an intact run") from e
-
-
-def _fresh_name(path: Path) -> Path:
-    n, candidate = 1, path
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return candidate
 
 
 OPTIMIZER_KEYS = {"train.lr": "lr", "train.weight_decay": "weight_decay"}
