@@ -122,3 +122,37 @@ def test_judge_with_clicks_and_keys_then_undo(served):
     prompts = {r[0] for r in sqlite3.connect(served["db"]).execute("SELECT prompt FROM pairs WHERE id != ?",
                                                                     (served["first"],))}
     assert prompts == {"\n\nHuman: say hi\n\nAssistant:"}  # --prompts, conversations as HH text
+
+
+def test_a_link_clicked_on_another_site_signs_in_and_a_second_tab_is_told(served):
+    """The link as annotators get it, in a mail or a chat: a click from another site. The token moves into the
+    cookie and out of the address bar; a second tab's choice on a pair judged in the first is refused, visibly."""
+    sync_playwright = _need_browser()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context()
+        page = context.new_page()
+        statuses = []
+        page.on("response", lambda r: statuses.append((r.status, r.url.split("?")[0].rsplit("/", 1)[-1] or "/")))
+        page.set_content(f'<p>Your link: <a id="go" href="{served["link"]}">open</a></p>')  # another site's page
+        page.click("#go")
+        page.wait_for_selector('input[name="pair_id"]', state="attached")
+        base = served["link"].split("/?")[0]
+        assert page.url == f"{base}/" and "token" not in page.url
+        assert page.evaluate("() => document.cookie") == ""  # HttpOnly: no script reads it
+        # (Chromium holds the new SameSite=Strict cookie back from the 303's target, as the navigation began on
+        # another site: the page that reloads itself from this site gets it through; without it, this was a 403.)
+        assert statuses[0][0] == 303 and all(s < 400 for s, _ in statuses), statuses
+
+        second = context.new_page()  # a second tab: the same pair, from the cookie alone
+        second.goto(f"{base}/")
+        second.wait_for_selector('input[name="pair_id"]', state="attached")
+        assert _shown(second) == _shown(page) == served["first"]
+        _act(page, lambda: page.click("button[value=a]"))
+        with second.expect_navigation():
+            second.click("button[value=b]")
+        assert "Already judged" in second.locator("#notice").inner_text()
+        assert _shown(second) == _shown(page) != served["first"]  # both tabs now show the next pair
+        browser.close()
+    rows = sqlite3.connect(served["db"]).execute("SELECT pair_id, choice FROM judgements").fetchall()
+    assert rows == [(served["first"], "a")]

@@ -24,6 +24,10 @@ def test_serve_judge_export_train_reward_model_then_ppo(tiny_generator, tmp_path
     assert out.returncode == 0, out.stderr
     pairs = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert len(pairs) == 30 and all(len(p["chosen"]) >= len(p["rejected"]) for p in pairs)
+    # with where each pair came from, beside what the reward model reads
+    assert {p["annotator"] for p in pairs} == {"simulated-1"} and {p["round"] for p in pairs} == {None}
+    assert all(p[side]["model"] == str(tiny_generator) and p[side]["max_new_tokens"] == 12
+               for p in pairs for side in ("chosen_provenance", "rejected_provenance"))
 
     out = cli("train-reward-model", "--preferences", "prefs.jsonl", "--out", "rm", "--device", "cpu",
               "--model.max_length=32", "--train.epochs=1", "--train.batch_size=8", "--eval_fraction=0.2")

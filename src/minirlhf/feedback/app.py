@@ -1,55 +1,64 @@
 """The feedback web page: Flask views rendered on the server, served by waitress; `serve` runs it all.
 
-Who may do what: every page and endpoint but GET /healthz needs a token (from the link, `?token=`, then kept in
-a SameSite=Strict cookie), and only the admin's opens /admin. Every POST carries a CSRF token, an HMAC of the
-annotator's token under the server's secret, and is refused when the browser says it came from another site.
-Model text is only ever rendered through Jinja's autoescape, and the Content-Security-Policy runs no inline script.
+Who may do what is auth.py's: a link's token becomes a cookie, forms carry CSRF tokens, cross-site POSTs are refused.
+A judgement counts only for the pair on the annotator's screen that still wants a label; any other (a second tab's
+repeat, a pair never shown, one others finished meanwhile) answers 409 with the page and a line saying why. Model text
+is only ever rendered through Jinja's autoescape, and the Content-Security-Policy runs no inline script.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import ipaddress
 import os
 import re
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 
 from minirlhf import UserError
 from minirlhf.data.dialogue import is_dialogue, to_messages
-from minirlhf.feedback.pairs import PairPool, Sampling, check_selection, resolve_source
-from minirlhf.feedback.store import CHOICES, Store, agreement, win_rate
+from minirlhf.feedback.pairs import PairPool, Sampling, check_selection, default_db, made_for, resolve_source
+from minirlhf.feedback.figures import agreement, win_rate
+from minirlhf.feedback.store import ALREADY_JUDGED, CHOICES, JUDGED, NOT_NEEDED, NOT_SHOWN, TOKEN_DAYS, Failure, Store
 from minirlhf.runtime import pick_device
 
 try:  # only serving needs flask; export and import do not
     from flask import Flask, Response, current_app, g, redirect, render_template, request, url_for
+    from werkzeug.exceptions import HTTPException
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from minirlhf.feedback import auth
 except ImportError as e:
     raise UserError("the feedback page needs flask and waitress; pip install -r requirements.txt") from e
 
-COOKIE = "minirlhf_token"
 NAME = re.compile(r"[\w .@'-]{1,40}")
+PAIR_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits (str.isdigit takes "²"), and an id SQLite's integers hold
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin"}
+REFUSED = {
+    ALREADY_JUDGED: "Already judged: you judged this pair before (in another tab?); your first choice is kept.",
+    NOT_SHOWN: "This pair was not shown to you, so nothing was recorded; here is the pair that is.",
+    NOT_NEEDED: "This pair no longer needs a label (others judged it while it was open here); nothing was recorded.",
+}
 
 
-def create_app(store: Store, pool, base_url: str) -> Flask:
-    """The pages over `store`, with `pool` (pairs.PairPool) generating; links handed out start with `base_url`."""
+def create_app(store: Store, pool, base_url: str, trusted_proxy: bool = False, token_days: float = TOKEN_DAYS) -> Flask:
+    """The pages over `store`, with `pool` (pairs.PairPool) generating; links handed out start with `base_url` (behind
+    a trusted proxy: with the address the browser used) and work for `token_days`."""
     app = Flask(__name__)  # templates/ and static/ beside this file
     app.config.update(MAX_CONTENT_LENGTH=64 * 1024, PUBLIC_URL=base_url, STORE=store, POOL=pool,
-                      SECRET=store.secret())
-    app.before_request(authenticate)
-    app.after_request(add_headers)
-    app.context_processor(lambda: {"token": g.get("token"), "csrf": g.get("csrf"), "who": g.get("who"),
-                                   "ROLE_NAMES": ROLE_NAMES})
+                      SECRET=store.secret(), TRUSTED_PROXY=trusted_proxy, TOKEN_DAYS=token_days)
+    if trusted_proxy:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1, x_prefix=1)
+    app.before_request(auth.authenticate)
+    app.after_request(auth.add_headers)
+    app.register_error_handler(HTTPException, auth.http_error)
+    app.register_error_handler(sqlite3.Error, database_error)
+    app.context_processor(lambda: {"csrf": g.get("csrf"), "who": g.get("who"), "ROLE_NAMES": ROLE_NAMES})
     for rule, view, methods in (("/healthz", healthz, ["GET"]), ("/", annotate, ["GET"]), ("/judge", judge, ["POST"]),
                                 ("/undo", undo, ["POST"]), ("/admin", admin, ["GET", "POST"])):
         app.add_url_rule(rule, view_func=view, methods=methods)
@@ -60,46 +69,8 @@ def _store() -> Store:
     return current_app.config["STORE"]
 
 
-def csrf_for(token: str) -> str:
-    return hmac.new(current_app.config["SECRET"], token.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-def same_site() -> bool:
-    """Whether the browser's Origin (or, without one, Referer) header names this server; True when it sends neither."""
-    sender = request.headers.get("Origin") or request.headers.get("Referer")
-    if not sender:
-        return True
-    parts = urlsplit(sender)
-    return parts.scheme == request.scheme and parts.netloc == request.host
-
-
-def denied(why: str) -> Response:
-    return Response(f"403 Forbidden: {why}\n", 403, mimetype="text/plain")
-
-
-def authenticate():
-    """Before every request but /healthz: a known token, and on a POST, its CSRF token and a same-site sender."""
-    if request.endpoint == "healthz":
-        return None
-    token = request.args.get("token") or request.form.get("token") or request.cookies.get(COOKIE) or ""
-    who = _store().annotator(token) if token else None
-    if who is None:
-        return denied("this page needs your personal link (...?token=...); ask whoever runs the feedback server")
-    if request.method == "POST" and not (hmac.compare_digest(request.form.get("csrf", ""), csrf_for(token))
-                                         and same_site()):
-        return denied("the form was stale or came from another site; reload the page and try again")
-    g.who, g.token, g.csrf = who, token, csrf_for(token)
-    return None
-
-
-def add_headers(response: Response) -> Response:
-    response.headers.update(SECURITY_HEADERS)
-    if request.endpoint != "static":
-        response.headers["Cache-Control"] = "no-store"
-    token = g.get("token")
-    if token and request.cookies.get(COOKIE) != token:  # the link's token, kept for the pages that follow
-        response.set_cookie(COOKIE, token, max_age=30 * 86400, httponly=True, samesite="Strict", path="/")
-    return response
+def database_error(e: sqlite3.Error) -> Response:
+    return auth.plain(503, f"Service Unavailable: the feedback database failed ({e}); try again in a moment")
 
 
 def healthz():
@@ -108,11 +79,11 @@ def healthz():
         200 if ready else 503
 
 
-def annotate():
+def annotate(message: str | None = None):
     store, me = _store(), g.who["id"]
     pair, mine = store.next_pair(me), store.counts(me)
     status = {"judged": mine["a"] + mine["b"] + mine["tie"], "skipped": mine["skip"], "waiting": store.waiting(me),
-              "can_undo": any(mine[c] for c in CHOICES)}
+              "can_undo": any(mine[c] for c in CHOICES), "message": message}
     if pair is None:
         return render_template("wait.html", pool=current_app.config["POOL"].state, **status)
     return render_template("annotate.html", pair=pair, turns=to_messages(pair["prompt"]),
@@ -120,30 +91,44 @@ def annotate():
 
 
 def judge():
-    choice, pair_id = request.form.get("choice", ""), request.form.get("pair_id", "")
-    if choice not in CHOICES or not pair_id.isdigit():
-        return Response("400 Bad Request: a judgement needs pair_id and a choice of a, b, tie, skip\n", 400,
-                        mimetype="text/plain")
-    _store().judge(g.who["id"], int(pair_id), choice)  # a repeat of the same submit changes nothing
-    return redirect(url_for("annotate", token=g.token), 303)
+    choice, pair_id = g.form.get("choice", ""), g.form.get("pair_id", "")
+    if choice not in CHOICES or not PAIR_ID.fullmatch(pair_id):
+        return auth.bad("a judgement needs pair_id (a number) and a choice of a, b, tie, skip")
+    outcome = _store().judge(g.who["id"], int(pair_id), choice)
+    if outcome == JUDGED:
+        return redirect(url_for("annotate"), 303)
+    return annotate(REFUSED[outcome]), 409
 
 
 def undo():
     _store().undo(g.who["id"])
-    return redirect(url_for("annotate", token=g.token), 303)
+    return redirect(url_for("annotate"), 303)
 
 
 def admin():
     if not g.who["is_admin"]:
-        return denied("the admin page opens with the admin link the server printed when it started")
-    link = error = None
-    if request.method == "POST":
-        name = " ".join(request.form.get("name", "").split())
+        return auth.denied("the admin page opens with the admin link the server printed when it started")
+    link = error = notice = None
+    if request.method == "POST" and "revoke" in g.form:
+        name = g.form["revoke"]
+        if name == g.who["name"]:
+            error = "The admin link is revoked with `minirlhf feedback revoke admin` (a restart then makes a new one)."
+        else:
+            try:
+                notice = f"{name}'s link " + ("now opens nothing" if _store().revoke(name) else "was revoked already") \
+                    + "; their judgements are kept. A new link for the name brings them back."
+            except UserError as e:  # no such name (a stale page)
+                error = str(e)
+    elif request.method == "POST":
+        name = " ".join(g.form.get("name", "").split())
         if not NAME.fullmatch(name) or name == "admin" or name.startswith("import:"):
             error = "A name is 1-40 letters, digits, spaces or . @ ' - (not 'admin', not 'import:...')."
         else:
-            link = f"{current_app.config['PUBLIC_URL']}/?token={_store().set_annotator(name)}"
-    return render_template("admin.html", link=link, error=error,
+            base = request.url_root.rstrip("/") if current_app.config["TRUSTED_PROXY"] else \
+                current_app.config["PUBLIC_URL"]
+            link = f"{base}/?token={_store().set_annotator(name, days=current_app.config['TOKEN_DAYS'])}"
+    return render_template("admin.html", link=link, error=error, notice=notice,
+                           token_days=current_app.config["TOKEN_DAYS"],
                            **admin_figures(_store(), current_app.config["POOL"]))
 
 
@@ -167,6 +152,13 @@ def public_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -177,12 +169,23 @@ def _progress(store: Store) -> str:
             f"{sum(c[k] for k in CHOICES)} ({c['a']} A, {c['b']} B, {c['tie']} tie, {c['skip']} skip)")
 
 
+def generator_failure(error: BaseException) -> BaseException:
+    """What stopped the generator thread, as `minirlhf feedback` reports it: the user's error as it is (exit 2),
+    anything else as one line (exit 1), the original kept as the cause for --debug."""
+    if isinstance(error, (UserError, KeyboardInterrupt)):
+        return error
+    failure = Failure(f"the pair generator stopped: {type(error).__name__}: {error}; every judgement so far is in "
+                      "the database (--debug shows the traceback)")
+    failure.__cause__ = error
+    return failure
+
+
 def _watch(store: Store, pool) -> None:
     """Print progress whenever it changes, until Ctrl-C (or SIGTERM); raise what stopped the generator."""
     last, ready = None, False
     while True:
         if pool.error is not None:
-            raise pool.error
+            raise generator_failure(pool.error)
         if pool.state == "running" and not ready:
             ready = True
             print(f"model ready; keeping {pool.ahead} pairs ahead", flush=True)
@@ -195,18 +198,22 @@ def _watch(store: Store, pool) -> None:
 
 class Page:
     """The feedback page in this process: `pool` generating in one thread, waitress serving in another, from
-    `start()` until `stop()`. It listens from the moment it is made (`url`; port 0 picks a free one)."""
+    `start()` until `stop()`. It listens from the moment it is made (`url`; port 0 picks a free one). Links made on
+    its admin page work for `token_days`; with `trusted_proxy` it believes a proxy's X-Forwarded-* headers."""
 
-    def __init__(self, store: Store, pool, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, store: Store, pool, host: str = "127.0.0.1", port: int = 0, trusted_proxy: bool = False,
+                 token_days: float = TOKEN_DAYS):
         try:
             from waitress import create_server
         except ImportError as e:
             raise UserError("the feedback page needs waitress; pip install -r requirements.txt") from e
         self.store, self.pool = store, pool
-        self.admin_token = store.admin_token(Path(f"{store.path}.admin-token"))
-        app = create_app(store, pool, "")
+        self.admin_token = store.admin_token(Path(f"{store.path}.admin-token"), token_days)
+        app = create_app(store, pool, "", trusted_proxy, token_days)
         try:
-            self.server = create_server(app, host=host, port=port, threads=8, ident="minirlhf")
+            # waitress drops X-Forwarded-* itself unless told to pass them on, to ProxyFix
+            self.server = create_server(app, host=host, port=port, threads=8, ident="minirlhf",
+                                        clear_untrusted_proxy_headers=not trusted_proxy)
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port, "
                             "or --port 0 for a free one") from e
@@ -258,27 +265,50 @@ def _finish(pool) -> None:
         os._exit(130)
 
 
-def serve(args) -> int:
-    """`minirlhf feedback serve`: the page, the generator thread and the progress lines, until Ctrl-C."""
+def _check(args) -> None:
     if args.ahead < 1 or not 0 <= args.overlap <= 1:
         raise UserError(f"--ahead must be >= 1 and --overlap in [0, 1], got {args.ahead} and {args.overlap}")
+    if not 0 < args.token_days <= 3650:
+        raise UserError(f"--token-days must be in (0, 3650], got {args.token_days}")
     check_selection(args.select, args.reward_model)
+
+
+def _announce(args, source, sampling: Sampling, store: Store, page: Page) -> None:
+    """The lines serve starts with: what it compares and where it stores it first, then warnings, then the links."""
+    print(f"feedback: {source.describe()}; database {store.path}"
+          + (f"; most uncertain pair first of {args.ahead}" if args.select == "uncertain" else ""), flush=True)
+    old = Path("runs/feedback/feedback.sqlite")
+    if args.db is None and old.is_file() and old.resolve() != store.path.resolve():
+        print(f"note: {old} (the one database of older versions) is not used; --db {old} continues it", flush=True)
+    if not loopback(args.host) and not args.trusted_proxy:
+        print("warning: plain HTTP off this machine: the links and their tokens travel in clear text on the network; "
+              "put a TLS proxy in front and add --trusted-proxy, or keep --host 127.0.0.1 and reach it through an "
+              f"SSH tunnel (ssh -L {page.port}:127.0.0.1:{page.port} THIS_HOST)", flush=True)
+    print(f"sampling: temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, top_k {sampling.top_k}, "
+          f"{sampling.max_new_tokens} new tokens at most (recorded with each response)", flush=True)
+    print(f"serving on {page.url} (port {page.port})", flush=True)
+    print(f"admin link (keep it to yourself; it also lets you judge; it works for {args.token_days:g} days): "
+          f"{page.admin_link}", flush=True)
+    if args.trusted_proxy:
+        print("behind the proxy, open that path and token on the proxy's https address; the links the admin page makes "
+              "use the address it was opened with", flush=True)
+
+
+def serve(args) -> int:
+    """`minirlhf feedback serve`: the page, the generator thread and the progress lines, until Ctrl-C."""
+    _check(args)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core left to the web server keeps pages quick
-    store = Store(args.db)
     source = resolve_source(args.policy, args.prompts)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    store = Store(args.db or default_db(args.policy))
+    store.claim(made_for(source, sampling), mix=args.mix)
     pool = PairPool(store, source, sampling, args.ahead, args.overlap, pick_device(args.device)[0],
                     select=args.select, reward_models=args.reward_model)
-    page = Page(store, pool, args.host, args.port)
+    page = Page(store, pool, args.host, args.port, args.trusted_proxy, args.token_days)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:  # from here a Ctrl-C, however early (a script may stop the server as soon as it prints its link), stops cleanly
-        page.start()
-        print(f"feedback: {source.describe()}; database {store.path}"
-              + (f"; most uncertain pair first of {args.ahead}" if args.select == "uncertain" else ""), flush=True)
-        print(f"sampling: temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, top_k {sampling.top_k}, "
-              f"{sampling.max_new_tokens} new tokens at most (recorded with each response)", flush=True)
-        print(f"serving on {page.url} (port {page.port})", flush=True)
-        print(f"admin link (keep it to yourself; it also lets you judge): {page.admin_link}", flush=True)
+        _announce(args, source, sampling, store, page)  # first: before the model's loading says anything
+        page.start()  # (the socket listens already: a browser given the link now is answered in a moment)
         _watch(store, pool)
     except KeyboardInterrupt:
         print("stopping; every judgement so far is in the database", flush=True)

@@ -203,6 +203,7 @@ class LoopJob:
     def _collect(self, r: Round) -> float | None:
         """The round's labels, from the page; the simulated annotator's agreement with its judge (None: people)."""
         cfg, store = self.cfg, Store(r.db)
+        store.set_meta("round", r.k)  # carried by every exported label
         have = _ab_labels(store)
         if have < cfg.labels:
             from minirlhf.feedback.app import Page  # flask and waitress are needed for serving only
@@ -383,6 +384,6 @@ def loop_report(cfg: LoopConfig, rows: list[dict], gold: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train(cfg: LoopConfig, resume: str | Path | None = None) -> Path:
+def train(cfg: LoopConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path:
     """Run the rounds (from RUN_DIR's last finished round with `resume`); returns the run directory."""
-    return runner.run(LoopJob(cfg), cfg, resume)
+    return runner.run(LoopJob(cfg), cfg, resume, overwrite)

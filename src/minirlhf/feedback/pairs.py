@@ -2,15 +2,19 @@
 
 An RL run (with a checkpoint) is put against its reference, the policy it started from,
 on its own held-out prompts: the judgements then give the policy's win rate as people see it. Any other policy
-(a generator run, a model folder or name, `smollm2`) is put against itself: two samples for the same prompt, the
-raw material of a preference data set. Which response is A is a coin flip per pair; every response keeps the
-model and sampling settings that produced it, with its own seed, so it can be reproduced.
+(a generator run, a model folder or name, `smollm2`, the default) is put against itself: two samples for the same
+prompt, the raw material of a preference data set. Which response is A is a coin flip per pair; every response keeps
+the model and sampling settings that produced it, with its own seed, so it can be reproduced.
+
+Each policy has a database of its own by default (`default_db`): an RL run's beside it, in RUN_DIR/feedback.sqlite,
+any other's under runs/feedback/, named after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +27,14 @@ from minirlhf.config import DataConfig
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.prompts import PromptConfig, first_words, load_prompts, read_prompts
 from minirlhf.data.sentiment import load_splits
+from minirlhf.feedback.purpose import purpose
 from minirlhf.models.load import load_policy, policy_folder, policy_kind
 from minirlhf.models.pretrained import SMOLLM2
 from minirlhf.models.reward_model import RewardModel
-from minirlhf.rundir import RunDir, newest
+from minirlhf.rundir import RunDir
 
+DEFAULT_POLICY = SMOLLM2
+"""what `feedback serve` compares without --policy: two samples of it (an RL run is served only when named)"""
 CORPUS_TEMPLATE = 'Write a short tweet that starts with "{prompt}".'
 """how a chat model is asked about the corpus's first words (an LSTM just continues them)"""
 
@@ -76,18 +83,14 @@ class Source:
     """the RL checkpoint's step"""
     options: dict = field(default_factory=dict)
     """causal LM options the run was trained with (chat_template)"""
+    prompts_from: str = "given"
+    """where the prompts came from, as a database records it: a file, or the run's or the corpus's own"""
 
     def describe(self) -> str:
         if self.reference is None:
             return f"two samples of {self.policy} on {len(self.prompts)} prompts"
         return (f"RL run {self.policy} (step {self.step}) against its reference {self.reference} "
                 f"on {len(self.prompts)} held-out prompts")
-
-
-def newest_run(root: Path = Path("runs")) -> Path | None:
-    """The RL run under `root` whose checkpoint was written last."""
-    run = newest(root, "rl")
-    return run.path if run is not None else None
 
 
 def corpus_prompts(template: str) -> list[str]:
@@ -97,18 +100,15 @@ def corpus_prompts(template: str) -> list[str]:
     return [template.replace("{prompt}", w) for w in words]
 
 
-def resolve_source(policy: str | None, prompts_file: str | None) -> Source:
-    """--policy (default: the newest RL run under runs/, else smollm2) and --prompts, checked before serving."""
-    if policy is None:
-        run = newest_run()
-        policy = str(run) if run is not None else SMOLLM2
+def resolve_source(policy: str, prompts_file: str | None) -> Source:
+    """--policy and --prompts, checked before serving: an RL run against its reference, else two samples."""
     found = RunDir.find(policy)
     if found is not None and found.stage == "rl":
         return run_source(found.path, prompts_file)
     if prompts_file is not None:
-        return Source(policy, None, read_prompts(prompts_file))
+        return Source(policy, None, read_prompts(prompts_file), prompts_from=_spec(prompts_file))
     is_lstm = policy_kind(policy_folder(policy)) == "lstm"
-    return Source(policy, None, corpus_prompts("{prompt}" if is_lstm else CORPUS_TEMPLATE))
+    return Source(policy, None, corpus_prompts("{prompt}" if is_lstm else CORPUS_TEMPLATE), prompts_from="corpus")
 
 
 def run_source(path: Path, prompts_file: str | None) -> Source:
@@ -119,7 +119,28 @@ def run_source(path: Path, prompts_file: str | None) -> Source:
         prompt_cfg = dataclasses.replace(prompt_cfg, eval_file=prompts_file)
     _, held = load_prompts(prompt_cfg, cfg.data)
     return Source(str(path), cfg.ref_policy or cfg.policy, held, run.checkpoint_step(),
-                  {"chat_template": cfg.policy_options.chat_template})
+                  {"chat_template": cfg.policy_options.chat_template},
+                  _spec(prompts_file) if prompts_file is not None else "the run's held-out")
+
+
+def default_db(policy: str, root: Path = Path("runs")) -> Path:
+    """The database of `policy` when --db is not given: an RL run's RUN_DIR/feedback.sqlite, else
+    runs/feedback/NAME.sqlite, NAME the policy as given (a path: relative to here where it is inside) made safe."""
+    found = RunDir.find(policy)
+    if found is not None and found.stage == "rl":
+        return found.path / "feedback.sqlite"
+    name = policy
+    if Path(policy).exists():
+        here, path = Path.cwd().resolve(), Path(policy).resolve()
+        name = str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
+    return root / "feedback" / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('.-')[:120] or 'policy'}.sqlite"
+
+
+def made_for(source: Source, sampling: Sampling) -> dict:
+    """What a database of these pairs is for (purpose.py): the models as provenance names them, the prompts and the
+    sampling settings."""
+    return purpose(_spec(source.policy), _spec(source.reference) if source.reference else None, source.step,
+                   source.prompts_from, dataclasses.asdict(sampling))
 
 
 def _spec(spec: str) -> str:

@@ -167,23 +167,38 @@ def prompt_from_turns(turns: list[tuple[str, str]]) -> str:
 
 
 class Browser:
-    """One annotator's browser: a cookie jar, an Origin header on every POST, redirects followed."""
+    """One annotator's browser: a cookie jar, an Origin header on every request, redirects followed. Its first request
+    carries the link's token, which the page moves into a cookie (a 303 to the address without it); nothing after
+    carries the token."""
 
     def __init__(self, url: str, token: str, timeout: float = 60.0):
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        self.signed_in, self.status = False, 0
 
-    def open(self, path: str, form: dict | None = None) -> str:
-        query = urllib.parse.urlencode({"token": self.token})
-        request = urllib.request.Request(f"{self.url}{path}?{query}", headers={"Origin": self.url})
+    def open(self, path: str, form: dict | None = None, refused_ok: bool = False) -> str:
+        """The page at `path` (a POST of `form` if given); with `refused_ok` a 409 (the page, with why it refused the
+        form) is an answer, not an error."""
+        if not self.signed_in:  # the favicon: a GET that signs in without putting a pair on this annotator's screen
+            self._open("/static/favicon.svg?" + urllib.parse.urlencode({"token": self.token}), None, False)
+            self.signed_in = True
+        return self._open(path, form, refused_ok)
+
+    def _open(self, path: str, form: dict | None, refused_ok: bool) -> str:
+        request = urllib.request.Request(f"{self.url}{path}", headers={"Origin": self.url})
         if form is not None:
             request.data = urllib.parse.urlencode(form).encode()
         try:
             with self.opener.open(request, timeout=self.timeout) as response:
+                self.status = response.status
                 return response.read().decode("utf-8")
         except urllib.error.HTTPError as e:
             body = e.read().decode("utf-8", "replace").strip()
-            raise RunError(f"the feedback page at {self.url} answered {path} with {e.code}: {body[:200]}") from e
+            if refused_ok and e.code == 409:
+                self.status = e.code
+                return body
+            raise RunError(f"the feedback page at {self.url} answered {path.split('?')[0]} with {e.code}: "
+                           f"{body[:200]}") from e
         except (urllib.error.URLError, OSError) as e:
             raise RunError(f"cannot reach the feedback page at {self.url} ({e}); is `minirlhf feedback serve` "
                            "running there?") from e
@@ -197,8 +212,10 @@ class Browser:
         return Shown(int(page.inputs["pair_id"]), prompt_from_turns(page.turns), page.responses.get("a", ""),
                      page.responses.get("b", ""), page.inputs["csrf"])
 
-    def judge(self, shown: Shown, choice: str) -> None:
-        self.open("/judge", {"csrf": shown.csrf, "pair_id": str(shown.pair_id), "choice": choice})
+    def judge(self, shown: Shown, choice: str) -> bool:
+        """Post the choice; False if the page refused it (e.g. others labelled the pair while it was on screen)."""
+        self.open("/judge", {"csrf": shown.csrf, "pair_id": str(shown.pair_id), "choice": choice}, refused_ok=True)
+        return self.status != 409
 
     def add_annotator(self, name: str) -> str:
         """(As the admin) a new annotator's token, made on the admin page as a person would."""
@@ -248,7 +265,9 @@ def simulate(url: str, admin_token: str, judge: Judge, labels: int, beta: float 
             continue
         scores = judge([shown.prompt] * 2, [shown.response_a, shown.response_b]).tolist()
         choice = "a" if prefers_a(scores[0], scores[1], beta, rngs[i]) else "b"
-        browsers[i].judge(shown, choice)
+        if not browsers[i].judge(shown, choice):  # not recorded (the pair had its labels meanwhile): the next one
+            _wait(tally, deadline, url, timeout_s)
+            continue
         tally.labels += 1
         tally.agree += 0.5 if scores[0] == scores[1] else float((scores[0] > scores[1]) == (choice == "a"))
         bar.update(1)

@@ -1,43 +1,46 @@
 """The feedback store: one SQLite file in WAL mode, shared by the web server's threads and the pair generator.
 
-- annotators: a name and the SHA-256 of a secret token (the token itself is never stored);
+- meta: the CSRF secret, what the database was made for (purpose.py) and, for a `minirlhf loop` round, its round;
+- annotators: names and their links (tokens.py);
 - pairs: a prompt, two responses in the order shown (A, B), and the model and sampling settings behind each
   response as JSON (provenance_a, provenance_b); `wanted` is how many people should judge it (2 for overlap);
 - judgements: one row per choice (a, b, tie or skip); undo marks the row `undone`, and a partial UNIQUE index
   keeps one live judgement per annotator and pair, so a double submit can never count twice;
-- assignments: the pair each annotator has on screen, so two people are not shown the same fresh pair.
+- assignments: the pair each annotator has on screen. Only that pair can be judged, so a form for a pair never shown,
+  or shown and since judged by enough others, changes nothing.
 
 Each thread opens its own connection; writes take the lock up front (BEGIN IMMEDIATE) and wait for it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import math
 import secrets
 import sqlite3
 import threading
 import time
-from collections import Counter
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from itertools import combinations
 from pathlib import Path
 
 from minirlhf import UserError
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.preferences import read_pairs
+from minirlhf.feedback import purpose as purposes
+from minirlhf.feedback.figures import policy_score
+from minirlhf.feedback.tokens import TOKEN_DAYS, Annotators, now, token_hash
 
 CHOICES = ("a", "b", "tie", "skip")
 ASSIGNMENT_TTL_S = 600.0
 """a pair shown to someone who does not judge it within this time may be shown to someone else"""
+JUDGED, ALREADY_JUDGED, NOT_SHOWN, NOT_NEEDED = "judged", "already judged", "not shown", "not needed"
+"""what `Store.judge` made of a judgement"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS annotators (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_sha256 TEXT NOT NULL UNIQUE,
-    is_admin INTEGER NOT NULL DEFAULT 0, created TEXT NOT NULL);
+    is_admin INTEGER NOT NULL DEFAULT 0, created TEXT NOT NULL, expires REAL, revoked TEXT);
 CREATE TABLE IF NOT EXISTS pairs (
     id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, response_a TEXT NOT NULL, response_b TEXT NOT NULL,
     provenance_a TEXT NOT NULL, provenance_b TEXT NOT NULL, wanted INTEGER NOT NULL DEFAULT 1, created TEXT NOT NULL,
@@ -54,6 +57,13 @@ CREATE TABLE IF NOT EXISTS assignments (
 CREATE INDEX IF NOT EXISTS assignments_by_pair ON assignments(pair_id);
 """
 
+MIGRATIONS = (  # columns a database made by an older minirlhf lacks
+    ("pairs", "priority", "REAL NOT NULL DEFAULT 0", None),
+    ("annotators", "expires", "REAL", f"UPDATE annotators SET expires = {{now}} + {TOKEN_DAYS * 86400} "
+                                      "WHERE name NOT LIKE 'import:%'"),  # links made before expiry: 30 days more
+    ("annotators", "revoked", "TEXT", None),
+)
+
 # Per pair: its live labels (a, b, tie) and how many other people have it on screen now.
 _CANDIDATES = """
 SELECT * FROM (
@@ -64,17 +74,25 @@ SELECT * FROM (
     FROM pairs p
     WHERE NOT EXISTS (SELECT 1 FROM judgements j WHERE j.pair_id = p.id AND j.annotator_id = :me AND j.undone IS NULL))
 """
+_ASSIGN = ("INSERT INTO assignments VALUES (?, ?, ?) ON CONFLICT(annotator_id) DO UPDATE SET "
+           "pair_id = excluded.pair_id, since = excluded.since")
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+class Failure(RuntimeError):
+    """Not the user's input but the machine's: the database (locked, disk full) or the pair generator failed.
+    `minirlhf feedback` prints it as one line and exits 1 (2 is for what the user can fix)."""
 
 
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+LOWEST = float("-inf")
+"""the priority a pair gets when its computed one is NaN or infinite (a diverged reward model): served last"""
 
 
-class Store:
+def priority_of(value) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else LOWEST
+
+
+class Store(Annotators):
     """The database at `path`; `create=False` insists that it exists (export)."""
 
     def __init__(self, path: str | Path, create: bool = True):
@@ -86,11 +104,19 @@ class Store:
         self._secret: bytes | None = None
         try:
             self.conn.executescript(SCHEMA)
-            columns = {row["name"] for row in self.conn.execute("PRAGMA table_info(pairs)")}
-            if "priority" not in columns:  # a database from before active pair choice
-                self.conn.execute("ALTER TABLE pairs ADD COLUMN priority REAL NOT NULL DEFAULT 0")
+            self._migrate()
+        except sqlite3.OperationalError:
+            raise  # locked, unreadable, disk full: the environment's, not the file's (commands.py reports it)
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path} is not a feedback database ({e}); give another --db path") from e
+
+    def _migrate(self) -> None:
+        with self.write() as c:
+            for table, column, kind, then in MIGRATIONS:
+                if column not in {row["name"] for row in c.execute(f"PRAGMA table_info({table})")}:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    if then:
+                        c.execute(then.format(now=time.time()))
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -107,14 +133,22 @@ class Store:
 
     @contextmanager
     def write(self):
+        """One transaction: committed when the block ends, rolled back when the block or the COMMIT fails (a failed
+        COMMIT, e.g. SQLITE_BUSY or a deferred constraint, leaves it open), so the connection is never left inside
+        one."""
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # some errors (a full disk) roll back by themselves
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # the error being raised says more; a fresh connection starts clean
+                    conn.close()
+                    self._local.conn = None
             raise
-        conn.execute("COMMIT")
 
     def secret(self) -> bytes:
         """The server's secret (created once): the key of the CSRF tokens, which then survive restarts."""
@@ -124,43 +158,46 @@ class Store:
                 self._secret = bytes.fromhex(c.execute("SELECT value FROM meta WHERE key = 'csrf_secret'").fetchone()[0])
         return self._secret
 
-    # --- annotators ---
+    def meta(self, key: str):
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
-    def set_annotator(self, name: str, is_admin: bool = False) -> str:
-        """A new secret token for `name`, who is created or whose old token stops working."""
-        token = secrets.token_urlsafe(24)
+    def set_meta(self, key: str, value) -> None:
         with self.write() as c:
-            c.execute("INSERT INTO annotators (name, token_sha256, is_admin, created) VALUES (?, ?, ?, ?) "
-                      "ON CONFLICT(name) DO UPDATE SET token_sha256 = excluded.token_sha256",
-                      (name, token_hash(token), int(is_admin), now()))
-        return token
+            c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                      (key, json.dumps(value)))
 
-    def annotator(self, token: str) -> sqlite3.Row | None:
-        return self.conn.execute("SELECT id, name, is_admin FROM annotators WHERE token_sha256 = ?",
-                                 (token_hash(token),)).fetchone()
-
-    def admin_token(self, file: Path) -> str:
-        """The admin's token, kept in a 0600 file beside the database so that the admin link survives restarts."""
-        if file.is_file():
-            token = file.read_text(encoding="utf-8").strip()
-            row = self.annotator(token)
-            if row is not None and row["is_admin"]:
-                return token
-        token = self.set_annotator("admin", is_admin=True)
-        atomic_write_text(file, token + "\n")  # mkstemp makes it 0600; chmod says so
-        os.chmod(file, 0o600)
-        return token
+    def claim(self, wanted: dict, mix: bool = False) -> None:
+        """Record that this database holds pairs for `wanted` (purpose.purpose); one holding pairs made for something
+        else stops with one line, unless `mix`. Until a pair is sampled into it, nothing is mixed: the last claim wins.
+        A database from before this record is judged by its pairs' provenance."""
+        with self.write() as c:
+            sampled = {purposes.side_of(json.loads(p)) for row in c.execute("SELECT provenance_a, provenance_b FROM pairs")
+                       for p in row} - {None}
+            row = c.execute("SELECT value FROM meta WHERE key = 'made_for'").fetchone()
+            made_for = json.loads(row[0]) if row and sampled else []
+            if not row and sampled and not sampled <= purposes.sides(wanted):
+                made_for = [{"policy": "other models or settings (a database from before minirlhf recorded them)"}]
+            if made_for and wanted not in made_for and not mix:
+                raise UserError(
+                    f"{self.path} holds pairs made for other settings ({purposes.differences(made_for[0], wanted)})"
+                    "; give --db ANOTHER.sqlite for a database of their own, or --mix to add these pairs to it "
+                    "on purpose")
+            if wanted not in made_for:
+                c.execute("INSERT INTO meta VALUES ('made_for', ?) ON CONFLICT(key) DO UPDATE SET value = "
+                          "excluded.value", (json.dumps(made_for + [wanted]),))
 
     # --- pairs and judgements ---
 
     def add_pair(self, prompt: str, response_a: str, response_b: str, provenance_a: dict, provenance_b: dict,
                  wanted: int = 1, priority: float = 0.0) -> int:
-        """A new pair; among fresh pairs, the one with the highest `priority` is served first (then the oldest)."""
+        """A new pair; among fresh pairs, the one with the highest `priority` is served first (then the oldest). A NaN
+        or infinite priority is stored as the lowest."""
         with self.write() as c:
             cur = c.execute("INSERT INTO pairs (prompt, response_a, response_b, provenance_a, provenance_b, wanted, "
                             "created, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (prompt, response_a, response_b, json.dumps(provenance_a), json.dumps(provenance_b),
-                             wanted, now(), priority))
+                             wanted, now(), priority_of(priority)))
         return cur.lastrowid
 
     def next_pair(self, me: int) -> sqlite3.Row | None:
@@ -175,8 +212,7 @@ class Store:
                                 "ORDER BY labels > 0 DESC, priority DESC, id LIMIT 1",
                                 {"me": me, "fresh": time.time() - ASSIGNMENT_TTL_S}).fetchone()
             if row is not None:
-                c.execute("INSERT INTO assignments VALUES (?, ?, ?) ON CONFLICT(annotator_id) DO UPDATE SET "
-                          "pair_id = excluded.pair_id, since = excluded.since", (me, row["id"], time.time()))
+                c.execute(_ASSIGN, (me, row["id"], time.time()))
         return row
 
     def waiting(self, me: int) -> int:
@@ -199,19 +235,30 @@ class Store:
     def set_priorities(self, priorities: dict[int, float]) -> None:
         """New priorities by pair id (e.g. uncertainty under a reward model retrained since the pairs were made)."""
         with self.write() as c:
-            c.executemany("UPDATE pairs SET priority = ? WHERE id = ?", [(v, k) for k, v in priorities.items()])
+            c.executemany("UPDATE pairs SET priority = ? WHERE id = ?",
+                          [(priority_of(v), k) for k, v in priorities.items()])
 
-    def judge(self, me: int, pair_id: int, choice: str) -> bool:
-        """Record `me`'s choice on a pair; False if the pair does not exist or `me` has judged it already."""
+    def judge(self, me: int, pair_id: int, choice: str) -> str:
+        """Record `me`'s choice on the pair on their screen: JUDGED; or, recording nothing, ALREADY_JUDGED (a repeat:
+        a second tab, a resubmit), NOT_SHOWN (not the pair on their screen, or no such pair) or NOT_NEEDED (others gave
+        it every label it wanted meanwhile; it leaves their screen)."""
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
         with self.write() as c:
-            if c.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
-                return False
-            cur = c.execute("INSERT OR IGNORE INTO judgements (pair_id, annotator_id, choice, created) "
-                            "VALUES (?, ?, ?, ?)", (pair_id, me, choice, now()))
+            if c.execute("SELECT 1 FROM judgements WHERE pair_id = ? AND annotator_id = ? AND undone IS NULL",
+                         (pair_id, me)).fetchone():
+                return ALREADY_JUDGED
+            if not c.execute("SELECT 1 FROM assignments WHERE annotator_id = ? AND pair_id = ?", (me, pair_id)).fetchone():
+                return NOT_SHOWN
             c.execute("DELETE FROM assignments WHERE annotator_id = ? AND pair_id = ?", (me, pair_id))
-        return cur.rowcount == 1
+            labels, wanted = c.execute(
+                "SELECT (SELECT COUNT(*) FROM judgements j WHERE j.pair_id = p.id AND j.undone IS NULL "
+                "AND j.choice != 'skip'), p.wanted FROM pairs p WHERE p.id = ?", (pair_id,)).fetchone()
+            if labels >= wanted:
+                return NOT_NEEDED
+            c.execute("INSERT INTO judgements (pair_id, annotator_id, choice, created) VALUES (?, ?, ?, ?)",
+                      (pair_id, me, choice, now()))
+        return JUDGED
 
     def undo(self, me: int) -> int | None:
         """Take back `me`'s latest live judgement and put its pair back on their screen; its pair id."""
@@ -221,8 +268,7 @@ class Store:
             if row is None:
                 return None
             c.execute("UPDATE judgements SET undone = ? WHERE id = ?", (now(), row["id"]))
-            c.execute("INSERT INTO assignments VALUES (?, ?, ?) ON CONFLICT(annotator_id) DO UPDATE SET "
-                      "pair_id = excluded.pair_id, since = excluded.since", (me, row["pair_id"], time.time()))
+            c.execute(_ASSIGN, (me, row["pair_id"], time.time()))
         return row["pair_id"]
 
     # --- figures ---
@@ -235,14 +281,6 @@ class Store:
         out = {c: 0 for c in CHOICES} | {r[0]: r[1] for r in rows}
         out["pairs"] = self.conn.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
         return out
-
-    def annotator_table(self) -> list[dict]:
-        rows = self.conn.execute(
-            "SELECT a.name, a.is_admin, a.created, COUNT(j.id) AS total, "
-            + ", ".join(f"SUM(j.choice = '{c}') AS {c}" for c in CHOICES)
-            + " FROM annotators a LEFT JOIN judgements j ON j.annotator_id = a.id AND j.undone IS NULL "
-            "GROUP BY a.id ORDER BY a.id").fetchall()
-        return [{k: (r[k] or 0) if k in CHOICES else r[k] for k in r.keys()} for r in rows]
 
     def labels_per_pair(self) -> list[list[str]]:
         """The live a/b/tie labels of each pair that has two or more, in the order they were given."""
@@ -261,49 +299,25 @@ class Store:
         return [s for s in scores if s is not None]
 
 
-def policy_score(provenance_a: dict, provenance_b: dict, choice: str) -> float | None:
-    """How the policy fared in one judgement; None unless the pair is the policy against its reference."""
-    roles = (provenance_a.get("role"), provenance_b.get("role"))
-    if set(roles) != {"policy", "reference"} or choice not in ("a", "b", "tie"):
-        return None
-    if choice == "tie":
-        return 0.5
-    return 1.0 if roles["ab".index(choice)] == "policy" else 0.0
-
-
-def agreement(labels_per_pair: list[list[str]]) -> dict:
-    """Percent agreement and Cohen's kappa between the first and the second label of each doubly-labelled
-    pair (every two labels of a pair with more). kappa = (p_o - p_e) / (1 - p_e), where p_e is the agreement
-    expected by chance from the two positions' label frequencies; None where p_e = 1 (one label only)."""
-    items = [pair for labels in labels_per_pair for pair in combinations(labels, 2)]
-    n = len(items)
-    if n == 0:
-        return {"n": 0, "agreement": None, "kappa": None}
-    p_o = sum(x == y for x, y in items) / n
-    first, second = Counter(x for x, _ in items), Counter(y for _, y in items)
-    p_e = sum(first[c] * second[c] for c in first) / n ** 2
-    return {"n": n, "agreement": p_o, "kappa": (p_o - p_e) / (1 - p_e) if p_e < 1 else None}
-
-
-def win_rate(scores: list[float]) -> dict:
-    """The policy's win rate over judgements of policy-vs-reference pairs, ties counting half."""
-    n = len(scores)
-    return {"n": n, "win_rate": sum(scores) / n if n else None, "wins": scores.count(1.0),
-            "ties": scores.count(0.5), "losses": scores.count(0.0)}
-
-
 def export_jsonl(db: str | Path, out: str | Path) -> int:
-    """Write every live a/b judgement as {"prompt", "chosen", "rejected", "annotator", "pair_id"}, atomically."""
+    """Write every live a/b judgement as {"prompt", "chosen", "rejected"} with its provenance, atomically: the
+    model, role, step, sampling settings and seed behind each side (chosen_provenance, rejected_provenance), who judged
+    it (annotator, annotator_id) and when (judged_at), the pair's id, and the `minirlhf loop` round (or null)."""
     store = Store(db, create=False)
     rows = store.conn.execute(
-        "SELECT p.id, p.prompt, p.response_a, p.response_b, j.choice, a.name FROM judgements j "
-        "JOIN pairs p ON p.id = j.pair_id JOIN annotators a ON a.id = j.annotator_id "
+        "SELECT p.id, p.prompt, p.response_a, p.response_b, p.provenance_a, p.provenance_b, j.choice, j.created, "
+        "a.name, a.id FROM judgements j JOIN pairs p ON p.id = j.pair_id JOIN annotators a ON a.id = j.annotator_id "
         "WHERE j.undone IS NULL AND j.choice IN ('a', 'b') ORDER BY j.id").fetchall()
     if not rows:
         raise UserError(f"{db} has no A/B judgements yet (ties and skips are not exported); judge some pairs first")
-    lines = [json.dumps({"prompt": prompt, "chosen": a if choice == "a" else b, "rejected": b if choice == "a" else a,
-                         "annotator": name, "pair_id": pair_id}, ensure_ascii=False)
-             for pair_id, prompt, a, b, choice, name in rows]
+    round_k = store.meta("round")
+    lines = []
+    for pair_id, prompt, a, b, prov_a, prov_b, choice, judged_at, name, annotator_id in rows:
+        (chosen, chosen_from), (rejected, rejected_from) = ((a, prov_a), (b, prov_b))[::1 if choice == "a" else -1]
+        lines.append(json.dumps({
+            "prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_provenance": json.loads(chosen_from),
+            "rejected_provenance": json.loads(rejected_from), "annotator": name, "annotator_id": annotator_id,
+            "judged_at": judged_at, "pair_id": pair_id, "round": round_k}, ensure_ascii=False))
     atomic_write_text(Path(out), "\n".join(lines) + "\n")
     return len(lines)
 
