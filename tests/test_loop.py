@@ -116,3 +116,10 @@ def test_people_on_the_page_then_the_round_goes_on(tiny_generator, tiny_classifi
     results = load_json(tmp_path / "loop" / "results.json")
     assert results["rounds"][0]["labels"] == LABELS and "gold/reward" not in results["rounds"][0]
     assert "rm/reward" in results["rounds"][0]  # no gold judge: the round's own reward model scores
+
+
+def test_a_bad_setting_for_the_policy_stage_stops_the_loop_before_any_label(tiny_generator, cli):
+    proc = cli("loop", "--policy", str(tiny_generator), "--annotator", "simulate:x:y", "--method", "dr-grpo",
+               "--policy_args=[--group_size=1]")
+    assert proc.returncode == 2 and "--policy_args: group_size must be >= 2" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1

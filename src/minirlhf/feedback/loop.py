@@ -117,6 +117,11 @@ def check(cfg: LoopConfig) -> None:
             raise ConfigError(f"--method must be dpo or an RL algorithm: {e}") from e
     if cfg.annotator != "web" and not _judge_spec(cfg):
         raise ConfigError(f"--annotator must be web or simulate:JUDGE, got {cfg.annotator!r}")
+    stage = dpo.DPOConfig if cfg.method == "dpo" else registry.get(cfg.method).config
+    try:  # now, not after the first round's labels
+        load_config(stage, overrides=cfg.policy_args)
+    except ConfigError as e:
+        raise ConfigError(f"--policy_args: {e}") from e
 
 
 def run_stage(train, stage_cfg, folder: Path) -> Path:
