@@ -44,6 +44,7 @@ def kill_and_resume(args: list[str], tmp_path, after: int, total: int, resume_fi
     resumed = run_cli(args[0], "--resume", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming after step {stopped}" in resumed.stdout
+    assert not list(killed.glob(".*.tmp"))  # what a write cut short left is gone
     if resume_finished:
         again = run_cli(args[0], "--resume", str(killed), cwd=tmp_path)  # finished: nothing to do, one line
         assert again.returncode == 2 and "--steps=N" in again.stderr and "Traceback" not in again.stderr

@@ -150,6 +150,12 @@ class RunDir:
                  if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def clear_leftovers(self) -> None:
+        """Remove what writes cut short by a crash left (atomic writes' `.NAME.*.tmp` files and folders): done when
+        the run resumes, when nothing else writes to it."""
+        for leftover in self.path.glob(".*.tmp"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
     def checkpoint_step(self) -> int:
         """The step of the last checkpoint (0 if there is none)."""
         return int(load_json(self.state).get("step", 0)) if self.state.is_file() else 0

@@ -136,6 +136,8 @@ def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False, saved: dict
         if run_.dir.algorithm != job.algorithm:
             raise RunError(f"{resume} holds a {run_.dir.algorithm or run_.dir.stage} run, not {job.algorithm}; "
                            "resume it with its own command")
+        if run_.main:
+            run_.dir.clear_leftovers()
         run_.done = restore(run_.dir, job)
         if run_.done >= job.steps and run_.dir.results.is_file():
             raise RunError(f"{resume} already ran {run_.done} steps; pass --steps=N with N > {run_.done} "
@@ -174,9 +176,9 @@ def _finish(run_: Run, job: Job) -> None:
     run_.metrics.close()
     results.setdefault("memory", run_.memory)
     results.setdefault("peak_memory_mb", round(peak_memory_mb()))
-    save_json(results, run_.dir.results)
     _model_cards(run_, job, results)
     job.report(run_, results)
+    save_json(results, run_.dir.results)  # last: a run with results.json has finished (a resume stops there)
 
 
 def _model_cards(run_: Run, job: Job, results: dict) -> None:
@@ -323,7 +325,8 @@ class ModelJob:
     def load(self, folder: Path, state: dict) -> None:
         self.model.load_state_dict(load_weights(folder / "model.safetensors", self.run.device))
         for name in self.kept:
-            setattr(self, name, state[name])
+            if name in state:  # (a checkpoint written before the job kept it: the job's start value stays)
+                setattr(self, name, state[name])
 
     def end(self) -> None:
         return None

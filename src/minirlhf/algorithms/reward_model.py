@@ -113,11 +113,12 @@ def evaluate(model, texts: PairTexts, n_frozen, pad_id, batch_size, device) -> t
 class RewardModelJob(runner.ModelJob):
     """Fit the reward model; report held-out accuracy and margin against the length-only baseline."""
 
-    stage, name, kept = "reward_model", "reward-model", ("recent",)
+    stage, name, kept = "reward_model", "reward-model", ("recent", "first")
     progress_keys = {"loss": "train/loss"}
 
     def __init__(self, cfg: RewardModelConfig):
         self.cfg, self.base, self.recent, self.t0 = cfg, cfg.model.name, [], time.time()
+        self.first = None  # the held-out figures before training (kept by the checkpoint for a resumed run)
 
     def setup(self, run: runner.Run) -> None:
         cfg, device, self.run = self.cfg, run.device, run
@@ -165,7 +166,8 @@ class RewardModelJob(runner.ModelJob):
                         self.run.device)
 
     def begin(self, run: runner.Run) -> dict:
-        self.first, _ = self._evaluate("eval")
+        if self.first is None:
+            self.first, _ = self._evaluate("eval")
         return {f"eval/{k}": v for k, v in self.first.items()}
 
     def step(self, step: int) -> dict | None:

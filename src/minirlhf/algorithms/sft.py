@@ -95,6 +95,7 @@ class SFTJob:
 
     def __init__(self, cfg: SFTConfig):
         self.cfg, self.base, self.last = cfg, cfg.policy, {}
+        self.before = None  # the held-out figures before training (kept by the checkpoint for a resumed run)
 
     def setup(self, run: runner.Run) -> None:
         cfg, self.run = self.cfg, run
@@ -129,7 +130,8 @@ class SFTJob:
         return {"eval/loss": loss, "eval/perplexity": math.exp(loss)}
 
     def begin(self, run: runner.Run) -> dict:
-        self.before = self.evaluate()
+        if self.before is None:
+            self.before = self.evaluate()
         return self.before
 
     def step(self, step: int) -> dict | None:
@@ -154,10 +156,11 @@ class SFTJob:
 
     def save(self, folder: Path) -> dict:
         self.policy.save(folder / "policy")
-        return {"policy_from": self.cfg.policy}
+        return {"policy_from": self.cfg.policy, "before": self.before}
 
     def load(self, folder: Path, state: dict) -> None:
         restore_policy(self.policy, folder / "policy", self.run.device, **self.cfg.policy_options.as_kwargs())
+        self.before = state.get("before")
 
     def end(self) -> None:
         return None
