@@ -4,7 +4,6 @@ priority (a diverged reward model) is the lowest, and no failure of the generato
 
 import math
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_cli, train_tiny_reward_model
-from minirlhf import ModelError, UserError
+from minirlhf import ModelError
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.feedback.pairs import PairPool, Sampling, Source, uncertainty
 from minirlhf.feedback.store import Store
@@ -125,21 +124,17 @@ def _serve_args(tiny_generator, db: Path) -> list[str]:
 ])
 def test_a_failing_generator_stops_serve_with_one_line(error, code, says, tiny_generator, tmp_path, monkeypatch,
                                                        capsys):
-    """serve's own code, in this process, with the generator thread failing as it can: no traceback, one line,
-    exit 1 for the machine's failures and 2 for the user's."""
-    from minirlhf.cli import build_parser
+    """The command, in this process, with the generator thread failing as it can: no traceback, one line, exit 1 for
+    the machine's failures and 2 for the user's."""
+    from minirlhf.cli import main
 
     def fail(self):
         raise error
 
     monkeypatch.setattr(PairPool, "_load", fail)
     threads = torch.get_num_threads()  # serve leaves a core to the web server; give it back to the tests after
-    args = build_parser().parse_args(_serve_args(tiny_generator, tmp_path / "f.sqlite"))
     try:
-        got = args.func(args, [])
-    except UserError as e:  # cli.main's part: one line, exit 2
-        print(f"minirlhf: error: {e}", file=sys.stderr)
-        got = 2
+        got = main(_serve_args(tiny_generator, tmp_path / "f.sqlite"))
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err.strip()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from minirlhf import RunError
-from minirlhf.rundir import RunDir, check_new, newest
+from minirlhf.rundir import RunDir, check_new
 
 
 def test_a_run_records_its_kind_when_it_is_created(tmp_path):
@@ -30,7 +30,6 @@ def test_a_checkpoint_caught_between_the_two_renames_is_put_back_by_any_reader(t
     found = RunDir.find(tmp_path / "r")
     assert found.checkpoint_step() == 3 and found.policy() is not None
     assert not (tmp_path / "r" / ".checkpoint.old").exists()
-    assert newest(tmp_path, "rl").path == run.path and newest(tmp_path, "dpo") is None
 
 
 def test_the_wrong_kind_of_run_is_a_one_line_error(tmp_path):

@@ -25,3 +25,9 @@ class RunError(UserError):
 
 class ModelError(UserError):
     """A model that cannot be loaded or used as asked."""
+
+
+class MachineError(Exception):
+    """A failure of the machine rather than of the user's input or of minirlhf: a database that failed, a thread that
+    stopped. The CLI prints it as one line and exits 1 (`--debug` shows the traceback); what was written before is
+    intact, every write being atomic."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from minirlhf import ConfigError, UserError, __version__, distributed, doctor
+from minirlhf import ConfigError, MachineError, UserError, __version__, distributed, doctor
 from minirlhf.algorithms import classifier, dpo, generator, registry, reward_model, rl, sft
 from minirlhf.algorithms.evaluate import evaluate_run
 from minirlhf.config import describe, load_config, load_saved
@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, extra)
     except UserError as e:
         return _error(str(e), 2, debug)
+    except MachineError as e:
+        return _error(str(e), 1, debug)
     except KeyboardInterrupt:
         print("minirlhf: interrupted", file=sys.stderr)
         return 130

@@ -190,10 +190,3 @@ def fresh_path(root: Path, name: str) -> Path:
         n += 1
         path = root / f"{name}-{stamp}-{n}"
     return path
-
-
-def newest(root: Path, stage: str) -> RunDir | None:
-    """The run of `stage` under `root` whose checkpoint was written last."""
-    runs = [r for r in map(RunDir.find, (p.parent for p in Path(root).glob("**/run.json")))
-            if r is not None and r.stage == stage and r.state.is_file()]
-    return max(runs, key=lambda r: r.state.stat().st_mtime, default=None)

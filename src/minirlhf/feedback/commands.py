@@ -2,33 +2,18 @@
 flags they take (cli.py adds them to the `minirlhf` command).
 
 Every sub-command finds its database as serve does: `--db`, else the database of `--policy` (pairs.default_db).
-What the user can fix exits 2 with one line (cli.py); a failure of the machine (the database locked or on a full
-disk, the generator thread) exits 1 with one line here, its traceback under --debug.
+What the user can fix exits 2 with one line; a failure of the machine (the database locked or on a full disk, the
+generator thread) exits 1 with one line (cli.py), its traceback under --debug.
 """
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import sys
-import traceback
 from pathlib import Path
 
 from minirlhf import UserError
 from minirlhf.feedback import simulate, store
 from minirlhf.feedback.pairs import DEFAULT_POLICY, PAGE_SAMPLING, add_sampling_flags, default_db
 from minirlhf.feedback.tokens import TOKEN_DAYS
-
-
-def run(args, extra) -> int:
-    try:
-        return _run(args)
-    except (store.Failure, sqlite3.Error, OSError) as e:
-        if getattr(args, "debug", False) or os.environ.get("MINIRLHF_DEBUG", "") not in ("", "0"):
-            traceback.print_exc()
-        what = f"the feedback database failed ({e})" if isinstance(e, sqlite3.Error) else str(e)
-        print(f"minirlhf: error: {what}", file=sys.stderr)
-        return 1
 
 
 def database(args) -> Path:
@@ -42,7 +27,7 @@ def database(args) -> Path:
     return found
 
 
-def _run(args) -> int:
+def run(args, extra) -> int:
     if args.feedback_command == "serve":
         from minirlhf.feedback.app import serve  # flask and waitress are needed for serving only
 

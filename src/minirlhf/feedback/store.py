@@ -23,7 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from minirlhf import UserError
+from minirlhf import MachineError, UserError
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.preferences import read_pairs
 from minirlhf.feedback import purpose as purposes
@@ -78,9 +78,8 @@ _ASSIGN = ("INSERT INTO assignments VALUES (?, ?, ?) ON CONFLICT(annotator_id) D
            "pair_id = excluded.pair_id, since = excluded.since")
 
 
-class Failure(RuntimeError):
-    """Not the user's input but the machine's: the database (locked, disk full) or the pair generator failed.
-    `minirlhf feedback` prints it as one line and exits 1 (2 is for what the user can fix)."""
+class Failure(MachineError):
+    """Not the user's input but the machine's: the database (locked, disk full) or the pair generator failed."""
 
 
 LOWEST = float("-inf")
