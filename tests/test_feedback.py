@@ -651,3 +651,21 @@ def test_serve_defaults_to_smollm2_and_serves_an_rl_run_only_when_named(tiny_gen
         r = cli("feedback", "serve", "--port", "0", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         assert says in r.stderr and "--db" in r.stderr and "--mix" in r.stderr
+
+
+def test_a_disk_that_fills_during_an_import_is_one_line_and_changes_nothing(cli, tmp_path):
+    """RLIMIT_FSIZE fails SQLite's writes as a full disk would: one line, exit 1, and the import rolled back whole."""
+    import resource
+
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n"
+                                                for i in range(3)))
+    assert cli("feedback", "import", "few.jsonl", "--db", "f.sqlite").returncode == 0
+    (tmp_path / "many.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "x" * 200, "rejected": "y" * 200})
+                                                 + "\n" for i in range(3000)))
+    limit = 200_000  # above the database of 3 pairs, below one of 3,003
+    full = subprocess.run([sys.executable, "-m", "minirlhf", "feedback", "import", "many.jsonl", "--db", "f.sqlite"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert full.returncode == 1 and full.stderr.strip().count("\n") == 0, full.stderr
+    assert full.stderr.startswith("minirlhf: error: the feedback database failed") and "Traceback" not in full.stderr
+    assert Store(tmp_path / "f.sqlite").counts()["pairs"] == 3
