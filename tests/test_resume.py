@@ -186,3 +186,22 @@ def test_a_disk_that_fills_during_a_save_leaves_the_last_checkpoint_usable(cli, 
     resumed = cli("ppo", "--resume", "cut", "--steps=4")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _same(tmp_path / "full", tmp_path / "cut", ["checkpoint/policy/model.safetensors"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(cli, tmp_path, tiny_generator):
+    """What a kill before the first checkpoint leaves (run.json, config.yaml, the rows logged so far, step 0's among
+    them, no checkpoint/): the resume starts again from step 0 and logs each row once."""
+    import shutil
+
+    pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 48)
+    args = ["dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--train.steps=2", "--save_every=100",
+            "--train.batch_size=8", "--train.micro_batch_size=8", "--max_response_tokens=20", "--samples=0",
+            "--device=cpu", "--seed=3"]
+    assert cli(*args, "--out", "run").returncode == 0
+    before = _rows(tmp_path / "run")
+    assert [r["step"] for r in before] == [0, 1, 2]
+    shutil.rmtree(tmp_path / "run" / "checkpoint")
+    (tmp_path / "run" / "results.json").unlink()
+    resumed = cli("dpo", "--resume", "run")
+    assert resumed.returncode == 0 and "resuming after step 0" in resumed.stdout, resumed.stderr[-2000:]
+    assert _rows(tmp_path / "run") == before

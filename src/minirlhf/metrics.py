@@ -13,7 +13,7 @@ class MetricsWriter:
     """Appends `{"step": ..., name: value, ...}` lines to RUN_DIR/metrics.jsonl and keeps them for plots."""
 
     def __init__(self, run_dir: Path, keep_until: int | None = None, trackers: list | None = None):
-        """`keep_until=N` (a resumed run) keeps the rows of steps 1..N already in the file and drops the rest.
+        """`keep_until=N` (a resumed run) keeps the rows of steps up to N already in the file and drops the rest.
         `trackers` (tracking.py's dashboards) get every row logged from now on."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict] = []

@@ -148,7 +148,8 @@ def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False, saved: dict
         run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base, overwrite)
     if run_.main:
         save_config(cfg, run_.dir.config)
-        resumed_at = run_.done if resume is not None else None
+        # the rows up to the checkpoint stay; with no checkpoint yet, none does (`begin` logs step 0 again)
+        resumed_at = (run_.done if run_.done > 0 else -1) if resume is not None else None
         trackers = tracking.open_trackers(cfg.report_to, run_.dir.path, to_dict(cfg), resumed_at)
         run_.metrics = MetricsWriter(run_.dir.path, keep_until=resumed_at, trackers=trackers)
 
