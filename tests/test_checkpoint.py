@@ -167,3 +167,17 @@ def test_a_resumed_metrics_file_keeps_the_steps_before_the_checkpoint_and_drops_
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "a": 1}, {"step": 2, "a": 2}, {"step": 3, "a": 30}] and writer.rows == rows
+
+
+def test_a_folder_is_discarded_under_a_temporary_name_that_a_resume_clears(tmp_path):
+    from minirlhf.checkpoint import discard
+    from minirlhf.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "r", "rl", "ppo")
+    (run.path / "checkpoint-3").mkdir()
+    (run.path / "checkpoint-3" / "state.json").write_text("{}")
+    discard(run.path / "checkpoint-3")
+    (run.path / ".checkpoint-5.abc.tmp").mkdir()  # what a crash mid-discard (or mid-write) leaves
+    (run.path / ".metrics.jsonl.xyz.tmp").write_text("half")
+    run.clear_leftovers()
+    assert sorted(p.name for p in run.path.iterdir()) == ["run.json"]

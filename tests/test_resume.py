@@ -205,3 +205,17 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(cli, tm
     resumed = cli("dpo", "--resume", "run")
     assert resumed.returncode == 0 and "resuming after step 0" in resumed.stdout, resumed.stderr[-2000:]
     assert _rows(tmp_path / "run") == before
+
+
+def test_a_run_killed_while_finishing_resumes_to_log_its_closing_rows_once(cli, tmp_path):
+    """A classifier killed after its last checkpoint and its test rows, before results.json: the resume finishes it
+    and the metrics hold each row once, as the uninterrupted run's do."""
+    args = ["train-classifier", "--data.max_train=64", "--data.max_eval=32", "--train.epochs=1",
+            "--train.batch_size=16", "--model.max_length=32", "--device=cpu", "--seed=3", "--out", "run"]
+    assert cli(*args).returncode == 0
+    before = _rows(tmp_path / "run")
+    assert any("test/accuracy" in r for r in before)
+    (tmp_path / "run" / "results.json").unlink()  # what the kill left: every row written, no results
+    resumed = cli("train-classifier", "--resume", "run")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _rows(tmp_path / "run") == before and (tmp_path / "run" / "results.json").is_file()

@@ -110,6 +110,17 @@ def old_copy(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
+def discard(path: Path) -> None:
+    """Delete a folder, renamed first to a temporary name (`.NAME.*.tmp`): a crash mid-delete leaves what a resume
+    clears (`RunDir.clear_leftovers`), never half a folder under its own name."""
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.replace(path, doomed)  # onto the empty folder just made: atomic
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def recover_dir(path: Path) -> None:
     """Undo a crash between `atomic_dir`'s two renames: the previous folder, complete, goes back in place."""
     path = Path(path)
@@ -141,15 +152,15 @@ def atomic_dir(path: Path, keep_old_as: Path | None = None):
         old = None
         if path.exists():
             old = old_copy(path)
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         if old is not None and keep_old_as is not None:
-            shutil.rmtree(keep_old_as, ignore_errors=True)  # the same step saved again (a run resumed before it)
+            discard(keep_old_as)  # the same step saved again (a run resumed before it)
             os.replace(old, keep_old_as)
         elif old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

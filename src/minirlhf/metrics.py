@@ -12,15 +12,17 @@ from minirlhf.checkpoint import atomic_write_text
 class MetricsWriter:
     """Appends `{"step": ..., name: value, ...}` lines to RUN_DIR/metrics.jsonl and keeps them for plots."""
 
-    def __init__(self, run_dir: Path, keep_until: int | None = None, trackers: list | None = None):
-        """`keep_until=N` (a resumed run) keeps the rows of steps up to N already in the file and drops the rest.
-        `trackers` (tracking.py's dashboards) get every row logged from now on."""
+    def __init__(self, run_dir: Path, keep_until: int | None = None, trackers: list | None = None,
+                 keep_rows: int | None = None):
+        """`keep_until=N` (a resumed run) keeps the rows of steps up to N already in the file, and of them the first
+        `keep_rows` (the rows its checkpoint had seen), and drops the rest. `trackers` (tracking.py's dashboards) get
+        every row logged from now on."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
         self.trackers = trackers or []
         if keep_until is not None and self.path.is_file():
             self.rows = [r for r in map(_parse, self.path.read_text(encoding="utf-8").splitlines())
-                         if r is not None and r.get("step", 0) <= keep_until]
+                         if r is not None and r.get("step", 0) <= keep_until][:keep_rows]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._file = open(self.path, "a", encoding="utf-8")
 

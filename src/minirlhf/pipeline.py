@@ -20,7 +20,7 @@ from minirlhf.algorithms.generator import GeneratorConfig
 from minirlhf.algorithms.ppo import PPOConfig
 from minirlhf.algorithms.rl_core import RLOptimizerConfig
 from minirlhf.checkpoint import load_json
-from minirlhf.config import DataConfig, RunConfig, save_config
+from minirlhf.config import DataConfig, RunConfig
 from minirlhf.data.prompts import PromptConfig
 from minirlhf.models import rewards
 from minirlhf.models.rewards import RewardConfig
@@ -93,8 +93,7 @@ def _stage(cfg, demo: DemoConfig, out: Path):
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     t0 = time.time()
-    run_dir = RunDir.create(cfg.out, "demo", overwrite=overwrite)
-    save_config(cfg, run_dir.config)
+    run_dir = RunDir.create(cfg.out, "demo", overwrite=overwrite, config=cfg)
     print(f"== 1/3 reward classifier -> {run_dir / 'classifier'}")
     clf_dir = classifier.train(_stage(cfg.classifier, cfg, run_dir / "classifier"))
     print(f"== 2/3 LSTM generator -> {run_dir / 'generator'}")

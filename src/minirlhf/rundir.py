@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minirlhf import RunError, __version__
-from minirlhf.checkpoint import atomic_dir, load_json, old_copy, recover_dir, save_json
+from minirlhf.checkpoint import atomic_dir, discard, load_json, old_copy, recover_dir, save_json
+from minirlhf.config import save_config
 
 STAGES = ("classifier", "generator", "reward_model", "sft", "dpo", "rl", "demo", "loop")
 """the kinds of run; an RL run also records its algorithm"""
@@ -90,9 +91,10 @@ class RunDir:
     # ---------------------------------------------------------------- making and finding runs
     @classmethod
     def create(cls, out: str | Path | None, stage: str, algorithm: str | None = None, base: str | None = None,
-               overwrite: bool = False) -> "RunDir":
-        """A new run directory (`out`, or a time-stamped folder under runs/) recording what makes it. A run already
-        at `out` is never written into: it stops the run (`check_new`), or with `overwrite` is moved aside whole."""
+               overwrite: bool = False, config=None) -> "RunDir":
+        """A new run directory (`out`, or a time-stamped folder under runs/) recording what makes it and its
+        `config`, made whole at once (a crash leaves it as it was, or complete). A run already at `out` is never
+        written into: it stops the run (`check_new`), or with `overwrite` is moved aside whole."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         path = Path(out) if out is not None else fresh_path(Path("runs"), (algorithm or stage).replace("_", "-"))
@@ -100,10 +102,11 @@ class RunDir:
             aside = fresh_path(path.parent, f"{path.name}.replaced")
             os.replace(path, aside)
             print(f"--overwrite: the run that was in {path} is now in {aside} (nothing deleted)", flush=True)
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path)
-        save_json({"stage": stage, "algorithm": algorithm, "base": base, "version": __version__}, run.info_file)
-        return run
+        with atomic_dir(path) as tmp:
+            if config is not None:
+                save_config(config, tmp / "config.yaml")
+            save_json({"stage": stage, "algorithm": algorithm, "base": base, "version": __version__}, tmp / "run.json")
+        return cls(path)
 
     @classmethod
     def find(cls, path: str | Path | None) -> "RunDir | None":
@@ -142,7 +145,7 @@ class RunDir:
         with atomic_dir(self.checkpoint, self.path / f"checkpoint-{previous}" if previous else None) as tmp:
             yield tmp
         for old in self.earlier_checkpoints()[keep - 1:]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
 
     def earlier_checkpoints(self) -> list[Path]:
         """The checkpoint-STEP/ folders kept besides checkpoint/, the latest first."""

@@ -131,6 +131,7 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
 def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False, saved: dict | None = None) -> None:
     """The run directory: a new one, or `resume`'s with the job restored from its checkpoint and the settings changed
     since `saved` (its config) applied."""
+    rows = None  # the metrics rows a resumed run keeps
     if resume is not None:
         run_.dir = RunDir.open(resume, job.stage)
         if run_.dir.algorithm != job.algorithm:
@@ -138,20 +139,22 @@ def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False, saved: dict
                            "resume it with its own command")
         if run_.main:
             run_.dir.clear_leftovers()
-        run_.done = restore(run_.dir, job)
+        run_.done, rows = restore(run_.dir, job)
         if run_.done >= job.steps and run_.dir.results.is_file():
             raise RunError(f"{resume} already ran {run_.done} steps; pass --steps=N with N > {run_.done} "
                            "(or more epochs) to train further")
         run_.say(f"{job.name}: resuming after step {run_.done}")
         apply_changes(run_, job, saved or {})
     elif run_.main:
-        run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base, overwrite)
+        run_.dir = RunDir.create(cfg.out, job.stage, job.algorithm, job.base, overwrite, config=cfg)
     if run_.main:
         save_config(cfg, run_.dir.config)
-        # the rows up to the checkpoint stay; with no checkpoint yet, none does (`begin` logs step 0 again)
+        # the rows the checkpoint had seen stay (none without a checkpoint: `begin` logs step 0 again; nor the closing
+        # rows of a run killed in its last phase, which `finish` logs again)
         resumed_at = (run_.done if run_.done > 0 else -1) if resume is not None else None
         trackers = tracking.open_trackers(cfg.report_to, run_.dir.path, to_dict(cfg), resumed_at)
-        run_.metrics = MetricsWriter(run_.dir.path, keep_until=resumed_at, trackers=trackers)
+        run_.metrics = MetricsWriter(run_.dir.path, keep_until=resumed_at, trackers=trackers,
+                                     keep_rows=rows)
 
 
 def _loop(run_: Run, job: Job, cfg) -> None:
@@ -168,7 +171,7 @@ def _loop(run_: Run, job: Job, cfg) -> None:
         if step % cfg.save_every == 0 or step == job.steps:
             with sharding.gathered(job.modules(), job.optimizer), distributed.agreeing():  # fsdp: all lend shards
                 if run_.main:
-                    save_checkpoint(run_.dir, job, step, cfg.keep_checkpoints)
+                    save_checkpoint(run_.dir, job, step, cfg.keep_checkpoints, len(run_.metrics.rows))
 
 
 def _finish(run_: Run, job: Job) -> None:
@@ -196,10 +199,11 @@ def _model_cards(run_: Run, job: Job, results: dict) -> None:
                              results=results, command=command)
 
 
-def save_checkpoint(run_dir: RunDir, job: Job, step: int, keep: int = 1) -> None:
+def save_checkpoint(run_dir: RunDir, job: Job, step: int, keep: int = 1, metrics_rows: int | None = None) -> None:
     """checkpoint/, replaced whole: the job's model folders and JSON state, the optimizer's tensors and every random
-    stream (safetensors), the gradient scaler, the count of skipped updates, the step. A crash while writing, or
-    weights that are not finite, leave the previous checkpoint in place; `keep` checkpoints are kept in all."""
+    stream (safetensors), the gradient scaler, the count of skipped updates, the step, and how many rows
+    metrics.jsonl held (what a resume keeps of it). A crash while writing, or weights that are not finite, leave
+    the previous checkpoint in place; `keep` checkpoints are kept in all."""
     tensors, optimizer_meta = optimizer_state(job.optimizer) if job.optimizer is not None else ({}, None)
     rng, rng_meta = rng_state()
     try:
@@ -209,7 +213,8 @@ def save_checkpoint(run_dir: RunDir, job: Job, step: int, keep: int = 1) -> None
             scheduler = job.scheduler.state_dict() if job.scheduler is not None else None
             save_json({"stage": job.stage, "algorithm": job.algorithm, "step": step, "base": job.base, **state,
                        "optimizer": optimizer_meta, "scheduler": scheduler, "rng": rng_meta,
-                       "scaler": precision().scaler.state_dict(), "skipped_updates": skips().total},
+                       "scaler": precision().scaler.state_dict(), "skipped_updates": skips().total,
+                       "metrics_rows": metrics_rows},
                       tmp / run_dir.state.name)
     except NotFinite as e:
         name = str(e).split(" in ", 1)[0]
@@ -221,17 +226,18 @@ class WrongRun(RunError):
     """A checkpoint of another run (another starting policy): never a reason to try an earlier checkpoint."""
 
 
-def restore(run_dir: RunDir, job: Job) -> int:
-    """Load the last checkpoint into the freshly set-up job; the step it was taken at (0 if there is none yet: the
-    run then starts again from the beginning, in the same directory). A checkpoint that cannot be read gives way to
-    the latest earlier one that can (`--keep_checkpoints`), which takes its place; the damaged one is kept aside."""
+def restore(run_dir: RunDir, job: Job) -> tuple[int, int | None]:
+    """Load the last checkpoint into the freshly set-up job; the step it was taken at and the metrics rows it had seen
+    ((0, 0) if there is none yet: the run then starts again from the beginning, in the same directory). A checkpoint
+    that cannot be read gives way to the latest earlier one that can (`--keep_checkpoints`), which takes its place;
+    the damaged one is kept aside."""
     folders = [run_dir.checkpoint, *run_dir.earlier_checkpoints()]
     if not any(f.is_dir() for f in folders):
-        return 0
+        return 0, 0
     first_error = None
     for folder in folders:
         try:
-            step = _load_checkpoint(folder, job)
+            step, rows = _load_checkpoint(folder, job)
         except WrongRun:
             raise
         except RunError as e:
@@ -244,11 +250,11 @@ def restore(run_dir: RunDir, job: Job) -> int:
             os.replace(folder, run_dir.checkpoint)
             print(f"checkpoint/ could not be read ({first_error}); resuming from {folder.name}/ instead (step {step}); "
                   f"the damaged one is kept as {damaged.name}/", flush=True)
-        return step
+        return step, rows
     raise first_error
 
 
-def _load_checkpoint(folder: Path, job: Job) -> int:
+def _load_checkpoint(folder: Path, job: Job) -> tuple[int, int | None]:
     state = load_json(folder / "state.json")
     if state.get("base") != job.base:
         raise WrongRun(f"{folder} holds a run of {state.get('base')!r}, not of {job.base!r}; resume it with the "
@@ -265,7 +271,7 @@ def _load_checkpoint(folder: Path, job: Job) -> int:
         if state.get("scaler"):
             precision().scaler.load_state_dict(state["scaler"])
         skips().total = int(state.get("skipped_updates", 0))
-        return int(state["step"])
+        return int(state["step"]), state.get("metrics_rows")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise RunError(f"{folder} is incomplete ({e!r} missing or malformed); resume from an intact run") from e
 
