@@ -103,6 +103,10 @@ def test_the_last_checkpoints_are_kept_and_an_unreadable_one_gives_way_to_the_on
     with run.write_checkpoint(keep=1) as tmp:
         save_json({"step": 8}, tmp / "state.json")
     assert run.checkpoint_step() == 8 and run.earlier_checkpoints() == []
+    for step in (5, 6, 7):  # what a crash before a save's pruning leaves
+        (run.path / f"checkpoint-{step}").mkdir()
+    run.prune(keep=2)
+    assert run.earlier_checkpoints() == [run.path / "checkpoint-7"]
 
 
 def test_every_random_stream_comes_back(tmp_path):

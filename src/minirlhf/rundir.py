@@ -144,6 +144,10 @@ class RunDir:
         previous = self.checkpoint_step() if keep > 1 else 0
         with atomic_dir(self.checkpoint, self.path / f"checkpoint-{previous}" if previous else None) as tmp:
             yield tmp
+        self.prune(keep)
+
+    def prune(self, keep: int) -> None:
+        """Keep `keep` checkpoints in all (a resume prunes too: a crash may have come before the last save did)."""
         for old in self.earlier_checkpoints()[keep - 1:]:
             discard(old)
 

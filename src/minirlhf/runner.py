@@ -140,6 +140,8 @@ def _open(run_: Run, job: Job, cfg, resume, overwrite: bool = False, saved: dict
         if run_.main:
             run_.dir.clear_leftovers()
         run_.done, rows = restore(run_.dir, job)
+        if run_.main:
+            run_.dir.prune(cfg.keep_checkpoints)
         if run_.done >= job.steps and run_.dir.results.is_file():
             raise RunError(f"{resume} already ran {run_.done} steps; pass --steps=N with N > {run_.done} "
                            "(or more epochs) to train further")
