@@ -4,15 +4,19 @@ a checkpoint every `save_every` steps, `--resume`, results with the memory repor
 A stage is a `Job`: it says how to set itself up, what one step does, what its checkpoint holds beyond the
 optimizer, and what its results are; `run(job, cfg)` does everything else, the same way for every stage:
 
-    distributed.init, seed, device, precision  ->  job.setup  ->  RunDir.create, or restore from RUN_DIR/checkpoint
-    ->  job.begin (step 0)  ->  job.step(s) for s = done + 1 .. job.steps, checkpointing  ->  job.end
-    ->  job.finish (main process)  ->  results.json, model cards  ->  job.report
+    (a new run never goes where one is: check_new)  ->  distributed.init, device, precision, seed  ->  job.setup
+    ->  RunDir.create, or restore from RUN_DIR/checkpoint  ->  job.begin (step 0)
+    ->  job.step(s) for s = done + 1 .. job.steps, checkpointing  ->  job.end
+    ->  job.finish (main process)  ->  model cards, job.report  ->  results.json (last: the run has finished)
 
-The passes run under `--dtype`'s autocast; every metrics row also goes to the `--report_to` dashboards.
+The passes run under `--dtype`'s autocast; every metrics row also goes to the `--report_to` dashboards. Under
+torchrun the processes agree on every outcome that is one process's own before the next collective
+(distributed.agree), so a failure anywhere stops all of them with the same line.
 
-A resumed run repeats exactly what the uninterrupted run did (on CPU; tested with SIGKILL for RL, DPO and the
-reward model): a step's data and random draws derive from (seed, step), the torch RNG state is checkpointed,
-and metrics.jsonl keeps only the rows up to the checkpoint.
+A resumed run repeats exactly what the uninterrupted run did (on CPU; tested with SIGKILL at random moments of
+every stage, benchmarks/faults.py): a step's data and random draws derive from (seed, step), every random stream
+is checkpointed, and metrics.jsonl keeps only the rows the checkpoint had seen. Settings changed on resume are
+applied and recorded (`apply_changes`); only finite weights are ever saved.
 """
 
 from __future__ import annotations
