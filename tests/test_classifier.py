@@ -72,7 +72,7 @@ def test_dropout_option_sets_every_dropout_layer():
 
 def test_imdb_config_is_valid():
     cfg = load_config(ClassifierConfig, str(Path(__file__).parents[1] / "configs" / "imdb_classifier.yaml"))
-    assert cfg.model.dropout == 0.0 and cfg.model.max_length == 256 and cfg.dtype == "bf16"
+    assert cfg.model.dropout == 0.0 and cfg.model.max_length == 256 and cfg.dtype == "auto"
     assert ClassifierConfig().model.dropout is None  # the default keeps the encoder's own dropout
 
 

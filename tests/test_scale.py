@@ -132,7 +132,11 @@ def test_two_processes_share_the_frozen_trunk_of_smollm2(tiny_classifier, tmp_pa
     _one_and_two(args, tmp_path)
     for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):
         assert b["dist/param_spread"] == 0.0
-        for key in ("reward/mean", "objective/kl", "policy/approx_kl", "policy/loss"):  # misaligned frozen states
-            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key  # would show in approx_kl and the loss
+        # misaligned frozen states would show in approx_kl and the loss. The KL after one update is a sum of
+        # differences of log-probs over SmolLM2's 49k-word vocabulary, which float32 rounds differently for a
+        # process's 2 rows than for 4 (measured 1.6e-5 apart on an AVX-512 CPU): a looser absolute bound there
+        for key, tol in (("reward/mean", 1e-5), ("objective/kl", 5e-5), ("policy/approx_kl", 1e-5),
+                         ("policy/loss", 1e-5)):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=tol), key
     # No weight comparison here: at lr 1e-3, Adam's first steps move weights whose gradient is ~0 by up to lr on
     # rounding alone (measured 6e-4 when every process recomputes the trunk too); step 2's metrics compare them.
