@@ -102,9 +102,12 @@ def test_demo_runs_every_stage_end_to_end(cli, tmp_path):
     proc = cli("demo", "--out", "demo", "--classifier.data.max_train=64", "--classifier.data.max_eval=32",
                "--classifier.train.epochs=1", "--generator.data.max_train=300", "--generator.data.max_eval=50",
                "--generator.train.epochs=1", "--generator.vocab.max_size=300", "--generator.model.hidden_dim=32",
-               "--generator.samples.n=1", "--ppo.steps=2", "--ppo.batch_size=8", "--ppo.minibatch_size=4")
+               "--generator.samples.n=1", "--ppo.steps=2", "--ppo.batch_size=8", "--ppo.minibatch_size=4",
+               "--dtype=fp32")
     assert proc.returncode == 0, proc.stderr
     assert "run directory: demo" in proc.stdout and "win rate" in proc.stdout
+    for stage in ("classifier", "generator", "ppo"):  # the demo's run settings reach every stage
+        assert "dtype: fp32" in (tmp_path / "demo" / stage / "config.yaml").read_text()
     assert "estimated time: about" in proc.stdout  # the classifier's, before it trains
     closing = " ".join(proc.stdout.split())  # wrapped for the terminal
     assert "nats per response is how far the policy moved" in closing and "Distinct-2" in closing

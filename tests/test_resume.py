@@ -4,6 +4,7 @@ The runs are real subprocesses of the CLI, killed at whatever point they had rea
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_updates_with_non_finite_gradients_are_skipped_and_never_saved(cli, tmp_
     assert not (tmp_path / "strict" / "checkpoint").exists()
 
 
-def test_a_resume_applies_and_records_the_settings_it_changes(cli, tmp_path, tiny_generator):
+def test_a_resume_applies_and_records_the_settings_it_changes(cli, tmp_path, tiny_generator, monkeypatch):
     """--train.lr and --kl_coef given on resume were undone by the checkpoint's optimizer and KL state; now they take
     effect from the next step, are said, and recorded in resumes.jsonl beside the new config.yaml."""
     pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 48)
@@ -136,18 +137,21 @@ def test_a_resume_applies_and_records_the_settings_it_changes(cli, tmp_path, tin
     record = [json.loads(line) for line in (tmp_path / "dpo" / "resumes.jsonl").read_text().splitlines()]
     assert record == [{"after_step": 4, "changed": {"train.lr": [0.01, 0.0001], "train.steps": [4, 6]}}]
 
+    from minirlhf.cli import main  # PPO in this process: the same command, without starting another
+
+    monkeypatch.chdir(tmp_path)
     ppo = ["ppo", "--policy", str(tiny_generator), "--reward.classifier_weight=0", "--reward.length_weight=1",
            "--batch_size=4", "--minibatch_size=4", "--ppo_epochs=1", "--prompts.max_eval=4", "--data.max_train=200",
            "--data.max_eval=50", "--device=cpu", "--kl_coef=0.1"]
-    assert cli(*ppo, "--steps=2", "--out", "ppo").returncode == 0
-    assert cli("ppo", "--resume", "ppo", "--steps=3", "--kl_coef=0.5").returncode == 0
+    assert main([*ppo, "--steps=2", "--out", "ppo"]) == 0
+    assert main(["ppo", "--resume", "ppo", "--steps=3", "--kl_coef=0.5"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and rows[-1]["objective/kl_coef"] == 0.5
 
 
-def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it(cli, tmp_path, tiny_generator):
+def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it_and_none_to_the_start(cli, tmp_path, tiny_generator):
     """--keep_checkpoints 2 (the default) keeps the checkpoint before the last; when the last cannot be read, a resume
-    takes the one before and ends where an uninterrupted run ends."""
+    takes the one before and ends where an uninterrupted run ends; with no checkpoint at all, it starts again."""
     pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 48)
     args = ["dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--train.batch_size=8",
             "--train.micro_batch_size=8", "--max_response_tokens=20", "--eval_every=0", "--samples=0", "--save_every=2",
@@ -164,17 +168,30 @@ def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it(cli, tmp_path, 
     assert [p.name.startswith("checkpoint.damaged-") for p in cut.glob("checkpoint.damaged*")] == [True]
     _same(tmp_path / "full", cut, ["checkpoint/policy/model.safetensors"])
 
+    # What a kill before the first checkpoint leaves (run.json, config.yaml, the rows logged so far, step 0's among
+    # them, no checkpoint): the resume starts again from step 0 and logs each row once.
+    for folder in cut.glob("checkpoint*"):
+        shutil.rmtree(folder)
+    (cut / "results.json").unlink()
+    again = cli("dpo", "--resume", "cut")
+    assert again.returncode == 0 and "resuming after step 0" in again.stdout, again.stderr[-2000:]
+    _same(tmp_path / "full", cut, ["checkpoint/policy/model.safetensors"])
 
-def test_a_disk_that_fills_during_a_save_leaves_the_last_checkpoint_usable(cli, tmp_path, tiny_generator):
+
+def test_a_disk_that_fills_during_a_save_leaves_the_last_checkpoint_usable(tmp_path, tiny_generator, monkeypatch):
     """RLIMIT_FSIZE makes every write past 100 KB fail as a full disk does: the run stops with one line (exit 1), its
-    last checkpoint is whole, and resuming it on a roomier disk ends where an uninterrupted run ends."""
+    last checkpoint is whole, and resuming it on a roomier disk ends where an uninterrupted run ends. (The runs with
+    room enough run in this process: the same command, without starting another.)"""
     import resource
 
+    from minirlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
     args = ["ppo", "--policy", str(tiny_generator), "--reward.classifier_weight=0", "--reward.length_weight=1",
             "--batch_size=4", "--minibatch_size=4", "--ppo_epochs=1", "--prompts.max_eval=4", "--data.max_train=200",
             "--data.max_eval=50", "--save_every=2", "--device=cpu", "--seed=3"]
-    assert cli(*args, "--steps=4", "--out", "full").returncode == 0
-    assert cli(*args, "--steps=2", "--out", "cut").returncode == 0
+    assert main([*args, "--steps=4", "--out", "full"]) == 0
+    assert main([*args, "--steps=2", "--out", "cut"]) == 0
     limit = 100_000  # above metrics.jsonl and the config, below the policy's weights
     full = subprocess.run([sys.executable, "-m", "minirlhf", "ppo", "--resume", "cut", "--steps=4"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300,
@@ -183,39 +200,21 @@ def test_a_disk_that_fills_during_a_save_leaves_the_last_checkpoint_usable(cli, 
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith("minirlhf: error: File too large") and "free some space" in last, last
     assert _step_of(tmp_path / "cut") == 2 and not list((tmp_path / "cut").glob(".checkpoint*"))
-    resumed = cli("ppo", "--resume", "cut", "--steps=4")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert main(["ppo", "--resume", "cut", "--steps=4"]) == 0
     _same(tmp_path / "full", tmp_path / "cut", ["checkpoint/policy/model.safetensors"])
 
 
-def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(cli, tmp_path, tiny_generator):
-    """What a kill before the first checkpoint leaves (run.json, config.yaml, the rows logged so far, step 0's among
-    them, no checkpoint/): the resume starts again from step 0 and logs each row once."""
-    import shutil
-
-    pairs = write_tweet_pairs(tmp_path / "pairs.jsonl", 48)
-    args = ["dpo", "--policy", str(tiny_generator), "--preferences", str(pairs), "--train.steps=2", "--save_every=100",
-            "--train.batch_size=8", "--train.micro_batch_size=8", "--max_response_tokens=20", "--samples=0",
-            "--device=cpu", "--seed=3"]
-    assert cli(*args, "--out", "run").returncode == 0
-    before = _rows(tmp_path / "run")
-    assert [r["step"] for r in before] == [0, 1, 2]
-    shutil.rmtree(tmp_path / "run" / "checkpoint")
-    (tmp_path / "run" / "results.json").unlink()
-    resumed = cli("dpo", "--resume", "run")
-    assert resumed.returncode == 0 and "resuming after step 0" in resumed.stdout, resumed.stderr[-2000:]
-    assert _rows(tmp_path / "run") == before
-
-
-def test_a_run_killed_while_finishing_resumes_to_log_its_closing_rows_once(cli, tmp_path):
+def test_a_run_killed_while_finishing_resumes_to_log_its_closing_rows_once(tmp_path, monkeypatch):
     """A classifier killed after its last checkpoint and its test rows, before results.json: the resume finishes it
-    and the metrics hold each row once, as the uninterrupted run's do."""
+    and the metrics hold each row once, as the uninterrupted run's do (the command run in this process)."""
+    from minirlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
     args = ["train-classifier", "--data.max_train=64", "--data.max_eval=32", "--train.epochs=1",
             "--train.batch_size=16", "--model.max_length=32", "--device=cpu", "--seed=3", "--out", "run"]
-    assert cli(*args).returncode == 0
+    assert main(args) == 0
     before = _rows(tmp_path / "run")
     assert any("test/accuracy" in r for r in before)
     (tmp_path / "run" / "results.json").unlink()  # what the kill left: every row written, no results
-    resumed = cli("train-classifier", "--resume", "run")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert main(["train-classifier", "--resume", "run"]) == 0
     assert _rows(tmp_path / "run") == before and (tmp_path / "run" / "results.json").is_file()

@@ -87,8 +87,9 @@ class DemoConfig(RunConfig):
 
 
 def _stage(cfg, demo: DemoConfig, out: Path):
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=demo.data),
-                               out=str(out), device=demo.device, seed=demo.seed)
+    """A stage's config, with the demo's data and its run settings (device, seed, precision, dashboards)."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=demo.data), out=str(out),
+                               device=demo.device, seed=demo.seed, dtype=demo.dtype, report_to=demo.report_to)
 
 
 def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
