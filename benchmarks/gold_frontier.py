@@ -41,7 +41,8 @@ from gold_labels import collect_labels
 from minirlhf.algorithms import classifier, dpo, registry, rl, sft
 from minirlhf.config import load_config
 from minirlhf.data.dialogue import dialogue_text
-from minirlhf.feedback.simulate import load_judge, reward_of
+from minirlhf.feedback.simulate import reward_of
+from minirlhf.models.judge import load_judge
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.reward_model import RewardModel
 from minirlhf.rundir import RunDir

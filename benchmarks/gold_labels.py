@@ -22,7 +22,8 @@ from minirlhf.data.preferences import Pair
 from minirlhf.feedback.app import Page
 from minirlhf.feedback.loop import write_pairs
 from minirlhf.feedback.pairs import PairPool, Sampling, Source, uncertainty
-from minirlhf.feedback.simulate import beta_for_agreement, judge_agreement, load_judge, simulate
+from minirlhf.feedback.simulate import beta_for_agreement, judge_agreement, simulate
+from minirlhf.models.judge import load_judge
 from minirlhf.feedback.store import Store, export_jsonl
 from minirlhf.models.load import load_policy
 from minirlhf.models.reward_model import RewardModel

@@ -25,7 +25,7 @@ def test_group_center_matches_naive_loop():
 
 def test_advantages_are_not_divided_by_the_group_std():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.float32)
-    rollout = type("R", (), {"response_mask": mask})()
+    rollout = type("R", (), {"response_mask": mask, "turn_ids": None})()
     scores = torch.tensor([1.0, 3.0, 10.0, 30.0])  # groups of 2 with stds 1.41 and 14.1
     kl = KLTerms(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4))
     batch = advantages(DrGRPOConfig(group_size=2), rollout, scores, kl, 0.0)

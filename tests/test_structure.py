@@ -15,6 +15,7 @@ LAYERS = {
              "minirlhf.runner"),
     "data": ("minirlhf.data",),
     "models": ("minirlhf.models",),
+    "envs": ("minirlhf.envs",),
     "stages": ("minirlhf.algorithms",),
     "commands": ("minirlhf.cli", "minirlhf.pipeline", "minirlhf.doctor", "minirlhf.feedback", "minirlhf.__main__"),
 }

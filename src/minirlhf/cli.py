@@ -25,11 +25,14 @@ import torch
 from minirlhf import ConfigError, MachineError, UserError, __version__, distributed, doctor
 from minirlhf.algorithms import classifier, dpo, generator, registry, reward_model, rl, sft
 from minirlhf.algorithms.evaluate import evaluate_run
-from minirlhf.config import describe, load_config, load_saved
+from minirlhf.config import DataConfig, describe, load_config, load_saved
+from minirlhf.data.prompts import PromptConfig
+from minirlhf.envs.base import EnvConfig, env_factory, env_prompts
 from minirlhf.data.sentiment import read_source
 from minirlhf.feedback import commands, loop
 from minirlhf.feedback.pairs import Sampling, add_sampling_flags
 from minirlhf.models.classifier import SentimentClassifier
+from minirlhf.models.episodes import sample_episodes
 from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
 from minirlhf.rundir import RunDir, check_new
@@ -69,6 +72,7 @@ def _stage_config(cls, args, extra):
     cli = [f"--{key}={value}" for key, value in
            ((data_key, getattr(args, "data", None)), ("out", args.out), ("device", args.device), ("seed", args.seed),
             (_reward_key(getattr(args, "reward", None)), getattr(args, "reward", None)),
+            ("env.name", getattr(args, "env", None)),
             ("preferences", getattr(args, "preferences", None)))
            if value is not None]
     if getattr(args, "resume", None) is None:
@@ -107,6 +111,9 @@ def _add_stage(sub, name: str, cls, help: str, run, resume: bool = True) -> None
     if hasattr(cls(), "reward"):
         p.add_argument("--reward", metavar="RUN", help="the reward: a classifier run (sets reward.classifier) or a "
                        "reward-model run (sets reward.reward_model)")
+    if hasattr(cls(), "env"):
+        p.add_argument("--env", metavar="NAME", help="multi-turn episodes: constraints, judge or module:Class (sets "
+                       "env.name; --env.turns=T, --env.turn_credit=turn|episode)")
     p.add_argument("--out", help="run directory (default: a new folder under runs/)")
     p.add_argument("--device", help="auto, cpu, cuda or mps")
     p.add_argument("--seed", type=int)
@@ -206,9 +213,28 @@ def _generate(args, extra) -> int:
     policy = load_policy(args.run_dir, device, value_head=False)
     prompts = [p for p in args.prompt or [""] for _ in range(args.n)]
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    if args.env:
+        return _generate_episodes(args, policy, device)
     rollout = policy.sample(prompts, args.max_new_tokens, gen, args.temperature, args.top_k, args.top_p)
     for prompt, text in zip(prompts, rollout.texts):
         print(policy.as_text(prompt, text))
+    return 0
+
+
+def _generate_episodes(args, policy, device) -> int:
+    """`generate --env NAME`: n conversations (seeds seed..seed+n-1), each turn labelled, with its rewards."""
+    if getattr(policy, "kind", "") != "causal_lm" or not getattr(policy, "chat", False):
+        raise ConfigError(f"--env needs a chat model (a causal LM with a chat template); {args.run_dir} is not one")
+    env = EnvConfig(name=args.env, turns=args.turns)
+    make = env_factory(env, env_prompts(env, PromptConfig(), DataConfig())[1], args.seed, device)
+    seeds = list(range(args.seed, args.seed + args.n))
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    episodes = sample_episodes(policy, [make() for _ in seeds], seeds, args.turns, args.max_new_tokens, gens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    for seed, messages, rewards in zip(seeds, episodes.rollout.messages, episodes.rewards.tolist()):
+        print(f"--- episode {seed} (turn rewards {', '.join(f'{r:.2f}' for r in rewards)})")
+        for m in messages:
+            print(f"{m['role']}: {m['content']}")
     return 0
 
 
@@ -245,6 +271,9 @@ def _add_tools(sub) -> None:
     p.add_argument("run_dir")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     p.add_argument("-n", type=int, default=5, help="samples per prompt")
+    p.add_argument("--env", metavar="NAME", help="play conversations with an environment (constraints, judge or "
+                   "module:Class) on its held-out openings instead of answering prompts; one per -n")
+    p.add_argument("--turns", type=int, default=3, help="with --env: assistant turns per conversation")
     add_sampling_flags(p, Sampling(max_new_tokens=30))
     p.set_defaults(func=_generate)
 

@@ -1,6 +1,7 @@
 """Pure tensor math shared by the RL stages. Every function is tested against a naive loop.
 
-Shapes: B responses, T response tokens (right-padded); `mask` (B, T) is 1 on real tokens, 0 on padding.
+Shapes: B responses (or episodes), T response tokens (right-padded); `mask` (B, T) is 1 on the tokens that train,
+0 elsewhere: padding, and in a multi-turn episode the user's tokens between the assistant's turns. K: turns.
 """
 
 from __future__ import annotations
@@ -35,22 +36,77 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al., 2016, eq. 16) over right-padded responses.
+    """Generalised advantage estimation (Schulman et al., 2016, eq. 16) over the positions where mask is 1.
 
-    rewards, values, mask: (B, T). delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last real
-    token; A_t = delta_t + gamma lam A_{t+1}. Returns (advantages, returns = advantages + values), 0 on padding.
+    rewards, values, mask: (B, T). The masked positions of a row are its time steps, whatever lies between them:
+    in an episode the user's tokens are holes in the mask, and GAE runs over the assistant's tokens only (the next
+    value of an assistant turn's last token is the first token of the next assistant turn), so no reward, value or
+    KL ever lands on a user token. delta_t = r_t + gamma V_next - V_t with V = 0 after the last masked position;
+    A_t = delta_t + gamma lam A_next. Returns (advantages, returns = advantages + values), 0 off the mask.
     """
     mask = mask.to(values.dtype)
     rewards, values = rewards * mask, values * mask
-    T = rewards.size(1)
     advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])  # (B,)
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+    last = torch.zeros_like(rewards[:, 0])  # (B,) the advantage of the next masked position
+    next_value = torch.zeros_like(last)  # (B,) its value
+    for t in reversed(range(rewards.size(1))):
+        on = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        advantages[:, t] = last
+        last = torch.where(on, delta + gamma * lam * last, last)
+        next_value = torch.where(on, values[:, t], next_value)
+        advantages[:, t] = last * mask[:, t]
     return advantages, (advantages + values) * mask
+
+
+def turn_index(mask: torch.Tensor, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The assistant turn (0, 1, ...) of every position (B, T), -1 off the mask; a single reply is turn 0."""
+    index = torch.zeros_like(mask, dtype=torch.long) if turn_ids is None else turn_ids.long()
+    return torch.where(mask > 0, index, torch.full_like(index, -1))
+
+
+def turn_ends(turns: torch.Tensor, n_turns: int) -> torch.Tensor:
+    """Index (B, K) of each turn's last position in turns (B, T) (from `turn_index`); -1 where a row has no turn k."""
+    T = turns.size(1)
+    pos = torch.arange(T, device=turns.device).expand_as(turns)  # (B, T)
+    ends = torch.full((turns.size(0), n_turns), -1, dtype=torch.long, device=turns.device)  # (B, K)
+    for k in range(n_turns):
+        ends[:, k] = torch.where(turns == k, pos, torch.full_like(pos, -1)).max(1).values
+    return ends
+
+
+def place_turn_rewards(scores: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Each turn's score on that turn's last token: scores (B,) or (B, K), turns (B, T) from `turn_index` -> (B, T).
+    A (B,) score is one turn's: a single reply's, or an episode's placed on its last turn."""
+    scores = scores.unsqueeze(1) if scores.dim() == 1 else scores
+    if scores.size(1) == 1:  # an episode's one score: its last turn, whichever that is
+        turns = torch.where(turns >= 0, torch.zeros_like(turns), turns)
+    ends = turn_ends(turns, scores.size(1))  # (B, K)
+    placed = torch.zeros(turns.shape, dtype=scores.dtype, device=scores.device)  # (B, T)
+    ok = ends >= 0
+    return placed.scatter_add(1, ends.clamp(min=0), torch.where(ok, scores, torch.zeros_like(scores)))
+
+
+def per_token(turn_values: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """turn_values (B,) or (B, K) spread over each turn's tokens: (B, T), 0 off the mask (turns from `turn_index`)."""
+    turn_values = turn_values.unsqueeze(1) if turn_values.dim() == 1 else turn_values
+    if turn_values.size(1) == 1:
+        turns = torch.where(turns >= 0, torch.zeros_like(turns), turns)
+    picked = turn_values.gather(1, turns.clamp(min=0))  # (B, T)
+    return torch.where(turns >= 0, picked, torch.zeros_like(picked))
+
+
+def turn_sums(x: torch.Tensor, turns: torch.Tensor, n_turns: int) -> torch.Tensor:
+    """Sum of x (B, T) over each turn's tokens: (B, K) (turns from `turn_index`; positions off the mask add nothing)."""
+    sums = torch.zeros(x.size(0), n_turns + 1, dtype=x.dtype, device=x.device)  # (B, K + 1): the last takes -1
+    index = torch.where(turns >= 0, turns, torch.full_like(turns, n_turns))
+    return sums.scatter_add(1, index, x)[:, :n_turns]
+
+
+def returns_to_go(turn_rewards: torch.Tensor) -> torch.Tensor:
+    """Undiscounted return from each turn on: (B, K) -> (B, K), G_k = r_k + r_{k+1} + ... (per-turn credit for
+    critic-free algorithms: a turn is credited with what follows it, never with what came before)."""
+    turn_rewards = turn_rewards.view(turn_rewards.size(0), -1)  # a score per response (B,) is one turn's
+    return turn_rewards.flip(1).cumsum(1).flip(1)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
@@ -69,13 +125,13 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
 
 
-def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token reward (Ziegler et al., 2019): -kl_coef * KL on every token, plus the sequence score
-    on the last real token. scores (B,), kl and mask (B, T) -> (B, T)."""
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+                  turn_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token reward (Ziegler et al., 2019): -kl_coef * KL on every token, plus the sequence score on the last
+    real token; in an episode each turn's score (B, K) on that turn's last assistant token (`place_turn_rewards`).
+    scores (B,) or (B, K), kl and mask (B, T) -> (B, T)."""
     mask = mask.to(kl.dtype)
-    rewards = -kl_coef * kl * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of the last real token
-    return rewards.scatter_add(1, last.unsqueeze(1), (scores * (mask.sum(1) > 0)).unsqueeze(1))
+    return -kl_coef * kl * mask + place_turn_rewards(scores.to(kl.dtype), turn_index(mask, turn_ids))
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -87,17 +143,18 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def group_whiten(scores: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's advantage (Shao et al., 2024, sec. 4.1.2): each score standardised within its group.
-    scores (B,) with groups of `group_size` consecutive samples of one prompt -> (B,)."""
-    groups = scores.view(-1, group_size)  # (B / G, G)
+    scores (B,) or (B, K) (a column per turn) with groups of `group_size` consecutive samples of one prompt -> same.
+    """
+    groups = scores.reshape(-1, group_size, *scores.shape[1:])  # (B / G, G) or (B / G, G, K)
     std = groups.std(1, keepdim=True) if group_size > 1 else torch.ones_like(groups[:, :1])
-    return ((groups - groups.mean(1, keepdim=True)) / (std + eps)).view(-1)
+    return ((groups - groups.mean(1, keepdim=True)) / (std + eps)).reshape(scores.shape)
 
 
 def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO's advantage (Kool et al., 2019; Ahmadian et al., 2024): each score minus the mean of the
-    other samples of its prompt. scores (B,) in groups of `group_size` consecutive samples -> (B,)."""
+    other samples of its prompt. scores (B,) or (B, K) in groups of `group_size` consecutive samples -> same."""
     if group_size < 2:
         raise ValueError("leave-one-out needs at least two samples per prompt")
-    groups = scores.view(-1, group_size)  # (B / G, G)
+    groups = scores.reshape(-1, group_size, *scores.shape[1:])  # (B / G, G) or (B / G, G, K)
     others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others).view(-1)
+    return (groups - others).reshape(scores.shape)

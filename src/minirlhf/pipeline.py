@@ -65,6 +65,8 @@ def load_classifier(cfg: RewardConfig, device, data: DataConfig | None = None):
 def train_missing_reward(cfg) -> None:
     """Before an RL run: its reward classifier, if it is to be trained first. Under torchrun the first process trains
     it as a world of one while the others wait (up to --dist_timeout_s), then all of them go on, or stop together."""
+    if getattr(getattr(cfg, "env", None), "name", ""):
+        return  # episodes are scored by their environment
     if cfg.reward.train_missing and cfg.reward.classifier and not Path(cfg.reward.classifier).exists():
         distributed.init(cfg.device, cfg.strategy, cfg.dist_timeout_s)  # a GPU machine told --device cpu: gloo
         with distributed.main_first():

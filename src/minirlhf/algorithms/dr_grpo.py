@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from minirlhf.algorithms.rl_core import Algorithm, Batch, GroupConfig, RLConfig, k3_in_loss
+from minirlhf.ops import per_token, returns_to_go, turn_index
 
 
 @dataclass
@@ -30,15 +31,16 @@ class DrGRPOConfig(GroupConfig, RLConfig):
 
 def group_center(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """Each score minus the mean of its group (Liu et al., 2025, eq. 2 without GRPO's division by the std).
-    scores (B,) in groups of `group_size` consecutive samples of one prompt -> (B,)."""
-    groups = scores.view(-1, group_size)  # (B / G, G)
-    return (groups - groups.mean(1, keepdim=True)).view(-1)
+    scores (B,) or (B, K) in groups of `group_size` consecutive samples of one prompt -> same."""
+    groups = scores.reshape(-1, group_size, *scores.shape[1:])  # (B / G, G) or (B / G, G, K)
+    return (groups - groups.mean(1, keepdim=True)).reshape(scores.shape)
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
-    """Each score minus its group's mean (B,), broadcast over the response's tokens -> (B, T)."""
+    """Each score (B, K) minus its group's mean (per turn, as returns-to-go), broadcast over its tokens -> (B, T)."""
     mask = rollout.response_mask
-    return Batch(rollout, kl.ref_logprobs, group_center(scores, cfg.group_size).unsqueeze(1) * mask)
+    turns = turn_index(mask, rollout.turn_ids)
+    return Batch(rollout, kl.ref_logprobs, per_token(group_center(returns_to_go(scores), cfg.group_size), turns) * mask)
 
 
 def constant_normaliser(mask: torch.Tensor, cfg) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`minirlhf evaluate RUN_DIR`: the trained policy against its reference on held-out prompts.
+"""`minirlhf evaluate RUN_DIR`: the trained policy against its reference on held-out prompts (or episodes).
 
 Both answer every prompt (same seed); the reward model scores both. Reported: mean reward of each, the
 policy's win rate, KL(policy || reference) per response, distinct-1/2 (lexical diversity), and the
@@ -19,9 +19,11 @@ from minirlhf.checkpoint import atomic_write_text, load_json, save_json
 from minirlhf.config import load_saved
 from minirlhf.data.prompts import load_prompts
 from minirlhf.data.vocab import tokenize
+from minirlhf.envs.base import env_factory, env_prompts
+from minirlhf.models.episodes import sample_episodes
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.rewards import TERMS, Reward
-from minirlhf.ops import kl_estimate
+from minirlhf.ops import kl_estimate, turn_index, turn_sums
 from minirlhf.rundir import A_STAGE, RunDir
 from minirlhf.runtime import pick_device
 
@@ -190,6 +192,107 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
     return run_dir / "report.md"
 
 
+@torch.no_grad()
+def _side(policy, ref, make_env, cfg, seeds: list[int], seed: int) -> dict:
+    """One policy's episodes of `seeds` (in batches), with their log-probs under the reference."""
+    out = {"episodes": [], "kl": [], "nll": [], "tokens": []}
+    K, size = cfg.env.turns, cfg.batch_size
+    for start in range(0, len(seeds), size):
+        chunk = seeds[start: start + size]
+        gens = [torch.Generator(device=next(policy.parameters()).device).manual_seed(seed * 1_000_003 + s)
+                for s in chunk]
+        episodes = sample_episodes(policy, [make_env() for _ in chunk], chunk, K, cfg.response_len, gens)
+        r = episodes.rollout
+        ref_logprobs = ref(r, entropy=False)[0]
+        turns = turn_index(r.response_mask, r.turn_ids)
+        kl = torch.where(r.response_mask.bool(), r.logprobs - ref_logprobs, 0.0)  # (B, T) k1 per token
+        out["episodes"].append(episodes)
+        out["kl"].append(turn_sums(kl, turns, K).cpu())
+        out["nll"].append(turn_sums(-torch.where(r.response_mask.bool(), ref_logprobs, 0.0), turns, K).cpu())
+        out["tokens"].append(turn_sums(r.response_mask.float(), turns, K).cpu())
+    return out
+
+
+def _figures(side: dict, how: str) -> dict:
+    """Per-turn reward, KL and perplexity under the reference; for `constraints`, compliance per turn and kind."""
+    eps = side["episodes"]
+    rewards, reached = torch.cat([e.rewards for e in eps]), torch.cat([e.reached for e in eps]).float()
+    infos = [i for e in eps for i in e.infos]
+    nll, tokens, kl = (torch.cat(side[k]) for k in ("nll", "tokens", "kl"))
+    per_turn = lambda x: [(x[:, k] * reached[:, k]).sum().item() / max(reached[:, k].sum().item(), 1)  # noqa: E731
+                          for k in range(x.size(1))]
+    out = {"reward": torch.cat([e.episode_reward(how) for e in eps]).mean().item(),
+           "reward_per_turn": per_turn(rewards), "kl_per_turn": per_turn(kl), "kl": kl.sum(1).mean().item(),
+           "ref_perplexity": perplexity(nll.sum(1), tokens.sum(1)),
+           "ref_perplexity_per_turn": [perplexity(nll[:, k], tokens[:, k]) for k in range(nll.size(1))],
+           "mean_tokens_per_turn": per_turn(tokens)}
+    if infos and all("all" in i for turn in infos for i in turn):
+        out["all_turns"] = sum(all(i["all"] for i in turn) for turn in infos) / len(infos)
+        out["all_held_per_turn"] = [sum(t[k]["all"] for t in infos if len(t) > k) / max(1, sum(len(t) > k for t in infos))
+                                    for k in range(rewards.size(1))]
+        kinds: dict[str, list[bool]] = {}
+        for turn in infos:
+            for info in turn:
+                for kind, ok in info.get("satisfied", {}).items():
+                    kinds.setdefault(kind, []).append(bool(ok))
+        out["kinds"] = {k: sum(v) / len(v) for k, v in sorted(kinds.items())}
+    return out
+
+
+def evaluate_episodes(policy, ref, make_env, cfg, n: int, seed: int = 0, n_samples: int = 4) -> dict:
+    """Policy and reference play the same `n` held-out episodes (seeds 0..n-1, the same sampling seeds) of fresh
+    environments from `make_env`: per-turn reward, KL and perplexity under the reference; for `constraints`, the
+    share of replies keeping each instruction kind and of episodes keeping every instruction at every turn."""
+    seeds = list(range(n))
+    ours, theirs = _side(policy, ref, make_env, cfg, seeds, seed), _side(ref, ref, make_env, cfg, seeds, seed)
+    how = cfg.env.reward
+    mine, base = _figures(ours, how), _figures(theirs, how)
+    reward_p = torch.cat([e.episode_reward(how) for e in ours["episodes"]])
+    reward_r = torch.cat([e.episode_reward(how) for e in theirs["episodes"]])
+    conversations = lambda side: [m for e in side["episodes"] for m in e.rollout.messages][:n_samples]  # noqa: E731
+    return {"episodes": n, "turns": cfg.env.turns, "env": cfg.env.name,
+            "reward_policy": mine["reward"], "reward_reference": base["reward"], "win_rate": win_rate(reward_p, reward_r),
+            "kl": mine["kl"], "policy": mine, "reference": base,
+            "ppl_ratio": mine["ref_perplexity"] / base["ref_perplexity"],
+            "samples": [{"seed": s, "reference": r, "policy": p}
+                        for s, r, p in zip(seeds, conversations(theirs), conversations(ours))]}
+
+
+def conversation_md(messages: list[dict]) -> str:
+    """A conversation as Markdown lines, each turn labelled."""
+    return "\n".join(f"> **{m['role']}**: {md_cell(m['content'])}  " for m in messages)
+
+
+def write_episode_report(run_dir, results: dict, cfg) -> None:
+    """report.md of an episode run: per-turn figures of reference and policy, compliance by kind, conversations."""
+    p, r = results["policy"], results["reference"]
+    turns = range(len(p["reward_per_turn"]))
+    row = lambda name, key, fmt: (f"| {name} | " + " / ".join(format(v, fmt) for v in r[key]) + " | "  # noqa: E731
+                                  + " / ".join(format(v, fmt) for v in p[key]) + " |")
+    lines = [f"# {cfg.algorithm.upper()} on `{cfg.env.name}` episodes, run `{run_dir}`", "",
+             f"Policy `{cfg.policy}`; {results['episodes']} held-out episodes of at most {cfg.env.turns} assistant "
+             f"turns (seeds 0..{results['episodes'] - 1}); per turn: " + ", ".join(f"turn {k + 1}" for k in turns), "",
+             "| | reference (before) | policy (after) |", "| --- | --- | --- |",
+             f"| episode reward ({cfg.env.reward} of turns) | {r['reward']:.3f} | {p['reward']:.3f} |",
+             row("reward per turn", "reward_per_turn", ".3f"),
+             f"| win rate of the policy | | {results['win_rate']:.3f} |",
+             f"| KL(policy \\|\\| reference) per episode, nats | 0 | {results['kl']:.3f} |",
+             row("KL per turn, nats", "kl_per_turn", ".2f"),
+             f"| perplexity of the replies under the reference | {r['ref_perplexity']:.2f} | {p['ref_perplexity']:.2f} |",
+             row("perplexity per turn", "ref_perplexity_per_turn", ".2f"),
+             row("reply tokens per turn", "mean_tokens_per_turn", ".1f")]
+    if "all_turns" in p:
+        lines += [f"| every instruction held at every turn | {r['all_turns']:.3f} | {p['all_turns']:.3f} |",
+                  row("every instruction held, per turn", "all_held_per_turn", ".3f")]
+        lines += [f"| instruction `{k}` held | {r['kinds'].get(k, float('nan')):.3f} | {v:.3f} |"
+                  for k, v in p["kinds"].items()]
+    lines += ["", *plot_links(run_dir, ("reward", "kl", "policy", "value")), "", "## Sample conversations", ""]
+    for s in results["samples"]:
+        lines += [f"### episode {s['seed']}: reference (before)", "", conversation_md(s["reference"]), "",
+                  f"### episode {s['seed']}: policy (after)", "", conversation_md(s["policy"]), ""]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
 def _reward_text(cfg) -> str:
     on = {"function": bool(cfg.reward.function), "reward_model": bool(cfg.reward.reward_model),
           "classifier": bool(cfg.reward.classifier or not cfg.reward.reward_model)}
@@ -218,12 +321,17 @@ def evaluate_run(run_dir: str, prompts_file: str | None, n: int | None, seed: in
     options = {"chat_template": cfg.policy_options.chat_template}
     policy = load_policy(str(run.path), device, value_head=False, **options)
     ref = load_reference(cfg.ref_policy or cfg.policy, device, **options)
-    reward = Reward(dataclasses.replace(cfg.reward, normalize=False), cfg.response_len, device)
-    _, prompts = load_prompts(cfg.prompts, cfg.data)
-    results = evaluate_policy(policy, ref, reward, prompts, cfg, seed=seed)
+    if cfg.env.name:
+        make_env = env_factory(cfg.env, env_prompts(cfg.env, cfg.prompts, cfg.data)[1], cfg.seed, device)
+        results = evaluate_episodes(policy, ref, make_env, cfg, cfg.prompts.max_eval, seed=seed)
+    else:
+        reward = Reward(dataclasses.replace(cfg.reward, normalize=False), cfg.response_len, device)
+        _, prompts = load_prompts(cfg.prompts, cfg.data)
+        results = evaluate_policy(policy, ref, reward, prompts, cfg, seed=seed)
     save_json(results, run / "eval.json")
     trained = load_json(run.results) if run.results.is_file() else {}
-    write_report(run, results | {k: trained[k] for k in ("health",) if k in trained}, cfg)  # what training found
+    report = write_episode_report if cfg.env.name else write_report
+    report(run, results | {k: trained[k] for k in ("health",) if k in trained}, cfg)  # what training found
     print(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2))
     print(f"report: {run.report}")
     return results

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minirlhf.algorithms.rl_core import Algorithm, Batch, GroupConfig, RLConfig, k3_in_loss
-from minirlhf.ops import group_whiten
+from minirlhf.ops import group_whiten, per_token, returns_to_go, turn_index
 
 
 @dataclass
@@ -24,9 +24,11 @@ class GRPOConfig(GroupConfig, RLConfig):
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
-    """Group-standardised scores (B,) broadcast over each response's tokens -> (B, T)."""
+    """Group-standardised scores broadcast over each response's tokens -> (B, T). scores (B, K): in an episode with
+    per-turn credit each turn's return-to-go is standardised against the same turn of the group's other episodes."""
     mask = rollout.response_mask
-    return Batch(rollout, kl.ref_logprobs, group_whiten(scores, cfg.group_size).unsqueeze(1) * mask)
+    turns = turn_index(mask, rollout.turn_ids)
+    return Batch(rollout, kl.ref_logprobs, per_token(group_whiten(returns_to_go(scores), cfg.group_size), turns) * mask)
 
 
 GRPO = Algorithm("grpo", GRPOConfig, "GRPO: group-standardised rewards, no critic", advantages, grouped=True,

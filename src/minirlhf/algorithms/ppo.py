@@ -50,10 +50,10 @@ class A2CConfig(PPOConfig):
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
-    """Per-token rewards (score on the last token, -kl_coef * KL on each), then GAE; advantages whitened.
-    scores (B,), kl.penalty and rollout.values (B, T) -> advantages and returns (B, T)."""
+    """Per-token rewards (each turn's score on its last token, -kl_coef * KL on each), then GAE over the assistant's
+    tokens; advantages whitened. scores (B, K), kl.penalty and rollout.values (B, T) -> advantages, returns (B, T)."""
     mask = rollout.response_mask
-    rewards = token_rewards(scores, kl.penalty, mask, kl_coef)
+    rewards = token_rewards(scores, kl.penalty, mask, kl_coef, rollout.turn_ids)
     adv, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.gae_lambda)
     return Batch(rollout, kl.ref_logprobs, masked_whiten(adv, mask), rollout.values, returns)
 

@@ -21,13 +21,15 @@ import torch
 
 from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.algorithms import registry
-from minirlhf.algorithms.evaluate import (distinct_n, evaluate_policy, held_out_reward, perplexity, response_nll,
-                                          sample_table, training_plots, write_report)
+from minirlhf.algorithms.evaluate import (distinct_n, evaluate_episodes, evaluate_policy, held_out_reward, perplexity,
+                                          response_nll, sample_table, training_plots, write_episode_report, write_report)
 from minirlhf.algorithms.guards import Guards
+from minirlhf.algorithms import rl_episodes
 from minirlhf.algorithms.rl_core import (AdaptiveKLController, Algorithm, Batch, RLConfig, default_lr, kl_terms,
                                          policy_loss, value_loss, explained_variance)
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
+from minirlhf.envs.base import env_prompts
 from minirlhf.models.load import load_policy, load_reference, restore_policy
 from minirlhf.models.policy import Rollout, distinct_rows
 from minirlhf.models import rewards
@@ -130,21 +132,41 @@ class Models:
         self.train_critic = distributed.wrap(self.value_model, find_unused=True)  # its LM head gets no gradient
 
 
-def _experience(cfg, algo: Algorithm, step: int, models: Models, reward, prompts: list[str], device):
-    """This process samples, scores and compares with the reference its share of the step's responses; then the
-    whole batch is gathered. Returns rollout, reward terms and reference log-probs of all B responses, the
-    step's random stream, and the seconds spent sampling."""
+class PromptSource:
+    """Single replies to prompts, scored by the run's reward: the loop's experience without an environment
+    (rl_episodes.EpisodeSource with one)."""
+
+    def __init__(self, cfg, prompts: list[str], reward: Reward):
+        self.cfg, self.prompts, self.reward = cfg, prompts, reward
+
+    def draw(self, rng, n_groups: int) -> list[str]:
+        return rng.sample(self.prompts, min(n_groups, len(self.prompts)))
+
+    def sample(self, policy, prompts: list[str], generators) -> tuple[Rollout, dict]:
+        return policy.sample(prompts, self.cfg.response_len, generators), {}
+
+    def score(self, policy, rollout: Rollout, terms: dict) -> dict:
+        return self.reward(policy, rollout)[1]
+
+    def scores(self, terms: dict) -> torch.Tensor:
+        return self.reward.normalized(terms["total"])
+
+
+def _experience(cfg, algo: Algorithm, step: int, models: Models, source, device):
+    """This process samples (replies to prompts, or episodes), scores and compares with the reference its share of
+    the step's responses; then the whole batch is gathered. Returns rollout, reward terms and reference log-probs of
+    all B responses, the step's random stream, and the seconds spent sampling."""
     rng, g = step_rng(cfg.seed, step), algo.group_size(cfg)
-    batch_prompts = [p for p in rng.sample(prompts, min(cfg.batch_size // g, len(prompts))) for _ in range(g)]
-    rows = range(len(batch_prompts))[distributed.share(len(batch_prompts))]
+    items = [x for x in source.draw(rng, cfg.batch_size // g) for _ in range(g)]  # prompts or episode seeds
+    rows = range(len(items))[distributed.share(len(items))]
     t0 = time.perf_counter()
-    with sharding.unsharded([models.policy]):  # FSDP: whole weights for the decode loop, however long it runs
-        rollout = models.policy.sample(batch_prompts[rows.start: rows.stop], cfg.response_len,
-                                       row_generators(cfg.seed, step, rows, device))
+    with sharding.unsharded([models.policy]), distributed.agreeing():  # FSDP: whole weights for the decode loop;
+        rollout, terms = source.sample(models.policy, items[rows.start: rows.stop],  # an environment that fails
+                                       row_generators(cfg.seed, step, rows, device))  # on one process stops all
     sample_s = time.perf_counter() - t0
     models.policy.prepare(rollout)  # outside the inference mode below; a no-op where sampling kept it
     with distributed.agreeing():  # a reward that fails on one process (a NaN, a user function) stops all of them
-        _, terms = reward(models.policy, rollout)
+        terms = source.score(models.policy, rollout, terms)
     with torch.inference_mode():
         ref_logprobs = models.ref(rollout, entropy=False)[0]
         values = models.value_model(rollout, entropy=False)[1] if models.value_model is not None else None
@@ -164,7 +186,10 @@ def check(cfg, algo: Algorithm, n_prompts: int) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of group_size={g}")
     if algo.check is not None:
         algo.check(cfg)
-    rewards.check(cfg.reward)  # before any model loads
+    if cfg.env.name:
+        cfg.env.check()
+    else:
+        rewards.check(cfg.reward)  # before any model loads
     batch = min(cfg.batch_size // g, n_prompts) * g  # fewer prompts than batch_size // g make a smaller batch
     k, last = distributed.world_size(), batch % cfg.minibatch_size or cfg.minibatch_size
     if min(batch, cfg.minibatch_size, last) < k:
@@ -206,13 +231,21 @@ class RLJob:
         if cfg.train.lr is None:  # recorded in config.yaml, which is written after this
             cfg.train.lr = default_lr(policy.kind, algo)
         self.guards = Guards(cfg.guards, cfg.kl_target, algo.group_size(cfg))
-        self.reward = Reward(cfg.reward, cfg.response_len, device)
-        self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.data)
-        check(cfg, algo, len(self.train_prompts))
+        if cfg.env.name:  # episodes: the environment scores every turn
+            rl_episodes.check(cfg, policy)
+            self.train_prompts, self.eval_prompts = env_prompts(cfg.env, cfg.prompts, cfg.data)
+            self.reward, self.source = None, rl_episodes.EpisodeSource(cfg, self.train_prompts, device)
+            self.eval_source = rl_episodes.EpisodeSource(cfg, self.eval_prompts, device)
+        else:
+            self.reward = Reward(cfg.reward, cfg.response_len, device)
+            self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.data)
+            self.source = PromptSource(cfg, self.train_prompts, self.reward)
+            check(cfg, algo, len(self.train_prompts))
         self.optimizer = torch.optim.Adam(self.models.trainable(), lr=cfg.train.lr, fused=device.type in ("cpu", "cuda"))
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.adaptive_kl)
         self.run = run
-        run.say(f"{cfg.algorithm}: policy {cfg.policy} ({policy.kind}, lr {cfg.train.lr:g}), {len(self.train_prompts)} "
+        what = f"episodes of {cfg.env.name}, {cfg.env.turns} turns, from" if cfg.env.name else ""
+        run.say(f"{cfg.algorithm}: policy {cfg.policy} ({policy.kind}, lr {cfg.train.lr:g}), {what} {len(self.train_prompts)} "
                 f"training prompts, {len(self.eval_prompts)} held-out prompts")
 
     def begin(self, run: runner.Run) -> dict | None:
@@ -224,16 +257,20 @@ class RLJob:
         return first
 
     def _held_out(self) -> float:
+        if self.cfg.env.name:  # the mean episode reward of held-out episodes (their seeds 0, 1, ...)
+            n = min(self.cfg.prompts.max_eval, self.cfg.batch_size)
+            episodes = self.eval_source.play(self.models.policy, list(range(n)), row_generators(self.cfg.seed, 0, range(n), self.run.device))
+            return episodes.episode_reward(self.cfg.env.reward).mean().item()
         return held_out_reward(self.models.policy, self.reward, self.eval_prompts, self.cfg)
 
     def step(self, step: int) -> dict | None:
         cfg, models, t0 = self.cfg, self.models, time.time()
-        rollout, terms, ref_logprobs, rng, sample_s = _experience(cfg, self.algo, step, models, self.reward,
-                                                                  self.train_prompts, self.run.device)
+        rollout, terms, ref_logprobs, rng, sample_s = _experience(cfg, self.algo, step, models, self.source,
+                                                                  self.run.device)
         mask, total = rollout.response_mask, terms["total"]
         kl = kl_terms(cfg, rollout.logprobs, ref_logprobs, mask)
         with torch.no_grad():
-            batch = self.algo.advantages(cfg, rollout, self.reward.normalized(total), kl, self.kl_ctl.value)
+            batch = self.algo.advantages(cfg, rollout, self.source.scores(terms), kl, self.kl_ctl.value)
         t1 = time.time()
         stats = _update(cfg, self.algo, models, self.optimizer, batch, self.kl_ctl.value, rng)
         row = _row(total, terms, kl, self.kl_ctl.value, rollout, stats, batch, self.algo.group_size(cfg)) | {
@@ -254,7 +291,8 @@ class RLJob:
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
             row |= {"eval/reward": self._held_out(), "time/train_s": self.train_s}
         if step == 1 or step % self.cfg.sample_every == 0:
-            self.samples += sample_table(step, rollout, terms)
+            table = rl_episodes.sample_conversations if self.cfg.env.name else sample_table
+            self.samples += table(step, rollout, terms)
             atomic_write_text(self.run.dir.samples, self.samples)
         return row | memory_report(self.modules(), self.optimizer)
 
@@ -262,7 +300,7 @@ class RLJob:
         self.models.policy.save(folder / "policy")
         if self.models.value_model is not None:
             self.models.value_model.save(folder / "value_model")
-        moments = self.reward.moments.state() if self.reward.moments else None
+        moments = self.reward.moments.state() if self.reward is not None and self.reward.moments else None
         return {"policy_from": self.cfg.policy, "kl_coef": self.kl_ctl.value, "reward_moments": moments,
                 "train_s": self.train_s, "guards": self.guards.state()}
 
@@ -274,7 +312,7 @@ class RLJob:
                 restore_policy(model, folder / name, self.run.device, **options)
         self.kl_ctl.value, self.train_s = float(state["kl_coef"]), float(state.get("train_s", 0.0))
         self.guards.load(state.get("guards"))
-        if self.reward.moments is not None and state.get("reward_moments"):
+        if self.reward is not None and self.reward.moments is not None and state.get("reward_moments"):
             self.reward.moments = RunningMoments(**state["reward_moments"])
 
     def resumed(self, changed: dict) -> None:
@@ -290,12 +328,16 @@ class RLJob:
 
     def finish(self, run: runner.Run) -> dict:
         training_plots(run.metrics, run.dir, self.algo.critic)
-        results = evaluate_policy(self.models.policy, self.models.ref, self.reward, self.eval_prompts, self.cfg,
-                                  seed=self.cfg.seed)
+        if self.cfg.env.name:
+            results = evaluate_episodes(self.models.policy, self.models.ref, self.eval_source.make, self.cfg,
+                                        self.cfg.prompts.max_eval, seed=self.cfg.seed)
+        else:
+            results = evaluate_policy(self.models.policy, self.models.ref, self.reward, self.eval_prompts, self.cfg,
+                                      seed=self.cfg.seed)
         return results | ({"health": self.guards.fired} if self.cfg.guards != "off" else {})
 
     def report(self, run: runner.Run, results: dict) -> None:
-        write_report(run.dir, results, self.cfg)
+        (write_episode_report if self.cfg.env.name else write_report)(run.dir, results, self.cfg)
         run.say(f"held-out reward: reference {results['reward_reference']:.3f} -> policy "
                 f"{results['reward_policy']:.3f}, win rate {results['win_rate']:.2f}, KL {results['kl']:.2f} nats; "
                 "memory: " + ", ".join(f"{k.split('/')[1]} {v:.1f} MB" for k, v in results["memory"].items()))
@@ -305,7 +347,7 @@ def _row(total, terms, kl, kl_coef, rollout: Rollout, stats: dict, batch: Batch,
     mask = rollout.response_mask
     tokens = mask.sum(1)
     row = {"reward/mean": total.mean().item(), "reward/std": total.std().item() if len(total) > 1 else 0.0,
-           **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total"},
+           **{f"reward/{k}": v.mean().item() for k, v in terms.items() if k != "total" and not k.startswith("_")},
            "objective/kl": kl.k1.mean().item(), "objective/kl_coef": kl_coef,
            "objective/entropy": masked_mean(rollout.entropy, mask).item(), **stats,
            "response/length": tokens.float().mean().item(), "response/ended": rollout.ended.float().mean().item(),

@@ -15,6 +15,7 @@ import torch
 
 from minirlhf.config import DataConfig, OptimizerConfig, TrainingRunConfig
 from minirlhf.data.prompts import PromptConfig
+from minirlhf.envs.base import EnvConfig
 from minirlhf.models.load import PolicyOptions
 from minirlhf.models.policy import Rollout
 from minirlhf.models.rewards import RewardConfig
@@ -55,7 +56,10 @@ class RLConfig(TrainingRunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     """the corpus whose texts' first words are the prompts (unless prompts.file is set)"""
     prompts: PromptConfig = field(default_factory=PromptConfig)
-    """where the prompts come from"""
+    """where the prompts come from (with an environment: the openings of its episodes)"""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """multi-turn episodes: the environment that answers each assistant turn and scores it (`--env NAME`; default
+    none: single replies scored by `reward`)"""
     train: RLOptimizerConfig = field(default_factory=RLOptimizerConfig)
     """the optimiser (Adam: no weight decay, a constant learning rate)"""
     steps: int = 60
@@ -63,7 +67,7 @@ class RLConfig(TrainingRunConfig):
     batch_size: int = 64
     """responses sampled per iteration"""
     response_len: int = 16
-    """tokens per response at most"""
+    """tokens per response (per assistant turn in an episode) at most"""
     ppo_epochs: int = 4
     """passes over each batch of rollouts"""
     minibatch_size: int = 16

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minirlhf.algorithms.rl_core import Algorithm, Batch, GroupConfig, RLConfig
-from minirlhf.ops import leave_one_out, masked_whiten
+from minirlhf.ops import leave_one_out, masked_whiten, per_token, returns_to_go, turn_index, turn_sums
 
 
 @dataclass
@@ -21,10 +21,12 @@ class RLOOConfig(GroupConfig, RLConfig):
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
-    """Leave-one-out advantages of the KL-penalised rewards (B,), broadcast over tokens and whitened -> (B, T)."""
+    """Leave-one-out advantages of the KL-penalised rewards (B, K) (each turn's KL taken from its own reward, then
+    returns-to-go per turn), broadcast over tokens and whitened -> (B, T)."""
     mask = rollout.response_mask
-    rewards = scores - kl_coef * (kl.penalty * mask).sum(1)  # (B,)
-    adv = masked_whiten(leave_one_out(rewards, cfg.group_size).unsqueeze(1) * mask, mask)
+    turns, scores = turn_index(mask, rollout.turn_ids), scores.view(len(scores), -1)  # (B, T), (B, K)
+    rewards = scores - kl_coef * turn_sums(kl.penalty * mask, turns, scores.size(1))  # (B, K)
+    adv = masked_whiten(per_token(leave_one_out(returns_to_go(rewards), cfg.group_size), turns) * mask, mask)
     return Batch(rollout, kl.ref_logprobs, adv)
 
 

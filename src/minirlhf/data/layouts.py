@@ -8,7 +8,12 @@
 - conversational: TRL's conversational preference layout and UltraFeedback-binarized, "chosen" and "rejected" lists
   of {"role", "content"} messages ending with the assistant's reply, with or without a "prompt" (a string or a
   message list); the prompt is the conversation before that reply as HH text (the one form prompts take here, see
-  data/dialogue.py: a chat policy renders it with its chat template), the responses the replies' content.
+  data/dialogue.py: a chat policy renders it with its chat template), the responses the replies' content;
+- conversational episodes (as `minirlhf feedback export` writes pairs of whole episodes): "prompt" the opening
+  messages, "chosen" and "rejected" everything after it (assistant turns with the user's messages between them),
+  which differ before their last message; each response is the rest of its conversation as the HH text that follows
+  the opening's "\n\nAssistant:" (`rest_text`), so a reward model reading `dialogue_text(prompt, chosen)` reads the
+  whole chosen conversation.
 
 The layout is read from the first row of a file or dataset; a later row that does not fit it names its line.
 """
@@ -19,7 +24,7 @@ import os
 from typing import Callable
 
 from minirlhf import DataError
-from minirlhf.data.dialogue import from_messages, prompt_of
+from minirlhf.data.dialogue import ROLES, from_messages, prompt_of
 
 ASSISTANT = "\n\nAssistant:"
 ACCEPTED = ('{"prompt", "chosen", "rejected"} strings, Anthropic HH text {"chosen", "rejected"} (whole '
@@ -100,8 +105,7 @@ def from_conversation(obj: dict, where: str) -> tuple[str, str, str]:
     chosen, rejected = _reply(obj["chosen"], "chosen", where), _reply(obj["rejected"], "rejected", where)
     head = obj["chosen"][:-1]
     if _turns(head) != _turns(obj["rejected"][:-1]):
-        raise DataError(f"{where}: \"chosen\" and \"rejected\" differ before their last message; they must hold "
-                        "the same conversation and differ in the final assistant reply only")
+        return from_episodes(obj, where)
     prompt = obj.get("prompt")
     if isinstance(prompt, list) and _turns(head[: len(prompt)]) != _turns(prompt):
         head = prompt + head  # TRL's explicit prompt: "chosen" holds only what follows it
@@ -111,3 +115,46 @@ def from_conversation(obj: dict, where: str) -> tuple[str, str, str]:
         raise DataError(f"{where}: \"chosen\" and \"rejected\" hold only the replies and there is no \"prompt\"; "
                         "add the prompt (a string or a message list)")
     return prompt_of({"prompt": prompt}, where), chosen, rejected
+
+
+def rest_text(messages: list, where: str = "conversation") -> str:
+    """The messages after an opening (the assistant's turns, the user's between them) as the HH text that follows
+    the opening's final "\\n\\nAssistant:", "reply 1\\n\\nHuman: more?\\n\\nAssistant: reply 2" (one reply: its
+    content), so a judge given (opening, this) reads the same whole conversation a reward model does."""
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages] if isinstance(messages, list) else []
+    if not roles or roles[0] != "assistant" or roles[-1] != "assistant" or not set(roles) <= {"user", "assistant"} \
+            or not all(isinstance(m.get("content"), str) for m in messages):
+        raise DataError(f"{where}: the conversation after the opening must be {{\"role\", \"content\"}} messages of "
+                        f"the assistant and the user, first and last the assistant's, got {messages!r:.120}")
+    if len(messages) == 1:
+        return messages[0]["content"]
+    first, *rest = messages
+    return first["content"].strip() + "".join(f"\n\n{ROLES[m['role']]}: {m['content'].strip()}" for m in rest)
+
+
+def _opening_length(chosen: list, rejected: list) -> int:
+    """Messages the two conversations share up to their last user message before they part (0: none)."""
+    shared = 0
+    pairs = zip(_turns(chosen), _turns(rejected))
+    while (step := next(pairs, None)) is not None and step[0] == step[1]:
+        shared += 1
+    users = [i for i, (role, _) in enumerate(_turns(chosen[:shared])) if role == "user"]
+    return users[-1] + 1 if users else 0
+
+
+def from_episodes(obj: dict, where: str) -> tuple[str, str, str]:
+    """Two conversations that part before their last message (pairs of whole episodes): the opening is the
+    "prompt" (messages, or a string) when "chosen" and "rejected" hold only what follows it, else the messages they
+    share up to the last user message before they part; each response is the rest of its conversation
+    (`rest_text`)."""
+    chosen, rejected, prompt = obj["chosen"], obj["rejected"], obj.get("prompt")
+    given = isinstance(prompt, list) and prompt and _turns(chosen[: len(prompt)]) != _turns(prompt)
+    explicit = isinstance(prompt, str) or given
+    if explicit:
+        return prompt_of({"prompt": prompt}, where), rest_text(chosen, where), rest_text(rejected, where)
+    n = _opening_length(chosen, rejected)
+    if n == 0:
+        raise DataError(f"{where}: \"chosen\" and \"rejected\" differ before their last message and share no "
+                        "opening; they must hold the same conversation up to a user message (or give the opening as "
+                        "\"prompt\")")
+    return from_messages(chosen[:n], where), rest_text(chosen[n:], where), rest_text(rejected[n:], where)

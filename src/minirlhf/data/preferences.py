@@ -3,8 +3,10 @@
 
 Files and datasets may be in any layout of data/layouts.py: {"prompt", "chosen", "rejected"}, as `minirlhf feedback
 export` writes them and as the files under shared/data hold them; Anthropic HH-RLHF text; or TRL conversational /
-UltraFeedback-binarized message lists. Splits are deterministic and by prompt, so no prompt is in both the training
-and the held-out pairs.
+UltraFeedback-binarized message lists, pairs of whole episodes included (as `feedback export` writes those: the
+opening as "prompt", each side's turns after it; the response is the rest of the conversation as HH text, so a
+reward model reading `dialogue_text(prompt, chosen)` reads the whole chosen conversation). Splits are deterministic
+and by prompt, so no prompt is in both the training and the held-out pairs.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ import torch
 
 from minirlhf import UserError
 from minirlhf.data.dialogue import is_dialogue, to_messages
-from minirlhf.feedback.pairs import PairPool, Sampling, check_selection, default_db, made_for, resolve_source
+from minirlhf.feedback.conversations import episodes_of, labelled
+from minirlhf.feedback.episode_pairs import env_config, make_pool, use_episodes
+from minirlhf.feedback.pairs import Sampling, check_selection, default_db, made_for, resolve_source
 from minirlhf.feedback.figures import agreement, win_rate
 from minirlhf.feedback.store import ALREADY_JUDGED, CHOICES, JUDGED, NOT_NEEDED, NOT_SHOWN, TOKEN_DAYS, Failure, Store
 from minirlhf.runtime import pick_device
@@ -86,8 +88,12 @@ def annotate(message: str | None = None):
               "can_undo": any(mine[c] for c in CHOICES), "message": message}
     if pair is None:
         return render_template("wait.html", pool=current_app.config["POOL"].state, **status)
+    episodes = episodes_of(pair)
+    if episodes is not None:  # two whole conversations: the opening once, then each side's turns, labelled
+        return render_template("annotate.html", pair=pair, turns=labelled(episodes.opening), dialogue=True,
+                               episodes={"a": labelled(episodes.rest_a), "b": labelled(episodes.rest_b)}, **status)
     return render_template("annotate.html", pair=pair, turns=to_messages(pair["prompt"]),
-                           dialogue=is_dialogue(pair["prompt"]), **status)
+                           dialogue=is_dialogue(pair["prompt"]), episodes=None, **status)
 
 
 def judge():
@@ -285,7 +291,8 @@ def _announce(args, source, sampling: Sampling, store: Store, page: Page) -> Non
               "put a TLS proxy in front and add --trusted-proxy, or keep --host 127.0.0.1 and reach it through an "
               f"SSH tunnel (ssh -L {page.port}:127.0.0.1:{page.port} THIS_HOST)", flush=True)
     print(f"sampling: temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, top_k {sampling.top_k}, "
-          f"{sampling.max_new_tokens} new tokens at most (recorded with each response)", flush=True)
+          f"{sampling.max_new_tokens} new tokens at most" + (" a turn" if source.episodes else "")
+          + " (recorded with each response)", flush=True)
     print(f"serving on {page.url} (port {page.port})", flush=True)
     print(f"admin link (keep it to yourself; it also lets you judge; it works for {args.token_days:g} days): "
           f"{page.admin_link}", flush=True)
@@ -298,12 +305,15 @@ def serve(args) -> int:
     """`minirlhf feedback serve`: the page, the generator thread and the progress lines, until Ctrl-C."""
     _check(args)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core left to the web server keeps pages quick
+    env = env_config(args)  # None: pairs of single replies
     source = resolve_source(args.policy, args.prompts)
+    if env is not None:
+        use_episodes(source, env, args.prompts)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     store = Store(args.db or default_db(args.policy))
     store.claim(made_for(source, sampling), mix=args.mix)
-    pool = PairPool(store, source, sampling, args.ahead, args.overlap, pick_device(args.device)[0],
-                    select=args.select, reward_models=args.reward_model)
+    pool = make_pool(env, store, source, sampling, args.ahead, args.overlap, pick_device(args.device)[0],
+                     select=args.select, reward_models=args.reward_model)
     page = Page(store, pool, args.host, args.port, args.trusted_proxy, args.token_days)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:  # from here a Ctrl-C, however early (a script may stop the server as soon as it prints its link), stops cleanly

@@ -81,7 +81,13 @@ def _add_serve(fsub) -> None:
                    help="serve the oldest fresh pair, or the one the reward model(s) are least sure about")
     s.add_argument("--reward-model", action="append", default=[], metavar="RM_RUN",
                    help="reward-model run(s) for --select uncertain; give it twice or more for an ensemble")
-    add_sampling_flags(s, PAGE_SAMPLING)  # for people
+    s.add_argument("--env", metavar="NAME", help="pairs of whole episodes: two conversations of the environment "
+                   "(constraints, judge or module:Class) from the same opening, judged as wholes; needs a chat model")
+    s.add_argument("--env-turns", type=int, default=3, metavar="T", help="with --env: assistant turns per episode at "
+                   "most (default: %(default)s)")
+    s.add_argument("--env-max-instructions", type=int, default=0, metavar="N", help="with --env constraints: "
+                   "instructions a user gives at most (0: one per turn)")
+    add_sampling_flags(s, PAGE_SAMPLING)  # for people (with --env: --max-new-tokens is per turn)
 
 
 def _add_simulate(fsub) -> None:
@@ -105,7 +111,8 @@ def add_feedback(sub) -> None:
     _add_serve(fsub)
     _add_simulate(fsub)
     e = fsub.add_parser("export", help="write the A/B judgements as {prompt, chosen, rejected} JSONL, with the "
-                        "provenance of each (models, sampling, annotator, time, round)")
+                        "provenance of each (models, sampling, annotator, time, round); pairs of episodes in TRL's "
+                        "conversational layout (message lists)")
     _add_db(e)
     e.add_argument("--out", required=True, metavar="FILE.jsonl")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")

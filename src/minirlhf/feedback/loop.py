@@ -13,6 +13,10 @@ Each round, in its own folder `round-K/` of the run:
   5. a row of report.md: labels so far, the reward model's held-out accuracy, the gold judge's reward (the
      simulated annotator's judge, or `gold`), KL from the reference, win rate against the previous round.
 
+With `--env constraints|judge [--env.turns=T]` the rounds are on whole episodes: pairs are two conversations from one
+opening, judged whole, the reward model learns from conversations, and the policy's RL plays episodes of that
+environment scored by the round's reward model (loop_episodes.py says how).
+
 A round is a step of the shared runner: the checkpoint after each holds the rows so far. Each sub-stage is a run of
 its own that resumes from its own checkpoint, so `--resume` after a crash picks up at the round and step reached.
 """
@@ -27,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from minirlhf import ConfigError, RunError, runner
-from minirlhf.algorithms import dpo, registry, rl
+from minirlhf.algorithms import dpo, registry
 from minirlhf.algorithms.reward_model import RewardModelConfig, RewardModelModelConfig, RewardModelTrainConfig
 from minirlhf.algorithms.reward_model import train as train_reward_model
 from minirlhf.algorithms.evaluate import evaluate_policy, md_cell
@@ -35,9 +39,14 @@ from minirlhf.checkpoint import atomic_write_text, load_json
 from minirlhf.config import DataConfig, TrainingRunConfig, load_config
 from minirlhf.data.preferences import read_pairs, split_pairs
 from minirlhf.data.prompts import PromptConfig, load_prompts
-from minirlhf.feedback.pairs import PairPool, Sampling, Source
-from minirlhf.feedback.simulate import judge_agreement, load_judge, reward_of, simulate
+from minirlhf.envs.base import EnvConfig
+from minirlhf.feedback import loop_episodes
+from minirlhf.feedback.episode_pairs import make_pool
+from minirlhf.feedback.loop_stages import POLICY_ROUNDS, rl_stage, run_settings
+from minirlhf.feedback.pairs import Sampling, Source
+from minirlhf.feedback.simulate import judge_agreement, reward_of, simulate
 from minirlhf.feedback.store import Store, export_jsonl
+from minirlhf.models.judge import load_judge
 from minirlhf.models.load import PolicyOptions, load_policy, load_reference
 from minirlhf.rundir import RunDir
 
@@ -89,6 +98,8 @@ class LoopConfig(TrainingRunConfig):
     """the corpus whose texts' first words are the prompts (unless prompts.file is set)"""
     prompts: PromptConfig = field(default_factory=PromptConfig)
     """training prompts answer the pairs and train the policy; held-out prompts evaluate it"""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """`--env constraints|judge`: rounds on whole episodes (loop_episodes.py); `response_len` is then per turn"""
     eval_batch_size: int = 32
     """responses sampled at once when evaluating"""
     host: str = "127.0.0.1"
@@ -117,6 +128,8 @@ def check(cfg: LoopConfig) -> None:
             raise ConfigError(f"--method must be dpo or an RL algorithm: {e}") from e
     if cfg.annotator != "web" and not _judge_spec(cfg):
         raise ConfigError(f"--annotator must be web or simulate:JUDGE, got {cfg.annotator!r}")
+    if cfg.env.name:
+        loop_episodes.check(cfg)
     stage = dpo.DPOConfig if cfg.method == "dpo" else registry.get(cfg.method).config
     try:  # now, not after the first round's labels
         load_config(stage, overrides=cfg.policy_args)
@@ -174,12 +187,16 @@ class LoopJob:
         check(cfg)
         judge = _judge_spec(cfg)
         self.judge = load_judge(judge, run.device) if judge else None
-        gold = cfg.gold or judge
-        self.gold = reward_of(gold, cfg.response_len, run.device) if gold else None
-        self.train_prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.data)
+        gold = cfg.gold or judge  # episodes are scored whole, by the judge itself; replies by it as a reward
+        score = (lambda spec: load_judge(spec, run.device)) if cfg.env.name else \
+            (lambda spec: reward_of(spec, cfg.response_len, run.device))
+        self.gold = score(gold) if gold else None
+        self.train_prompts, self.eval_prompts = loop_episodes.openings(cfg) if cfg.env.name else \
+            load_prompts(cfg.prompts, cfg.data)
         self.reference = load_reference(cfg.policy, run.device, **cfg.policy_options.as_kwargs())
         run.say(f"loop: {cfg.rounds} round(s) of {cfg.labels} labels ({cfg.annotator}), reward model then "
-                f"{cfg.method}, from {cfg.policy}; {len(self.train_prompts)} training prompts, "
+                f"{cfg.method}, from {cfg.policy}" + (f" on {loop_episodes.describe(cfg.env)}" if cfg.env.name else "")
+                + f"; {len(self.train_prompts)} training prompts, "
                 f"{len(self.eval_prompts)} held-out prompts" + (f"; gold judge {gold}" if gold else ""))
 
     def begin(self, run: runner.Run) -> dict | None:
@@ -214,10 +231,12 @@ class LoopJob:
             from minirlhf.feedback.app import Page  # flask and waitress are needed for serving only
 
             select = cfg.select if r.previous_rm else "random"  # the first round has no reward model to be unsure
-            source = Source(r.policy, None, self.train_prompts, options={"chat_template": cfg.policy_options.chat_template})
-            pool = PairPool(store, source, Sampling(cfg.response_len, cfg.temperature, seed=cfg.seed * 1009 + r.k),
-                            cfg.ahead, overlap=0.0, device=self.run.device, select=select,
-                            reward_models=[r.previous_rm] if select == "uncertain" else [])
+            source = Source(r.policy, None, self.train_prompts, options={"chat_template": cfg.policy_options.chat_template},
+                            episodes=loop_episodes.describe(cfg.env) if cfg.env.name else "")
+            pool = make_pool(cfg.env if cfg.env.name else None, store, source,
+                             Sampling(cfg.response_len, cfg.temperature, seed=cfg.seed * 1009 + r.k), cfg.ahead,
+                             overlap=0.0, device=self.run.device, select=select,
+                             reward_models=[r.previous_rm] if select == "uncertain" else [])
             page = Page(store, pool, cfg.host, cfg.port)
             page.start()
             try:
@@ -266,32 +285,42 @@ class LoopJob:
         rm_cfg = RewardModelConfig(
             preferences=str(r.folder / "rm_train.jsonl"), eval_file=str(r.folder / "rm_heldout.jsonl"),
             model=dataclasses.replace(cfg.reward_model, init=r.previous_rm), train=cfg.reward_model_train,
-            seed=cfg.seed, **_run_settings(cfg))
+            seed=cfg.seed, **run_settings(cfg))
         return load_json(RunDir(run_stage(train_reward_model, rm_cfg, r.reward_model)).results)
 
     # ---------------------------------------------------------------- 4: the policy, from where it is
     def _train_policy(self, r: Round) -> Path:
-        train, stage_cfg = POLICY_ROUNDS.get(self.cfg.method, _rl_stage)(self.cfg, r)
+        train, stage_cfg = POLICY_ROUNDS.get(self.cfg.method, rl_stage)(self.cfg, r)
         return run_stage(train, stage_cfg, r.policy_run)
 
     # ---------------------------------------------------------------- 5: the round's row
     def _evaluate(self, previous: str, current: str, k: int) -> dict:
         """Gold reward (or, without a gold judge, the round's reward model's), KL from the reference and win rates
-        against the reference and the previous round, on the held-out prompts."""
+        against the reference and the previous round, on the held-out prompts (or episodes)."""
         cfg, device = self.cfg, self.run.device
-        reward = self.gold or reward_of(self.reward_model, cfg.response_len, device)
         key = "gold" if self.gold is not None else "rm"
         options = {"chat_template": cfg.policy_options.chat_template}
         policy = load_policy(current, device, value_head=False, **options)
-        shape = SimpleNamespace(batch_size=cfg.eval_batch_size, response_len=cfg.response_len)
-        start = evaluate_policy(policy, self.reference, reward, self.eval_prompts, shape, seed=cfg.seed)
+        compare = self._comparison()
+        start = compare(policy, self.reference)
         row = {f"{key}/reward": start["reward_policy"], f"{key}/reward_start": start["reward_reference"],
                "kl": start["kl"], "win_rate/vs_start": start["win_rate"], "win_rate/vs_previous": start["win_rate"]}
         if k > 1:
-            before = load_reference(previous, device, **options)
-            row["win_rate/vs_previous"] = evaluate_policy(policy, before, reward, self.eval_prompts, shape,
-                                                          seed=cfg.seed)["win_rate"]
+            row["win_rate/vs_previous"] = compare(policy, load_reference(previous, device, **options))["win_rate"]
         return row
+
+    def _comparison(self):
+        """(policy, ref) -> figures: single replies to the held-out prompts, or (--env) held-out episodes scored
+        whole, by the gold judge or the round's reward model."""
+        cfg, device = self.cfg, self.run.device
+        if cfg.env.name:
+            judge = self.gold or load_judge(self.reward_model, device)
+            return lambda policy, ref: loop_episodes.evaluate(policy, ref, cfg.env, self.eval_prompts, judge,
+                                                              len(self.eval_prompts), cfg.eval_batch_size,
+                                                              cfg.response_len, cfg.seed)
+        reward = self.gold or reward_of(self.reward_model, cfg.response_len, device)
+        shape = SimpleNamespace(batch_size=cfg.eval_batch_size, response_len=cfg.response_len)
+        return lambda policy, ref: evaluate_policy(policy, ref, reward, self.eval_prompts, shape, seed=cfg.seed)
 
     # ---------------------------------------------------------------- the runner's side
     def save(self, folder: Path) -> dict:
@@ -336,48 +365,18 @@ def write_pairs(path: Path, pairs) -> None:
                                                ensure_ascii=False) + "\n" for p in pairs))
 
 
-def _run_settings(cfg: LoopConfig) -> dict:
-    """What every stage of the loop takes from the loop's own config: device, precision, dashboards."""
-    return dict(device=cfg.device, dtype=cfg.dtype, report_to=cfg.report_to, strategy=cfg.strategy)
-
-
-def _rl_stage(cfg: LoopConfig, r: Round) -> tuple:
-    """RL against the round's reward model, from the round's policy, with the first policy as the reference."""
-    cls = registry.get(cfg.method).config
-    base = load_config(cls, overrides=cfg.policy_args)
-    stage_cfg = dataclasses.replace(
-        base, policy=r.policy, ref_policy="" if r.policy == cfg.policy else cfg.policy,
-        policy_options=cfg.policy_options, reward=dataclasses.replace(base.reward, reward_model=str(r.reward_model)),
-        data=cfg.data, prompts=cfg.prompts, steps=cfg.steps, response_len=cfg.response_len,
-        kl_coef=base.kl_coef if cfg.kl_coef is None else cfg.kl_coef, seed=cfg.seed * 1009 + r.k, **_run_settings(cfg))
-    return rl.train, stage_cfg
-
-
-def _dpo_stage(cfg: LoopConfig, r: Round) -> tuple:
-    """Online DPO on the round's new pairs, from the round's policy, with the first policy as the reference."""
-    base = load_config(dpo.DPOConfig, overrides=cfg.policy_args)
-    stage_cfg = dataclasses.replace(
-        base, policy=r.policy, ref_policy="" if r.policy == cfg.policy else cfg.policy,
-        policy_options=cfg.policy_options, preferences=str(r.labels), train=dataclasses.replace(base.train, steps=cfg.steps),
-        beta=base.beta if cfg.kl_coef is None else cfg.kl_coef, max_response_tokens=cfg.response_len + 1,
-        seed=cfg.seed * 1009 + r.k, **_run_settings(cfg))
-    return dpo.train, stage_cfg
-
-
-POLICY_ROUNDS = {"dpo": _dpo_stage}
-"""how a round trains its policy, by method; every other method is an RL algorithm of the registry"""
-
-
 def loop_report(cfg: LoopConfig, rows: list[dict], gold: bool) -> str:
     key = "gold" if gold else "rm"
     what = "gold judge's reward" if gold else "round's reward model's reward (no gold judge)"
+    scored = (f"held-out {loop_episodes.describe(cfg.env)} (one per held-out prompt, seeds 0..n-1), each scored "
+              "whole") if cfg.env.name else "one response per held-out prompt"
     lines = [f"# minirlhf loop: {cfg.method} from {md_cell(cfg.policy)}", "",
              f"{cfg.labels} labels a round from `{md_cell(cfg.annotator)}`"
              + (f" (beta {cfg.beta})" if cfg.annotator != "web" else "") + f"; pairs served {cfg.select} first after "
              f"round 1; {cfg.steps} policy steps a round; the reference is the first policy throughout.", "",
-             f"Reward: the {what} of one response per held-out prompt (the first policy: its `start` column). "
-             "KL: per response, in nats, from the reference. Win rates: against the reference and the previous "
-             "round's policy, ties half.", "",
+             f"Reward: the {what} of {scored} (the first policy: its `start` column). KL: per "
+             f"{'episode' if cfg.env.name else 'response'}, in nats, from the reference. Win rates: against the "
+             "reference and the previous round's policy, ties half.", "",
              "| round | labels | RM held-out accuracy (pairs) | length baseline | reward (start) | KL | win vs previous "
              "| win vs start | annotator agreement | seconds |", "|" + "---|" * 10]
     for row in rows:

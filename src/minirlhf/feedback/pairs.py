@@ -85,12 +85,16 @@ class Source:
     """causal LM options the run was trained with (chat_template)"""
     prompts_from: str = "given"
     """where the prompts came from, as a database records it: a file, or the run's or the corpus's own"""
+    episodes: str = ""
+    """what each side of a pair is when it is a whole episode (episode_pairs.py), e.g. "constraints episodes of 3
+    turns"; empty: a single reply"""
 
     def describe(self) -> str:
+        on = f"{len(self.prompts)} {'openings' if self.episodes else 'prompts'}"
         if self.reference is None:
-            return f"two samples of {self.policy} on {len(self.prompts)} prompts"
+            return f"two {self.episodes or 'samples'} of {self.policy} on {on}"
         return (f"RL run {self.policy} (step {self.step}) against its reference {self.reference} "
-                f"on {len(self.prompts)} held-out prompts")
+                f"on {len(self.prompts)} held-out prompts" + (f", as {self.episodes}" if self.episodes else ""))
 
 
 def corpus_prompts(template: str) -> list[str]:

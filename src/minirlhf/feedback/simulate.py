@@ -21,42 +21,16 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from http.cookiejar import CookieJar
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from minirlhf import ConfigError, RunError, UserError
-from minirlhf.data.dialogue import dialogue_text
 from minirlhf.feedback.store import Store
-from minirlhf.models.classifier import SentimentClassifier
-from minirlhf.models.reward_model import RewardModel
-from minirlhf.models.rewards import Reward, RewardConfig, load_function
+from minirlhf.models.judge import Judge, load_judge
+from minirlhf.models.rewards import Reward, RewardConfig
 from minirlhf.rundir import RunDir
 from minirlhf.training import progress
-
-Judge = Callable[[list[str], list[str]], torch.Tensor]
-"""(prompts, responses) -> a score per response (N,); higher is better"""
-
-
-def load_judge(spec: str, device="cpu") -> Judge:
-    """A classifier run (its positive logit of the prompt followed by the response, the text as a person reads it),
-    a reward-model run (its standardised score of the dialogue) or a user function `module:function`."""
-    found = RunDir.find(spec)
-    if found is not None and found.stage == "classifier":
-        classifier = SentimentClassifier.from_run(found.path, device)
-        return lambda prompts, responses: classifier.score(
-            [f"{p} {r}".strip() for p, r in zip(prompts, responses)])[1]
-    if found is not None and found.stage == "reward_model":
-        reward_model = RewardModel.from_run(found.path, device)
-        return lambda prompts, responses: reward_model.normalized(
-            [dialogue_text(p, r) for p, r in zip(prompts, responses)])
-    if ":" in spec and not Path(spec).exists():
-        function = load_function(spec)
-        return lambda prompts, responses: torch.tensor([float(v) for v in function(prompts, responses)])
-    raise ConfigError(f"--judge {spec} is neither a classifier run, a reward-model run nor module:function; "
-                      "give one of those")
-
 
 def reward_of(judge: str, response_len: int, device) -> Reward:
     """A judge (classifier run, reward-model run or module:function) as the reward that scores policies."""

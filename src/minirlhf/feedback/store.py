@@ -3,7 +3,10 @@
 - meta: the CSRF secret, what the database was made for (purpose.py) and, for a `minirlhf loop` round, its round;
 - annotators: names and their links (tokens.py);
 - pairs: a prompt, two responses in the order shown (A, B), and the model and sampling settings behind each
-  response as JSON (provenance_a, provenance_b); `wanted` is how many people should judge it (2 for overlap);
+  response as JSON (provenance_a, provenance_b); `wanted` is how many people should judge it (2 for overlap). A pair
+  of two episodes also keeps each whole conversation as a JSON message list (conversation_a, conversation_b; NULL for
+  a pair of single replies), its text columns still filled: the prompt is the shared opening as HH text, each
+  response the rest of its conversation as layouts.rest_text renders it, so what reads text reads the conversation;
 - judgements: one row per choice (a, b, tie or skip); undo marks the row `undone`, and a partial UNIQUE index
   keeps one live judgement per annotator and pair, so a double submit can never count twice;
 - assignments: the pair each annotator has on screen. Only that pair can be judged, so a form for a pair never shown,
@@ -27,6 +30,7 @@ from minirlhf import MachineError, UserError
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.preferences import read_pairs
 from minirlhf.feedback import purpose as purposes
+from minirlhf.feedback.conversations import exported, split_episodes
 from minirlhf.feedback.figures import policy_score
 from minirlhf.feedback.tokens import TOKEN_DAYS, Annotators, now, token_hash
 
@@ -44,7 +48,7 @@ CREATE TABLE IF NOT EXISTS annotators (
 CREATE TABLE IF NOT EXISTS pairs (
     id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, response_a TEXT NOT NULL, response_b TEXT NOT NULL,
     provenance_a TEXT NOT NULL, provenance_b TEXT NOT NULL, wanted INTEGER NOT NULL DEFAULT 1, created TEXT NOT NULL,
-    priority REAL NOT NULL DEFAULT 0);
+    priority REAL NOT NULL DEFAULT 0, conversation_a TEXT, conversation_b TEXT);
 CREATE TABLE IF NOT EXISTS judgements (
     id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
@@ -62,6 +66,8 @@ MIGRATIONS = (  # columns a database made by an older minirlhf lacks
     ("annotators", "expires", "REAL", f"UPDATE annotators SET expires = {{now}} + {TOKEN_DAYS * 86400} "
                                       "WHERE name NOT LIKE 'import:%'"),  # links made before expiry: 30 days more
     ("annotators", "revoked", "TEXT", None),
+    ("pairs", "conversation_a", "TEXT", None),  # pairs of episodes; NULL: single replies
+    ("pairs", "conversation_b", "TEXT", None),
 )
 
 # Per pair: its live labels (a, b, tie) and how many other people have it on screen now.
@@ -189,15 +195,25 @@ class Store(Annotators):
     # --- pairs and judgements ---
 
     def add_pair(self, prompt: str, response_a: str, response_b: str, provenance_a: dict, provenance_b: dict,
-                 wanted: int = 1, priority: float = 0.0) -> int:
+                 wanted: int = 1, priority: float = 0.0, conversations: tuple[list, list] | None = None) -> int:
         """A new pair; among fresh pairs, the one with the highest `priority` is served first (then the oldest). A NaN
-        or infinite priority is stored as the lowest."""
+        or infinite priority is stored as the lowest. `conversations`: a pair of episodes' whole message lists (A, B)
+        (`add_episodes` fills the text columns from them)."""
+        a, b = (None, None) if conversations is None else (json.dumps(c, ensure_ascii=False) for c in conversations)
         with self.write() as c:
             cur = c.execute("INSERT INTO pairs (prompt, response_a, response_b, provenance_a, provenance_b, wanted, "
-                            "created, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            "created, priority, conversation_a, conversation_b) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (prompt, response_a, response_b, json.dumps(provenance_a), json.dumps(provenance_b),
-                             wanted, now(), priority_of(priority)))
+                             wanted, now(), priority_of(priority), a, b))
         return cur.lastrowid
+
+    def add_episodes(self, conversation_a: list[dict], conversation_b: list[dict], provenance_a: dict,
+                     provenance_b: dict, wanted: int = 1, priority: float = 0.0) -> int:
+        """A pair of two episodes from the same opening, each a whole conversation (opening first); the text columns
+        hold the opening as HH text and each rest as layouts.rest_text renders it, for what reads text."""
+        prompt, response_a, response_b = split_episodes(conversation_a, conversation_b).texts()
+        return self.add_pair(prompt, response_a, response_b, provenance_a, provenance_b, wanted, priority,
+                             (conversation_a, conversation_b))
 
     def next_pair(self, me: int) -> sqlite3.Row | None:
         """The pair on `me`'s screen, else the oldest that still needs a second label, else the fresh one of highest
@@ -301,22 +317,27 @@ class Store(Annotators):
 def export_jsonl(db: str | Path, out: str | Path) -> int:
     """Write every live a/b judgement as {"prompt", "chosen", "rejected"} with its provenance, atomically: the
     model, role, step, sampling settings and seed behind each side (chosen_provenance, rejected_provenance), who judged
-    it (annotator, annotator_id) and when (judged_at), the pair's id, and the `minirlhf loop` round (or null)."""
+    it (annotator, annotator_id) and when (judged_at), the pair's id, and the `minirlhf loop` round (or null).
+
+    Pairs of single replies are strings. Where the file holds pairs of episodes, every row is in TRL's conversational
+    layout (one file, one layout, as data/layouts.py reads it): "prompt" the opening's messages, "chosen" and
+    "rejected" the messages after it (a single reply: one assistant message)."""
     store = Store(db, create=False)
     rows = store.conn.execute(
-        "SELECT p.id, p.prompt, p.response_a, p.response_b, p.provenance_a, p.provenance_b, j.choice, j.created, "
-        "a.name, a.id FROM judgements j JOIN pairs p ON p.id = j.pair_id JOIN annotators a ON a.id = j.annotator_id "
+        "SELECT p.*, j.choice, j.created AS judged_at, a.name AS annotator, a.id AS annotator_id FROM judgements j "
+        "JOIN pairs p ON p.id = j.pair_id JOIN annotators a ON a.id = j.annotator_id "
         "WHERE j.undone IS NULL AND j.choice IN ('a', 'b') ORDER BY j.id").fetchall()
     if not rows:
         raise UserError(f"{db} has no A/B judgements yet (ties and skips are not exported); judge some pairs first")
     round_k = store.meta("round")
+    conversational = any(row["conversation_a"] is not None for row in rows)
     lines = []
-    for pair_id, prompt, a, b, prov_a, prov_b, choice, judged_at, name, annotator_id in rows:
-        (chosen, chosen_from), (rejected, rejected_from) = ((a, prov_a), (b, prov_b))[::1 if choice == "a" else -1]
-        lines.append(json.dumps({
-            "prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_provenance": json.loads(chosen_from),
-            "rejected_provenance": json.loads(rejected_from), "annotator": name, "annotator_id": annotator_id,
-            "judged_at": judged_at, "pair_id": pair_id, "round": round_k}, ensure_ascii=False))
+    for row in rows:
+        sides = (row["provenance_a"], row["provenance_b"])[::1 if row["choice"] == "a" else -1]
+        lines.append(json.dumps(exported(row, row["choice"], conversational) | {
+            "chosen_provenance": json.loads(sides[0]), "rejected_provenance": json.loads(sides[1]),
+            "annotator": row["annotator"], "annotator_id": row["annotator_id"], "judged_at": row["judged_at"],
+            "pair_id": row["id"], "round": round_k}, ensure_ascii=False))
     atomic_write_text(Path(out), "\n".join(lines) + "\n")
     return len(lines)
 

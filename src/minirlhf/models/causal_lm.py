@@ -4,6 +4,7 @@ KV-cached sampling, a shared frozen trunk, and prompts read once per group."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,23 @@ def _share_frozen(model: nn.Module, frozen: list[nn.Module]) -> nn.Module:
     """A deep copy of `model` in which the `frozen` modules (and their parameters) are the same objects, not copies."""
     memo = {id(m): m for m in frozen} | {id(p): p for m in frozen for p in m.parameters()}
     return copy.deepcopy(model, memo)
+
+
+@dataclass
+class KVState:
+    """A batch of conversations' KV cache, kept between the turns of an episode: the attention mask over every
+    cached column (B, L) and the real tokens each row has in it (B,). Rows go with `keep`."""
+
+    cache: object = None
+    mask: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows (of the current ones) go on, in this order."""
+        if self.cache is not None:
+            index = torch.tensor(rows, device=self.mask.device)
+            self.cache.reorder_cache(index)
+            self.mask, self.counts = self.mask[index], self.counts[index]
 
 
 class CausalLMPolicy(nn.Module):
@@ -191,7 +209,7 @@ class CausalLMPolicy(nn.Module):
     @staticmethod
     def _sequence(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (B, P+T)
-        mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], 1)  # (B, P+T)
+        mask = torch.cat([rollout.prompt_mask, rollout.seen_mask.to(rollout.prompt_mask.dtype)], 1)  # (B, P+T)
         return ids, mask
 
     def _hidden(self, ids, mask, cache=None, positions=None) -> torch.Tensor:
@@ -229,41 +247,73 @@ class CausalLMPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], max_new_tokens: int, generator: Generators = None,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, ids: list[list[int]] | None = None,
+               state: "KVState | None" = None) -> Rollout:
         """Batched sampling with a KV cache until end-of-text or `max_new_tokens`; keeps the log-probs
         (temperature 1: the policy's own), values and entropies of every sampled token, and with a split
-        trunk the frozen blocks' output at every position (so `prepare` has nothing left to do)."""
+        trunk the frozen blocks' output at every position (so `prepare` has nothing left to do). `ids`: the
+        prompts' token ids where the caller holds them (an episode's conversation so far, never re-tokenised);
+        `state`: the KV cache of an earlier turn of the same conversations, kept across turns, so only the tokens
+        it lacks are read (an episode's next user turn), not the whole conversation again."""
         device = next(self.parameters()).device
-        B = len(prompts)
-        eos = torch.tensor(self.eos_ids, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        steps: list[tuple] = []
-        prompt_ids, prompt_mask = (t.to(device) for t in left_pad([self.encode(p) for p in prompts], self.pad_id))
-        h, cache, prompt_frozen = self._read_prompts(prompt_ids, prompt_mask)  # (B, H)
-        frozen = [prompt_frozen] if self.split else []  # the frozen blocks' output, (B, P, H) then (B, 1, H) a step
-        mask, position = prompt_mask, prompt_mask.sum(1, keepdim=True)  # (B, P), (B, 1)
-        for _ in range(max_new_tokens):
-            logits = self.head(h).float()  # (B, V)
-            logp = logits.log_softmax(-1)
-            probs = logp.exp() if (temperature, top_k, top_p) == (1.0, 0, 1.0) else \
-                filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            token = draw(probs, generator)  # (B,)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
-            value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
-            steps.append((token, logp.gather(1, token.unsqueeze(1)).squeeze(1), value, entropy_from_logits(logits),
-                          ~done))
-            done = done | torch.isin(token, eos)
-            if done.all():
-                break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], 1)
-            h = self._step(token.unsqueeze(1), mask, cache, position, frozen)[:, -1]  # (B, H)
-            position = position + 1
+        seqs = ids if ids is not None else [self.encode(p) for p in prompts]
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(seqs, self.pad_id))
+        if state is not None and state.cache is not None:
+            h, frozen = self._extend(state, seqs, device), []  # no frozen output kept: `prepare` computes it
+        else:
+            h, cache, prompt_frozen = self._read_prompts(prompt_ids, prompt_mask)  # (B, H)
+            frozen = [prompt_frozen] if self.split and state is None else []  # (B, P, H) then (B, 1, H) a step
+            state = KVState() if state is None else state
+            state.cache, state.mask, state.counts = cache, prompt_mask, prompt_mask.sum(1)
+        steps = self._decode(h, state, max_new_tokens, generator, (temperature, top_k, top_p), frozen)
         rollout = self._rollout(prompts, prompt_ids, prompt_mask, steps)
         if frozen:
             hidden = torch.cat(frozen, 1)  # (B, P+T-1, H) or (B, P+T, H): the last token never runs, and no kept
             missing = prompt_ids.size(1) + len(steps) - hidden.size(1)  # output depends on it (causal attention)
             rollout.frozen_hidden = nn.functional.pad(hidden, (0, 0, 0, missing))  # (B, P+T, H)
         return rollout
+
+    def _decode(self, h, state: "KVState", max_new_tokens: int, generator, sampling: tuple, frozen: list) -> list:
+        """Sample token after token from the last hidden states h (B, H) against `state`'s cache. A token goes into
+        the cache (attended, its position counted) only if its row was live when it was drawn: the padding after a
+        row's end-of-text is never read, so a conversation can go on from the cache. Returns the steps' (token,
+        log-prob, value, entropy, live) tuples, each (B,)."""
+        temperature, top_k, top_p = sampling
+        B, device = h.size(0), h.device
+        eos = torch.tensor(self.eos_ids, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        steps: list[tuple] = []
+        for _ in range(max_new_tokens):
+            logits = self.head(h).float()  # (B, V)
+            logp = logits.log_softmax(-1)
+            probs = logp.exp() if sampling == (1.0, 0, 1.0) else \
+                filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            token = draw(probs, generator)  # (B,)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            value = self.value_head(h).squeeze(-1) if self.value_head is not None else None
+            steps.append((token, logp.gather(1, token.unsqueeze(1)).squeeze(1), value, entropy_from_logits(logits),
+                          ~done))
+            live = ~done
+            done = done | torch.isin(token, eos)
+            if done.all():
+                break
+            state.mask = torch.cat([state.mask, live.to(state.mask.dtype).unsqueeze(1)], 1)  # (B, L + 1)
+            h = self._step(token.unsqueeze(1), state.mask, state.cache, state.counts.unsqueeze(1), frozen)[:, -1]
+            state.counts = state.counts + live.long()
+        return steps
+
+    def _extend(self, state: "KVState", seqs: list[list[int]], device) -> torch.Tensor:
+        """Read into `state`'s cache the tokens of `seqs` it does not hold yet (each row's own count of them, left-
+        padded into one block whose padding is never attended); the last hidden states (B, H)."""
+        new = [s[int(c):] for s, c in zip(seqs, state.counts.tolist())]
+        if min(len(n) for n in new) == 0:
+            raise ModelError("a conversation continued from its cache must add at least one token per row")
+        ids, mask = (t.to(device) for t in left_pad(new, self.pad_id))  # (B, U)
+        positions = state.counts.unsqueeze(1) + (mask.cumsum(1) - 1).clamp(min=0)  # (B, U) real tokens counted
+        state.mask = torch.cat([state.mask, mask.to(state.mask.dtype)], 1)
+        h = self._step(ids, state.mask, state.cache, positions, [])[:, -1]  # (B, H)
+        state.counts = state.counts + mask.sum(1)
+        return h
 
     def teacher_forced(self, prompts: list[str], responses: list[str], max_prompt_tokens: int,
                        max_response_tokens: int) -> Rollout:

@@ -48,6 +48,18 @@ class Rollout:
     entropy: torch.Tensor  # (B, T) of the policy's next-token distribution
     frozen_hidden: torch.Tensor | None = field(default=None, metadata={"pad": "prompt+response"})
     """(B, P+T, H) output of a causal LM's frozen blocks (kept from sampling, or computed by `prepare`)"""
+    attention_mask: torch.Tensor | None = None
+    """(B, T) 1 on every token of a multi-turn episode's response part, the user's included (None: response_mask);
+    response_mask is then 1 on the assistant's tokens only, the ones that get loss, KL and value"""
+    turn_ids: torch.Tensor | None = None
+    """(B, T) the assistant turn (0, 1, ...) each position belongs to, where response_mask is 1 (None: one turn)"""
+    messages: list[list[dict]] | None = None
+    """an episode's whole conversation as text, the policy's replies included"""
+
+    @property
+    def seen_mask(self) -> torch.Tensor:
+        """(B, T) the response part's tokens the model reads: every real token, whoever wrote it."""
+        return self.response_mask if self.attention_mask is None else self.attention_mask
 
     def select(self, idx: list[int]) -> "Rollout":
         picked = {}

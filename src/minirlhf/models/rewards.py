@@ -77,18 +77,17 @@ def _import(module_name: str):
         return module
 
 
-def load_function(spec: str):
-    """Import `module:function`: an importable module, or a .py file in the working directory."""
+def load_function(spec: str, what: str = "reward function", flag: str = "--reward.function"):
+    """Import `module:function` (or `module:Class`): an importable module, or a .py file in the working directory."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
-        raise ConfigError(f"reward.function={spec!r} must look like module:function (e.g. my_rewards:brevity)")
+        raise ConfigError(f"{flag}={spec!r} must look like module:name (e.g. my_rewards:brevity)")
     try:
         fn = getattr(_import(module_name), name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot load reward function {spec!r} ({e}); check the module is importable from "
-                          "here") from e
+        raise ConfigError(f"cannot load {what} {spec!r} ({e}); check the module is importable from here") from e
     if not callable(fn):
-        raise ConfigError(f"reward function {spec!r} is not callable")
+        raise ConfigError(f"{what} {spec!r} is not callable")
     return fn
 
 
