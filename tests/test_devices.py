@@ -115,11 +115,12 @@ def test_two_reward_model_processes_step_as_one_under_the_strict_mode(tmp_path):
     assert json.loads((tmp_path / "two" / "results.json").read_text())["train_pairs"] == 16
 
 
-AVX2 = {"mlp": 0.03, "lstm": None}  # what an AVX2-only CPU measures: bf16 matmuls ~30x slower, no bf16 LSTM kernel
-AVX512_BF16 = {"mlp": 2.0, "lstm": None}  # bf16 twice as fast (the LSTM left measured as missing: safe on any CPU)
+AVX2 = {"mlp": 0.03, "lstm": None, "decode": 0.02}  # an AVX2-only CPU: bf16 matmuls ~30x slower, no bf16 LSTM kernel
+AVX512_BF16 = {"mlp": 2.0, "lstm": None, "decode": 0.8}  # bf16 twice as fast, decoding slower (the weights' casts)
 
 
-@pytest.mark.parametrize("forced, auto", [(AVX2, "fp32"), (AVX512_BF16, "bf16"), ({"mlp": 1.1, "lstm": 1.0}, "fp32")])
+@pytest.mark.parametrize("forced, auto", [(AVX2, "fp32"), (AVX512_BF16, "bf16"),
+                                          ({"mlp": 1.1, "lstm": 1.0, "decode": 1.0}, "fp32")])
 def test_auto_takes_bf16_only_where_the_probe_measured_it_faster(forced, auto, monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("MINIRLHF_DTYPE_PROBE", json.dumps(forced))
@@ -128,7 +129,8 @@ def test_auto_takes_bf16_only_where_the_probe_measured_it_faster(forced, auto, m
         assert chosen.name == auto and (chosen.dtype is None) == (auto == "fp32"), chosen
         assert chosen.why.startswith("auto: bf16 ran the probe")
         asked = set_precision(cpu, "bf16")  # as asked, its missing or slower ops in fp32
-        assert asked.dtype == torch.bfloat16 and asked.fp32_ops == ({"lstm"} if forced["lstm"] is None else set())
+        slow = {op for op, v in forced.items() if op != "mlp" and (v is None or v < 1.0)}
+        assert asked.dtype == torch.bfloat16 and asked.fp32_ops == slow
         assert ("--dtype auto would take " + auto) in asked.why
         with asked.autocast():
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
@@ -171,7 +173,7 @@ def test_the_probe_measures_once_per_machine_and_finds_what_an_avx2_cpu_lacks(tm
         seen[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = seen[name]
         assert r["first"] == r["again"] and r["cached_s"] < r["measure_s"] / 10, r
-        assert set(r["first"]) == {"mlp", "lstm"} and r["first"]["mlp"] > 0, r
+        assert set(r["first"]) == {"mlp", "lstm", "decode"} and r["first"]["mlp"] > 0, r
         assert r["auto"] == ("bf16" if r["first"]["mlp"] >= 1.25 else "fp32"), r
     cache = json.loads((tmp_path / "precision.json").read_text())
     assert len(cache) == len(runs)  # one entry per machine (here, and the AVX2-limited one)
@@ -252,3 +254,23 @@ def test_one_autocast_context_over_many_steps_uses_each_step_s_weights():
             layer.weight.add_(1.0)  # what an optimizer step does
         after = layer(x)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("decode", [0.5, 2.0])
+def test_sampling_runs_in_fp32_inside_a_bf16_run_where_the_probe_found_decoding_slower(decode, monkeypatch):
+    """A decode step casts every weight to bf16 at every call, which a CPU can spend more on than bf16 saves: where
+    the probe measured that, a bf16 run samples in fp32 (the same tokens and log-probs as an fp32 run), else in bf16."""
+    from minirlhf.models.load import load_policy
+
+    cpu = torch.device("cpu")
+    policy = load_policy("smollm2", cpu, value_head=False)
+    monkeypatch.setenv("MINIRLHF_DTYPE_PROBE", json.dumps({"mlp": 2.0, "lstm": 1.0, "decode": decode}))
+    try:
+        runs = {}
+        for name in ("fp32", "bf16"):
+            chosen = set_precision(cpu, name)
+            with chosen.autocast() if chosen.dtype is not None else torch.autocast("cpu", enabled=False):
+                runs[name] = policy.sample(["Name a colour."], 6, torch.Generator().manual_seed(0)).logprobs
+        assert torch.equal(runs["fp32"], runs["bf16"]) == (decode < 1.0)
+    finally:
+        set_precision(cpu, "fp32")

@@ -2,9 +2,10 @@
 
 The same bf16 matmul runs about twice as fast as fp32 on a CPU with AVX-512 BF16 and a hundred times slower on one
 with AVX2 only, where oneDNN has no bf16 LSTM at all. So `auto` runs a short probe on this machine: a transformer
-MLP's forward and backward, and an LSTM's, in fp32 and under bf16 autocast. bf16 is taken where the MLP ran at least
-BF16_MARGIN times faster; inside a bf16 run an op the probe found missing or slower in bf16 (the LSTM) runs in fp32
-(`keep_fp32`). The result is cached per machine (CPU model and flags, torch version, device, oneDNN/ATen limits) in
+MLP's forward and backward, an LSTM's, and a decode step's matmuls (a few rows against many weights, without
+gradients, where autocast's cast of every weight at every call costs more than the bf16 arithmetic saves), in fp32
+and under bf16 autocast. bf16 is taken where the MLP ran at least BF16_MARGIN times faster; inside a bf16 run an op
+the probe found missing or slower in bf16 (the LSTM; sampling, on a CPU) runs in fp32 (`keep_fp32`). The result is cached per machine (CPU model and flags, torch version, device, oneDNN/ATen limits) in
 cache_root()/precision.json, so only a machine's first run pays the second or so it takes.
 
 Weights and optimizer state stay fp32 whatever the setting; fp16 adds gradient scaling and needs a GPU.
@@ -28,7 +29,7 @@ from minirlhf.runtime import cache_root
 
 BF16_MARGIN = 1.25
 """bf16 must run the probe's MLP this many times faster than fp32 to be chosen: it also changes the results"""
-PROBE_OPS = ("mlp", "lstm")
+PROBE_OPS = ("mlp", "lstm", "decode")
 
 
 @dataclass
@@ -166,15 +167,25 @@ def _cpu() -> str:
 
 def probe(device: torch.device) -> dict:
     """bf16's speed as a multiple of fp32's, per op, timed here: an MLP block's forward and backward (256 tokens,
-    512 -> 1024 -> 512, as in a small transformer) and a 2-layer LSTM's (16 x 20 tokens, 256 -> 448)."""
+    512 -> 1024 -> 512, as in a small transformer), a 2-layer LSTM's (16 x 20 tokens, 256 -> 448), and a decode step
+    (16 rows through 12 layers of 1024 x 1024 weights, 48 MB, more than a CPU's caches hold, without gradients)."""
     torch.manual_seed(0)  # the probe's inputs; the run seeds its own generators after
     mlp = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512)).to(device)
     lstm = torch.nn.LSTM(256, 448, 2, batch_first=True).to(device)
-    x_mlp, x_lstm = torch.randn(256, 512, device=device), torch.randn(16, 20, 256, device=device)
-    ops = {"mlp": lambda: mlp(x_mlp).sum().backward(), "lstm": lambda: lstm(x_lstm)[0].sum().backward()}
+    stack = torch.nn.Sequential(*(torch.nn.Linear(1024, 1024) for _ in range(12))).to(device)
+    x_mlp, x_lstm, x_step = (torch.randn(256, 512, device=device), torch.randn(16, 20, 256, device=device),
+                             torch.randn(16, 1024, device=device))
+    ops = {"mlp": lambda: mlp(x_mlp).sum().backward(), "lstm": lambda: lstm(x_lstm)[0].sum().backward(),
+           "decode": lambda: _no_grad(stack, x_step)}
     for fn in ops.values():  # a process's first passes also grow its heap and start its threads
         fn()
     return {name: _speedup(fn, device) for name, fn in ops.items()}
+
+
+def _no_grad(module, x) -> None:
+    with torch.no_grad():
+        for _ in range(4):  # a few steps of it, as decoding makes
+            module(x)
 
 
 def _speedup(fn, device: torch.device) -> float | None:

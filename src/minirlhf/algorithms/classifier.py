@@ -8,8 +8,6 @@ runner's: `ClassifierJob` is this stage.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
 from minirlhf.data.sentiment import load_splits
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained, set_dropout
 from minirlhf.models.trunk import FrozenCache, cached_forward, lower_hidden, start_at_layer
+from minirlhf.runtime import release_freed_memory
 from minirlhf.training import EpochPlan, length_grouped, length_sorted_batches, make_optimizer, optimizer_step
 
 
@@ -176,17 +175,9 @@ def time_passes(model, n: int, cached: bool, length: int, device, batch_size: in
     return rates
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 TRIM_STEPS, TRIM_BATCHES = 5, 40
 """training steps, and evaluation batches (which free less), between two `release_freed_memory` calls: each costs
 about 0.2 s, the memory it hands back being faulted in again"""
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere). Batches of varying
-    lengths leave holes in glibc's heap that it keeps: on IMDB reviews the resident memory would grow by a GB."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
 
 
 @torch.inference_mode()

@@ -36,7 +36,7 @@ from minirlhf.models import rewards
 from minirlhf.models.rewards import Reward, RunningMoments
 from minirlhf.ops import masked_mean
 from minirlhf.rundir import RunDir
-from minirlhf.runtime import memory_report
+from minirlhf.runtime import memory_report, release_freed_memory
 from minirlhf.training import optimizer_step
 
 LOSS_STATS = ("policy/loss", "value/loss", "policy/kl_loss")
@@ -167,15 +167,24 @@ def _experience(cfg, algo: Algorithm, step: int, models: Models, source, device)
     models.policy.prepare(rollout)  # outside the inference mode below; a no-op where sampling kept it
     with distributed.agreeing():  # a reward that fails on one process (a NaN, a user function) stops all of them
         terms = source.score(models.policy, rollout, terms)
-    with torch.inference_mode():
-        ref_logprobs = models.ref(rollout, entropy=False)[0]
-        values = models.value_model(rollout, entropy=False)[1] if models.value_model is not None else None
+    with torch.inference_mode():  # in minibatches: a whole batch's logits at once would be the step's peak memory
+        ref_logprobs = _in_minibatches(lambda r: models.ref(r, entropy=False)[0], rollout, cfg.minibatch_size)
+        values = None if models.value_model is None else \
+            _in_minibatches(lambda r: models.value_model(r, entropy=False)[1], rollout, cfg.minibatch_size)
     if values is not None:
         rollout.values = values.clone()  # clones leave inference mode: the losses read them
     gather = distributed.gather_rows
     terms = {k: gather(v.to(device)) for k, v in terms.items()}
     rollout = distributed.gather_rollout(rollout)
     return rollout, terms, gather(ref_logprobs.clone()), rng, sample_s
+
+
+def _in_minibatches(fn, rollout: Rollout, size: int) -> torch.Tensor:
+    """fn(rollout) (B, T) computed `size` rows at a time."""
+    n = len(rollout.prompts)
+    if n <= size:
+        return fn(rollout)
+    return torch.cat([fn(rollout.select(list(range(i, min(i + size, n))))) for i in range(0, n, size)])
 
 
 def check(cfg, algo: Algorithm, n_prompts: int) -> None:
@@ -265,6 +274,7 @@ class RLJob:
 
     def step(self, step: int) -> dict | None:
         cfg, models, t0 = self.cfg, self.models, time.time()
+        release_freed_memory()  # the last update's
         rollout, terms, ref_logprobs, rng, sample_s = _experience(cfg, self.algo, step, models, self.source,
                                                                   self.run.device)
         mask, total = rollout.response_mask, terms["total"]
@@ -272,6 +282,7 @@ class RLJob:
         with torch.no_grad():
             batch = self.algo.advantages(cfg, rollout, self.source.scores(terms), kl, self.kl_ctl.value)
         t1 = time.time()
+        release_freed_memory()  # the decode loop's growing KV caches leave the heap in holes glibc keeps
         stats = _update(cfg, self.algo, models, self.optimizer, batch, self.kl_ctl.value, rng)
         row = _row(total, terms, kl, self.kl_ctl.value, rollout, stats, batch, self.algo.group_size(cfg)) | {
             "time/rollout_s": t1 - t0, "time/sample_s": sample_s, "sample/decode_steps": rollout.response_ids.size(1),

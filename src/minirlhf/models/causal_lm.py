@@ -15,10 +15,11 @@ from minirlhf.checkpoint import atomic_dir, save_json, save_weights
 from minirlhf.data.dialogue import to_messages
 from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
 from minirlhf.models.lstm import Generators, draw, filter_logits
-from minirlhf.models.policy import Rollout, distinct_rows, left_pad, make_value_head, teacher_forcing, token_logprobs
+from minirlhf.models.policy import Rollout, distinct_rows, left_pad, make_value_head, teacher_forcing
 from minirlhf.models.pretrained import load_causal_lm
 from minirlhf.models.trunk import find_trunk
 from minirlhf.ops import entropy_from_logits
+from minirlhf.precision import keep_fp32
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -255,6 +256,10 @@ class CausalLMPolicy(nn.Module):
         prompts' token ids where the caller holds them (an episode's conversation so far, never re-tokenised);
         `state`: the KV cache of an earlier turn of the same conversations, kept across turns, so only the tokens
         it lacks are read (an episode's next user turn), not the whole conversation again."""
+        with keep_fp32("decode"):  # bf16 runs: fp32 where this machine decodes faster in fp32 (the probe's)
+            return self._sample(prompts, max_new_tokens, generator, (temperature, top_k, top_p), ids, state)
+
+    def _sample(self, prompts, max_new_tokens, generator, sampling, ids, state) -> Rollout:
         device = next(self.parameters()).device
         seqs = ids if ids is not None else [self.encode(p) for p in prompts]
         prompt_ids, prompt_mask = (t.to(device) for t in left_pad(seqs, self.pad_id))
@@ -265,7 +270,7 @@ class CausalLMPolicy(nn.Module):
             frozen = [prompt_frozen] if self.split and state is None else []  # (B, P, H) then (B, 1, H) a step
             state = KVState() if state is None else state
             state.cache, state.mask, state.counts = cache, prompt_mask, prompt_mask.sum(1)
-        steps = self._decode(h, state, max_new_tokens, generator, (temperature, top_k, top_p), frozen)
+        steps = self._decode(h, state, max_new_tokens, generator, sampling, frozen)
         rollout = self._rollout(prompts, prompt_ids, prompt_mask, steps)
         if frozen:
             hidden = torch.cat(frozen, 1)  # (B, P+T-1, H) or (B, P+T, H): the last token never runs, and no kept
@@ -335,14 +340,20 @@ class CausalLMPolicy(nn.Module):
 
     def forward(self, rollout: Rollout, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Log-probs, values and entropies (B, T) of the response tokens, in one pass over prompt + response
-        (`entropy=False` skips a pass over the vocabulary that the update does not need)."""
-        T, mask = rollout.response_ids.size(1), rollout.response_mask
+        (`entropy=False` skips a pass over the vocabulary that the update does not need). The vocabulary is read only
+        where response_mask is 1: padding, and an episode's user tokens, cost no (B, T, V) logits."""
+        mask = rollout.response_mask
         h = self._predicting(rollout)  # (B, T, H)
-        B, _, H = h.shape
-        logits = self.head(h.reshape(B * T, H)).float().view(B, T, -1)  # (B, T, V), only where needed; 2-D: one matmul
+        on = mask.bool()  # (B, T)
+        logits = self.head(h[on]).float()  # (N, V) one matmul over the N tokens that train
+        picked = logits.log_softmax(-1).gather(1, rollout.response_ids[on].unsqueeze(1)).squeeze(1)  # (N,)
+        logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(on, picked)
         values = self.value_head(h).squeeze(-1) * mask if self.value_head is not None else None
-        ent = entropy_from_logits(logits) * mask if entropy else None
-        return token_logprobs(logits, rollout.response_ids, mask), values, ent
+        ent = None
+        if entropy:
+            ent = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device).masked_scatter(
+                on, entropy_from_logits(logits))  # (B, T)
+        return logprobs, values, ent
 
     def _predicting(self, rollout: Rollout) -> torch.Tensor:
         """Hidden states (B, T, H) at the positions that predict each response token: the distinct prompts are read
