@@ -1,5 +1,5 @@
-"""The package's shape: imports point one way (base -> data -> models -> stages -> commands), with no cycles, no
-import hidden in a function to dodge one, and no function over 60 lines. Read from the source, so it also sees
+"""The package's shape: imports point one way (base -> data -> models -> envs -> stages -> commands), with no
+cycles, no import hidden in a function to dodge one, and no function over 60 lines. Read from the source, so it also sees
 imports inside functions (blocks under `if TYPE_CHECKING:` excepted: they never run)."""
 
 import ast

@@ -80,9 +80,17 @@ def check_finite(tensors, where: Path) -> None:
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """Save tensors as safetensors, atomically (each tensor copied, so tied weights are stored per name); only
-    finite ones: a NaN anywhere leaves the previous file in place (NotFinite)."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    """Save tensors as safetensors, atomically; only finite ones: a NaN anywhere leaves the previous file in place
+    (NotFinite). A tensor that shares its storage with another, or is a view into a bigger one, is copied, so tied
+    weights are stored per name; the others are written as they are (a checkpoint's optimizer state is as big as
+    the model: a copy of all of it was the save's peak memory)."""
+    tensors, seen = {}, set()
+    for k, v in state_dict.items():
+        t = v.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        shared = storage.data_ptr() in seen or t.storage_offset() != 0 or storage.nbytes() != t.nbytes
+        seen.add(storage.data_ptr())
+        tensors[k] = t.clone() if shared else t
     check_finite(tensors.items(), path)
     atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
