@@ -203,7 +203,8 @@ def _side(policy, ref, make_env, cfg, seeds: list[int], seed: int) -> dict:
                 for s in chunk]
         episodes = sample_episodes(policy, [make_env() for _ in chunk], chunk, K, cfg.response_len, gens)
         r = episodes.rollout
-        ref_logprobs = ref(r, entropy=False)[0]
+        ref_logprobs = torch.cat([ref(r.select(list(range(i, min(i + 4, len(chunk))))), entropy=False)[0]
+                                  for i in range(0, len(chunk), 4)])  # 4 at a time: the logits are the peak memory
         turns = turn_index(r.response_mask, r.turn_ids)
         kl = torch.where(r.response_mask.bool(), r.logprobs - ref_logprobs, 0.0)  # (B, T) k1 per token
         out["episodes"].append(episodes)

@@ -72,7 +72,7 @@ ENVIRONMENTS = {"constraints": ConstraintsEnv, "judge": JudgeEnv}
 def env_class(name: str):
     """The class of a built-in environment name or of `module:Class`; an unknown name stops with one line."""
     if ":" in name:
-        return load_function(name, what="environment class", flag="--env")
+        return load_function(name, what="environment class", flag="--env", form="module:Class (e.g. my_env:Echo)")
     if name not in ENVIRONMENTS:
         raise ConfigError(f"unknown environment {name!r}; use one of {', '.join(ENVIRONMENTS)} or module:Class")
     return ENVIRONMENTS[name]

@@ -77,11 +77,12 @@ def _import(module_name: str):
         return module
 
 
-def load_function(spec: str, what: str = "reward function", flag: str = "--reward.function"):
+def load_function(spec: str, what: str = "reward function", flag: str = "--reward.function",
+                  form: str = "module:function (e.g. my_rewards:brevity)"):
     """Import `module:function` (or `module:Class`): an importable module, or a .py file in the working directory."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
-        raise ConfigError(f"{flag}={spec!r} must look like module:name (e.g. my_rewards:brevity)")
+        raise ConfigError(f"{flag}={spec!r} must look like {form}")
     try:
         fn = getattr(_import(module_name), name)
     except (ImportError, AttributeError) as e:
