@@ -45,3 +45,10 @@ def cpu_lock(path: str | None):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save_result(name: str, report: dict) -> None:
+    """Print a benchmark's JSON and save it as benchmarks/results/NAME.json."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(text + "\n")

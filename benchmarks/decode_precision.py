@@ -8,13 +8,12 @@ Run from the repository root: `.venv/bin/python benchmarks/decode_precision.py`;
 to benchmarks/results/decode_precision.json.
 """
 
-import json
 import sys
 import time
 
 import torch
 
-from common import ROOT
+from common import save_result
 from multiturn import cpu
 
 from minirlhf.models.load import load_policy
@@ -42,9 +41,7 @@ def main() -> int:
               "sample_s": {k: round(min(v), 2) for k, v in times.items()},
               "bf16_speed_vs_fp32": round(min(times["fp32"]) / min(times["bf16"]), 3),
               "probe": probe(torch.device("cpu"))}
-    text = json.dumps(report, indent=2)
-    print(text)
-    (ROOT / "benchmarks" / "results" / "decode_precision.json").write_text(text + "\n")
+    save_result("decode_precision", report)
     return 0
 
 

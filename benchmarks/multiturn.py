@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, new_run_dir
+from common import ROOT, new_run_dir, save_result
 
 BARS = {"all_turns_rise": 0.20, "turn3_rise": 0.15, "train_seconds": 1800, "peak_mb": 4096, "ppl_ratio": 1.5}
 
@@ -83,9 +83,7 @@ def main() -> int:
                       "peak_mb": [report["peak_mb"], report["peak_mb"] <= BARS["peak_mb"]],
                       "ppl_ratio": [round(report["ppl_ratio"], 3), report["ppl_ratio"] <= BARS["ppl_ratio"]]}
     report["passed"] = all(ok for _, ok in report["bars"].values())
-    text = json.dumps(report, indent=2)
-    print(text)
-    (ROOT / "benchmarks" / "results" / "multiturn.json").write_text(text + "\n")
+    save_result("multiturn", report)
     return 0
 
 

@@ -32,7 +32,7 @@ from minirlhf.data.sentiment import read_source
 from minirlhf.feedback import commands, loop
 from minirlhf.feedback.pairs import Sampling, add_sampling_flags
 from minirlhf.models.classifier import SentimentClassifier
-from minirlhf.models.episodes import sample_episodes
+from minirlhf.models.episodes import need_chat, sample_episodes
 from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
 from minirlhf.rundir import RunDir, check_new
@@ -223,8 +223,7 @@ def _generate(args, extra) -> int:
 
 def _generate_episodes(args, policy, device) -> int:
     """`generate --env NAME`: n conversations (seeds seed..seed+n-1), each turn labelled, with its rewards."""
-    if getattr(policy, "kind", "") != "causal_lm" or not getattr(policy, "chat", False):
-        raise ConfigError(f"--env needs a chat model (a causal LM with a chat template); {args.run_dir} is not one")
+    need_chat(policy)
     env = EnvConfig(name=args.env, turns=args.turns)
     make = env_factory(env, env_prompts(env, PromptConfig(), DataConfig())[1], args.seed, device)
     seeds = list(range(args.seed, args.seed + args.n))

@@ -192,6 +192,14 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
     return run_dir / "report.md"
 
 
+def in_minibatches(fn, rollout, size: int) -> torch.Tensor:
+    """fn(rollout) (B, T) computed `size` rows at a time."""
+    n = len(rollout.prompts)
+    if n <= size:
+        return fn(rollout)
+    return torch.cat([fn(rollout.select(list(range(i, min(i + size, n))))) for i in range(0, n, size)])
+
+
 @torch.no_grad()
 def _side(policy, ref, make_env, cfg, seeds: list[int], seed: int) -> dict:
     """One policy's episodes of `seeds` (in batches), with their log-probs under the reference."""
@@ -203,8 +211,7 @@ def _side(policy, ref, make_env, cfg, seeds: list[int], seed: int) -> dict:
                 for s in chunk]
         episodes = sample_episodes(policy, [make_env() for _ in chunk], chunk, K, cfg.response_len, gens)
         r = episodes.rollout
-        ref_logprobs = torch.cat([ref(r.select(list(range(i, min(i + 4, len(chunk))))), entropy=False)[0]
-                                  for i in range(0, len(chunk), 4)])  # 4 at a time: the logits are the peak memory
+        ref_logprobs = in_minibatches(lambda x: ref(x, entropy=False)[0], r, 4)  # the logits are the peak memory
         turns = turn_index(r.response_mask, r.turn_ids)
         kl = torch.where(r.response_mask.bool(), r.logprobs - ref_logprobs, 0.0)  # (B, T) k1 per token
         out["episodes"].append(episodes)

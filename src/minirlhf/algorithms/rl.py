@@ -21,7 +21,8 @@ import torch
 
 from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.algorithms import registry
-from minirlhf.algorithms.evaluate import (distinct_n, evaluate_episodes, evaluate_policy, held_out_reward, perplexity,
+from minirlhf.algorithms.evaluate import (distinct_n, evaluate_episodes, evaluate_policy, held_out_reward, in_minibatches,
+                                          perplexity,
                                           response_nll, sample_table, training_plots, write_episode_report, write_report)
 from minirlhf.algorithms.guards import Guards
 from minirlhf.algorithms import rl_episodes
@@ -168,23 +169,15 @@ def _experience(cfg, algo: Algorithm, step: int, models: Models, source, device)
     with distributed.agreeing():  # a reward that fails on one process (a NaN, a user function) stops all of them
         terms = source.score(models.policy, rollout, terms)
     with torch.inference_mode():  # in minibatches: a whole batch's logits at once would be the step's peak memory
-        ref_logprobs = _in_minibatches(lambda r: models.ref(r, entropy=False)[0], rollout, cfg.minibatch_size)
+        ref_logprobs = in_minibatches(lambda r: models.ref(r, entropy=False)[0], rollout, cfg.minibatch_size)
         values = None if models.value_model is None else \
-            _in_minibatches(lambda r: models.value_model(r, entropy=False)[1], rollout, cfg.minibatch_size)
+            in_minibatches(lambda r: models.value_model(r, entropy=False)[1], rollout, cfg.minibatch_size)
     if values is not None:
         rollout.values = values.clone()  # clones leave inference mode: the losses read them
     gather = distributed.gather_rows
     terms = {k: gather(v.to(device)) for k, v in terms.items()}
     rollout = distributed.gather_rollout(rollout)
     return rollout, terms, gather(ref_logprobs.clone()), rng, sample_s
-
-
-def _in_minibatches(fn, rollout: Rollout, size: int) -> torch.Tensor:
-    """fn(rollout) (B, T) computed `size` rows at a time."""
-    n = len(rollout.prompts)
-    if n <= size:
-        return fn(rollout)
-    return torch.cat([fn(rollout.select(list(range(i, min(i + size, n))))) for i in range(0, n, size)])
 
 
 def check(cfg, algo: Algorithm, n_prompts: int) -> None:

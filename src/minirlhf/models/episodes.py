@@ -109,14 +109,15 @@ def _turn(policy, env, track: _Track, out: Rollout, i: int, k: int, last: bool) 
     return float(reward)
 
 
-def _need_chat(policy) -> None:
+def need_chat(policy) -> None:
+    """Episodes are conversations: only a chat model (a causal LM with a chat template) can hold one."""
     if getattr(policy, "kind", "") != "causal_lm" or not getattr(policy, "chat", False):
         raise ModelError("multi-turn episodes need a chat model (a causal LM with a chat template), e.g. smollm2")
 
 
 def opening_ids(policy, messages: list[dict]) -> list[int]:
     """An episode's opening conversation as token ids, the assistant's turn opened."""
-    _need_chat(policy)
+    need_chat(policy)
     out = policy.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
@@ -126,7 +127,7 @@ def continuation(policy, messages: list[dict], last_token: int | None) -> list[i
     its turn, the user's next message (messages[-1]) and the opening of the next assistant turn, by the chat
     template applied to this turn alone, so the tokens before it are never re-tokenised. A reply that did not end
     with the template's end-of-turn token (cut at the length limit) gets it here (read, never trained)."""
-    _need_chat(policy)
+    need_chat(policy)
     tok = policy.tokenizer
     mark = "\u2063MINIRLHF_REPLY\u2063"  # stands for the reply, whose tokens are already in the sequence
     history = messages[:-2] + [{"role": "assistant", "content": mark}, messages[-1]]
