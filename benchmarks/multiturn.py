@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from common import ROOT, new_run_dir, save_result
 
 BARS = {"all_turns_rise": 0.20, "turn3_rise": 0.15, "train_seconds": 1800, "peak_mb": 4096, "ppl_ratio": 1.5}
@@ -35,7 +37,9 @@ def cpu() -> dict:
 
 
 def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    """HEAD's short hash, "+dirty" when tracked files differ from it (the run's code was not that commit's)."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def train(run: Path, extra: list[str]) -> tuple[int, float, float, str]:
@@ -60,10 +64,11 @@ def main() -> int:
     metrics = [json.loads(line) for line in (work / "grpo" / "metrics.jsonl").read_text().splitlines()]
     device = next((line for line in (work / "stdout.log").read_text().splitlines() if line.startswith("device:")), "")
     before, after = res["reference"], res["policy"]
+    kl_coef = yaml.safe_load((work / "grpo" / "config.yaml").read_text())["kl_coef"]
     report = {
         "benchmark": "multiturn", "command": command, "commit": commit(), "run_dir": str(work.relative_to(ROOT)),
         "cpu": cpu(), "device": device, "model": "SmolLM2-135M-Instruct, 4-bit-rounded (Q4_1 GGUF)",
-        "episodes": res["episodes"], "turns": res["turns"], "steps": len(metrics),
+        "episodes": res["episodes"], "turns": res["turns"], "steps": len(metrics), "kl_coef": kl_coef,
         "all_turns_before": before["all_turns"], "all_turns_after": after["all_turns"],
         "turn3_before": before["all_held_per_turn"][2], "turn3_after": after["all_held_per_turn"][2],
         "all_held_per_turn_before": before["all_held_per_turn"], "all_held_per_turn_after": after["all_held_per_turn"],

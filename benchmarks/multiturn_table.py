@@ -1,5 +1,6 @@
-"""The README's table of the multi-turn benchmark, from its saved JSON (benchmarks/results/multiturn.json), so no
-figure is typed by hand. `.venv/bin/python benchmarks/multiturn_table.py [FILE.json]` prints the Markdown."""
+"""The README's tables of the multi-turn benchmark, from its saved JSON, so no figure is typed by hand: the run of
+configs/smollm2_constraints.yaml (benchmarks/results/multiturn.json) and, with `--kl`, one row per KL weight tried
+(multiturn.json and multiturn-kl*.json). `.venv/bin/python benchmarks/multiturn_table.py [--kl | FILE.json]`."""
 
 import json
 import sys
@@ -39,6 +40,30 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
+def kl_coef(r: dict) -> float:
+    """The run's kl_coef as its JSON records it (runs before it did: their command's flag, else the file's name)."""
+    if "kl_coef" in r:
+        return r["kl_coef"]
+    flag = [a for a in r["command"].split() if a.startswith("--kl_coef=")]
+    return float(flag[-1].split("=")[1]) if flag else float(r["file"].removeprefix("multiturn-kl").removesuffix(".json"))
+
+
+def kl_table(results: list[dict]) -> str:
+    rows = ["| kl_coef | every-turn rise | turn-3 rise | perplexity ratio | KL per episode, nats | training s | peak MB "
+            "| commit |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results, key=kl_coef):
+        b = r["bars"]
+        cell = lambda bar, f: f"{bar[0]:{f}}" + ("" if bar[1] else " (not met)")  # noqa: E731
+        rows.append(f"| {kl_coef(r):g} | {cell(b['all_turns_rise'], '+.3f')} | {cell(b['turn3_rise'], '+.3f')} | "
+                    f"{cell(b['ppl_ratio'], '.2f')} | {r['kl']:.1f} | {r['train_seconds']:,.0f} | "
+                    f"{cell(b['peak_mb'], ',.0f')} | {r['commit']} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "benchmarks" / "results" / "multiturn.json"
-    print(table(json.loads(path.read_text())))
+    results = ROOT / "benchmarks" / "results"
+    if sys.argv[1:] == ["--kl"]:
+        print(kl_table([json.loads(f.read_text()) | {"file": f.name} for f in sorted(results.glob("multiturn*.json"))]))
+    else:
+        path = Path(sys.argv[1]) if len(sys.argv) > 1 else results / "multiturn.json"
+        print(table(json.loads(path.read_text())))

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -185,3 +186,44 @@ def test_a_folder_is_discarded_under_a_temporary_name_that_a_resume_clears(tmp_p
     (run.path / ".metrics.jsonl.xyz.tmp").write_text("half")
     run.clear_leftovers()
     assert sorted(p.name for p in run.path.iterdir()) == ["run.json"]
+
+
+def test_saved_weights_read_back_exactly_with_safetensors_own_reader(tmp_path):
+    """The file is written a tensor at a time by our own writer: every dtype, an empty and a 0-dim tensor, tied
+    weights and views come back equal through safetensors' reader (and its memory-mapped one), metadata too."""
+    from safetensors import safe_open
+
+    base = torch.randn(6, 4)
+    tensors = {"w": base, "tied": base, "row": base[2], "b16": torch.randn(5).bfloat16(), "h": torch.randn(3).half(),
+               "ids": torch.arange(7), "i32": torch.arange(3, dtype=torch.int32), "flags": torch.tensor([True, False, True]),
+               "u8": torch.arange(5, dtype=torch.uint8), "empty": torch.zeros(0, 3), "step": torch.tensor(4.5)}
+    f = tmp_path / "w.safetensors"
+    save_weights(tensors, f, metadata={"step": 4})
+    back = load_weights(f)
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    with safe_open(str(f), framework="pt") as g:
+        assert g.metadata() == {"step": "4"} and torch.equal(g.get_tensor("b16"), tensors["b16"])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not mkstemp's private 0600
+
+
+def test_a_save_writes_from_the_tensors_own_memory(tmp_path):
+    """Saving 400 MB of weights raises the process's peak memory by far less than their size (safetensors' `save`
+    built the whole file in memory first). Measured in a fresh process, so nothing else moves its peak."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, resource\n"
+        "from minirlhf.checkpoint import save_weights\n"
+        "w = {f't{i}': torch.ones(25_000_000) for i in range(4)}\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"save_weights(w, {str(tmp_path / 'big.safetensors')!r})\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) < 100, f"a 400 MB save raised the peak by {float(out.stdout):.0f} MB"
+    assert (tmp_path / "big.safetensors").stat().st_size > 400_000_000

@@ -274,3 +274,15 @@ def test_sampling_runs_in_fp32_inside_a_bf16_run_where_the_probe_found_decoding_
         assert torch.equal(runs["fp32"], runs["bf16"]) == (decode < 1.0)
     finally:
         set_precision(cpu, "fp32")
+
+
+def test_onednn_keeps_a_bounded_kernel_cache_unless_the_user_set_one():
+    """RL batches change shape every step; oneDNN's default cache of 1,024 kernels grew a run ~50 MB a step."""
+    import os
+
+    code = "import minirlhf, os; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    theirs = subprocess.run([sys.executable, "-c", code], env=env | {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7"},
+                            capture_output=True, text=True, timeout=60)
+    assert ours.stdout.strip() == "64" and theirs.stdout.strip() == "7", (ours.stderr, theirs.stderr)

@@ -214,6 +214,7 @@ def _side(policy, ref, make_env, cfg, seeds: list[int], seed: int) -> dict:
         ref_logprobs = in_minibatches(lambda x: ref(x, entropy=False)[0], r, 4)  # the logits are the peak memory
         turns = turn_index(r.response_mask, r.turn_ids)
         kl = torch.where(r.response_mask.bool(), r.logprobs - ref_logprobs, 0.0)  # (B, T) k1 per token
+        r.frozen_hidden = None  # (B, P+T, H), kept by a split trunk's sampler for the pass above: not kept 128 times
         out["episodes"].append(episodes)
         out["kl"].append(turn_sums(kl, turns, K).cpu())
         out["nll"].append(turn_sums(-torch.where(r.response_mask.bool(), ref_logprobs, 0.0), turns, K).cpu())

@@ -3,7 +3,6 @@ KV-cached sampling, a shared frozen trunk, and prompts read once per group."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +12,12 @@ import torch.nn as nn
 from minirlhf import ModelError, sharding
 from minirlhf.checkpoint import atomic_dir, save_json, save_weights
 from minirlhf.data.dialogue import to_messages
+from minirlhf.models.kv_cache import sampling_cache
 from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
 from minirlhf.models.lstm import Generators, draw, filter_logits
 from minirlhf.models.policy import Rollout, distinct_rows, left_pad, make_value_head, teacher_forcing
 from minirlhf.models.pretrained import load_causal_lm
-from minirlhf.models.trunk import find_trunk
+from minirlhf.models.trunk import copy_sharing, find_trunk
 from minirlhf.ops import entropy_from_logits
 from minirlhf.precision import keep_fp32
 
@@ -25,12 +25,6 @@ from minirlhf.precision import keep_fp32
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids (B, L) counted over real tokens only, so left padding shifts nothing."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _share_frozen(model: nn.Module, frozen: list[nn.Module]) -> nn.Module:
-    """A deep copy of `model` in which the `frozen` modules (and their parameters) are the same objects, not copies."""
-    memo = {id(m): m for m in frozen} | {id(p): p for m in frozen for p in m.parameters()}
-    return copy.deepcopy(model, memo)
 
 
 @dataclass
@@ -153,7 +147,7 @@ class CausalLMPolicy(nn.Module):
 
     def _copy(self, value_head: bool) -> "CausalLMPolicy":
         """A copy whose frozen lower blocks are this policy's own modules: only the upper blocks take memory."""
-        other = CausalLMPolicy(_share_frozen(self.model, self.frozen_modules()), self.tokenizer, value_head=value_head,
+        other = CausalLMPolicy(copy_sharing(self.model, self.frozen_modules()), self.tokenizer, value_head=value_head,
                                chat_template=self.chat, freeze_layers=self.freeze_layers,
                                gradient_checkpointing=self.checkpointing, train_head=self.train_head)
         other.split = self.split
@@ -233,10 +227,8 @@ class CausalLMPolicy(nn.Module):
         position's hidden state (B, H), a KV cache whose rows are copied to all B, and with a split trunk the frozen
         blocks' output (B, P, H), else None. Given that output `lower` (B, P, H), only the upper blocks run: the
         cache's slots of the frozen blocks stay empty, since nothing runs those blocks against it again."""
-        from transformers import DynamicCache
-
         index, first = distinct_rows(ids)  # (B,), (U,)
-        cache = DynamicCache(config=self.model.config)
+        cache = sampling_cache(self.model.config)
         if not self.split:
             h, frozen = self._hidden(ids[first], mask[first], cache), None  # (U, P, H)
         else:

@@ -10,6 +10,8 @@ so the loop over all blocks is the base model's own forward, op for op.
 
 from __future__ import annotations
 
+import copy
+
 from contextlib import contextmanager
 
 import torch
@@ -190,6 +192,13 @@ def base_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):  # peft
         model = model.get_base_model()
     return getattr(model, "base_model", model)
+
+
+def copy_sharing(model: nn.Module, shared: list[nn.Module]) -> nn.Module:
+    """A deep copy of `model` in which the `shared` modules (and their parameters) are the same objects, not copies:
+    frozen layers held once by a policy and its reference, or by the members of a reward-model ensemble."""
+    memo = {id(m): m for m in shared} | {id(p): p for m in shared for p in m.parameters()}
+    return copy.deepcopy(model, memo)
 
 
 def find_trunk(model: nn.Module, option: str = "--model.freeze_layers") -> Trunk:
