@@ -34,6 +34,8 @@ def test_a_healthy_run_fires_nothing():
     ("diversity_collapse", [{"response/distinct_2": 0.8}] * 3 + [{"response/distinct_2": 0.3}] * 3),
     ("reward_hacking", [{"reward/mean": 0.0, "response/ref_ppl": 30.0}] * 3 +
      [{"reward/mean": 1.0, "response/ref_ppl": 70.0}] * 3),
+    ("over_optimisation", [{"reward/reward_model": 0.0, "reward/ensemble_std": 0.2}] * 3 +
+     [{"reward/reward_model": 0.8, "reward/ensemble_std": 0.35}] * 3),
 ])
 def test_each_guard_fires_once_on_its_condition(guard, rows):
     assert _fired(rows + rows[-1:] * 3) == [guard]  # once, though the condition holds on later steps too
@@ -44,6 +46,10 @@ def test_near_misses_fire_nothing():
     assert _fired([{"objective/kl": 0.1 + 0.6 * s} for s in range(10)]) == []  # rising from 0 to kl_target: a start
     assert _fired([{"reward/mean": 1.0 - s, "response/ref_ppl": 30.0 + 20 * s} for s in range(6)]) == []  # reward fell
     assert _fired([{"response/length": 10.0}] * 3 + [{"response/length": 19.0}] * 3) == []
+    start = [{"reward/reward_model": 0.0, "reward/ensemble_std": 0.2}] * 3
+    assert _fired(start + [{"reward/reward_model": -0.5, "reward/ensemble_std": 0.5}] * 3) == []  # the score fell
+    assert _fired(start + [{"reward/reward_model": 0.8, "reward/ensemble_std": 0.28}] * 3) == []  # 1.4x: not yet
+    assert _fired([{"reward/reward_model": 0.1 * s} for s in range(8)]) == []  # one reward model: nothing to read
 
 
 def test_strict_stops_and_state_survives_a_resume():

@@ -32,8 +32,8 @@ def ab_labels(db) -> int:
 
 
 def test_two_rounds_killed_in_the_second_then_resumed(tiny_generator, tiny_classifier, tmp_path, cli):
-    args = loop_args(tiny_generator, tiny_classifier, "loop", "--select", "uncertain", "--ahead", "12",
-                     "--policy_args=[--batch_size=8, --minibatch_size=4, --ppo_epochs=1]")
+    args = loop_args(tiny_generator, tiny_classifier, "loop", "--select", "uncertain", "--ahead", "12", "--ensemble", "2",
+                     "--policy_args=[--batch_size=8, --minibatch_size=4, --ppo_epochs=1, --reward.ensemble=uwo]")
     proc = subprocess.Popen([sys.executable, "-u", "-m", "minirlhf", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -66,10 +66,12 @@ def test_two_rounds_killed_in_the_second_then_resumed(tiny_generator, tiny_class
     assert report.count("\n| 1 |") == 1 and report.count("\n| 2 |") == 1
     # round 2 started where round 1 ended; its reward model from round 1's; the reference stays the first policy
     rm = load_saved(RewardModelConfig, run / "round-2" / "reward_model" / "config.yaml")
-    assert rm.model.init == str(run.relative_to(tmp_path) / "round-1" / "reward_model")
+    assert rm.model.init == str(run.relative_to(tmp_path) / "round-1" / "reward_model") and rm.ensemble == 2
     ppo = load_saved(PPOConfig, run / "round-2" / "policy" / "config.yaml")
     assert ppo.policy == str(run.relative_to(tmp_path) / "round-1" / "policy") and ppo.ref_policy == str(tiny_generator)
-    assert ppo.reward.reward_model == rm.out
+    assert ppo.reward.reward_model == rm.out and ppo.reward.ensemble == "uwo"
+    steps = (run / "round-2" / "policy" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["reward/ensemble_std"] >= 0 for line in steps if "reward/mean" in line)
     priorities = sqlite3.connect(run / "round-2" / "feedback.sqlite").execute("SELECT priority FROM pairs").fetchall()
     assert any(p != 0 for p, in priorities)  # round 2 chose by the round-1 reward model's uncertainty
     # the loop's run is a policy: its last round's

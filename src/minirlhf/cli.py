@@ -40,7 +40,7 @@ from minirlhf.runtime import configure_process, pick_device, seed_everything
 
 RESUME_FIXED = {"out", "seed", "policy", "ref_policy", "policy_options", "reward", "data", "prompts", "batch_size",
                 "group_size", "model", "vocab", "preferences", "eval_file", "eval_fraction", "max_train", "max_eval",
-                "split_seed", "train.batch_size", "train.micro_batch_size"}
+                "split_seed", "train.batch_size", "train.micro_batch_size", "ensemble", "bootstrap"}
 """what a resumed run may not change: it would no longer repeat the uninterrupted run"""
 
 

@@ -86,16 +86,18 @@ def skips(mode: str | None = None, total: int = 0) -> Skips:
     return _skips
 
 
-def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: float, sync=None) -> float:
+def optimizer_step(loss, params: list, optimizer, scheduler, max_grad_norm: float, sync=None,
+                   groups: list[list] | None = None) -> float:
     """Backward, clip the global gradient norm, step (and the LR schedule, if any); returns the norm before clipping.
     `sync(params)` runs between backward and clipping (adding up the processes' gradients). A non-finite loss gives
     non-finite gradients, and the update is skipped (`clipped_step`): every process of a torchrun sees the same
-    summed gradients, so all of them skip together."""
+    summed gradients, so all of them skip together. `groups`: parameter lists clipped each on its own (the members
+    of an ensemble, each as if trained alone)."""
     optimizer.zero_grad(set_to_none=True)
     backward(loss)
     if sync is not None:
         sync(params)
-    return clipped_step(params, optimizer, scheduler, max_grad_norm)
+    return clipped_step(params, optimizer, scheduler, max_grad_norm, groups)
 
 
 def backward(loss: torch.Tensor) -> None:
@@ -103,13 +105,14 @@ def backward(loss: torch.Tensor) -> None:
     precision().scaler.scale(loss).backward()
 
 
-def clipped_step(params: list, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Unscale (fp16), clip the global gradient norm, step the optimizer and the LR schedule (if any); returns the
-    norm before clipping. Gradients that are not finite skip the update (`Skips`); the schedule still steps, so
-    the learning rate stays a function of the step."""
+def clipped_step(params: list, optimizer, scheduler, max_grad_norm: float, groups: list[list] | None = None) -> float:
+    """Unscale (fp16), clip the global gradient norm (of each of `groups`, if given), step the optimizer and the LR
+    schedule (if any); returns the norm before clipping (of all groups together). Gradients that are not finite skip
+    the update (`Skips`); the schedule still steps, so the learning rate stays a function of the step."""
     scaler = precision().scaler
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    norms = [torch.nn.utils.clip_grad_norm_(group, max_grad_norm).item() for group in (groups or [params])]
+    grad_norm = norms[0] if len(norms) == 1 else math.sqrt(sum(n * n for n in norms))
     if math.isfinite(grad_norm) or scaler.is_enabled():  # fp16's scaler skips an overflow and lowers its scale itself
         scaler.step(optimizer)
         scaler.update()

@@ -9,7 +9,11 @@ and OpenRLHF's issues are silent ones, and each of these says in one line what w
 - length drift: mean response length beyond a factor of 2 of the start, up or down (the reward paying for length);
 - diversity collapse: the batch's distinct-2 below half the start's (one answer for every prompt);
 - reward hacking: the reward rising while the responses' perplexity under the reference has doubled (TRL #6058:
-  text the reference finds unlikely, such as repetition, scoring well).
+  text the reference finds unlikely, such as repetition, scoring well);
+- over-optimisation: with a reward-model ensemble, the reward model's score rising while its members disagree on
+  the policy's samples half as much again as at the start: the policy is moving where the labels did not reach,
+  the early sign that the true reward will peak and fall (Gao et al., 2022; Coste et al., 2024). No gold judge
+  is needed to see it.
 
 `--guards warn` (the default) prints each condition once, the step it first held and the fix, and lists them in
 report.md's Health section; `--guards strict` stops the run there instead, its last checkpoint intact; `off` checks
@@ -29,6 +33,7 @@ KL_RISE = (10, 2.0)  # KL rising over this many steps, by this factor, and past 
 LENGTH_FACTOR = 2.0  # mean response length beyond this factor of the start's
 DISTINCT_FLOOR = 0.5  # distinct-2 below this share of the start's
 PPL_FACTOR = 2.0  # reference perplexity beyond this factor of the start's while the reward rose
+DISAGREEMENT_FACTOR = 1.5  # the ensemble's std on the samples beyond this factor of the start's while its score rose
 SMOOTH = 3  # steps averaged for "now" and "the start" of the drifting metrics
 
 
@@ -44,7 +49,7 @@ class Guards:
     """{"step", "guard", "message"} of each condition, the first step it held"""
 
     KEYS = ("reward/mean", "objective/kl", "response/length", "response/ended", "response/distinct_2",
-            "response/ref_ppl", "reward/flat_groups")
+            "response/ref_ppl", "reward/flat_groups", "reward/reward_model", "reward/ensemble_std")
 
     def check(self, step: int, row: dict) -> list[str]:
         """Read a step's row; the lines of the conditions that hold for the first time (raises under strict)."""
@@ -140,5 +145,15 @@ def _reward_hacking(g: Guards) -> str | None:
     return None
 
 
+def _over_optimisation(g: Guards) -> str | None:
+    proxy, spread = g.start_and_now("reward/reward_model"), g.start_and_now("reward/ensemble_std")
+    if proxy and spread and proxy[1] > proxy[0] and spread[1] > DISAGREEMENT_FACTOR * spread[0]:
+        return (f"the reward model's score rose ({proxy[0]:.2f} -> {proxy[1]:.2f}) while its ensemble's members came to "
+                f"disagree on the policy's samples ({spread[0]:.2f} -> {spread[1]:.2f} std): the policy is leaving what "
+                "the labels taught, and the true reward may soon fall; use --reward.ensemble=uwo (or wco), raise "
+                "--kl_coef, or label the current policy's samples (`minirlhf loop`)")
+    return None
+
+
 CHECKS = {"truncation": _truncation, "flat_groups": _flat_groups, "kl": _kl, "length_drift": _length,
-          "diversity_collapse": _diversity, "reward_hacking": _reward_hacking}
+          "diversity_collapse": _diversity, "reward_hacking": _reward_hacking, "over_optimisation": _over_optimisation}

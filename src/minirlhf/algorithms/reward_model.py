@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from minirlhf import ConfigError, distributed, runner
-from minirlhf.checkpoint import atomic_dir
+from minirlhf.checkpoint import atomic_dir, save_json
 from minirlhf.config import OptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.preferences import Pair, length_baseline, load_split, read_pairs
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower
-from minirlhf.models.reward_model import RewardModel, load_scalar_model
-from minirlhf.models.trunk import FrozenCache, cached_forward, split_works
+from minirlhf.models.reward_model import RewardModel, ScalarRewardModel, load_scalar_model, member_folder
+from minirlhf.models.trunk import FrozenCache, cached_forward, copy_sharing, find_trunk, split_works
 from minirlhf.runtime import pick_device
 from minirlhf.training import EpochPlan, length_sorted_batches, make_optimizer, optimizer_step, shuffled_batches
 
@@ -65,8 +66,15 @@ class RewardModelTrainConfig(OptimConfig):
 class RewardModelConfig(PreferenceDataConfig, TrainingRunConfig):
     model: RewardModelModelConfig = field(default_factory=RewardModelModelConfig)
     train: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
+    ensemble: int = 1
+    """members trained together (Coste et al., ICLR 2024): each starts from the same pretrained weights with a head
+    of its own seed and, with `bootstrap`, sees each pair a Poisson(1) number of times; the frozen lower layers
+    are shared. RL combines them with --reward.ensemble=mean|wco|uwo. One pretrained model is all there is offline,
+    so members differ by head seed and data, not by pretraining seed (Eisenstein et al. 2023 found that weaker)"""
+    bootstrap: bool = True
+    """with an ensemble, weigh each member's pairs by its own Poisson(1) draws (a bootstrap resample)"""
 
-    checks = {**TrainingRunConfig.checks, **PreferenceDataConfig.checks}
+    checks = {**TrainingRunConfig.checks, **PreferenceDataConfig.checks, "ensemble": "[1, 16]"}
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -91,23 +99,28 @@ class PairTexts:
                              + [dialogue_text(p.prompt, p.rejected) for p in pairs])
         self.cache: FrozenCache | None = None
 
-    def rewards(self, model, idx: list[int], n_frozen: int, pad_id: int, device) -> torch.Tensor:
-        """Scalar rewards (len(idx),) of sequences idx."""
-        return cached_forward(model, idx, self.seqs, self.cache, n_frozen, pad_id, device)[:, 0]
+    def rewards(self, members: list, idx: list[int], n_frozen: int, pad_id: int, device) -> torch.Tensor:
+        """Scalar rewards (K, len(idx)) of sequences idx under each of K members."""
+        return torch.stack([cached_forward(m, idx, self.seqs, self.cache, n_frozen, pad_id, device)[:, 0]
+                            for m in members])
 
 
 @torch.inference_mode()
-def all_rewards(model, texts: PairTexts, n_frozen: int, pad_id: int, batch_size: int, device) -> torch.Tensor:
-    model.eval()
-    out = torch.empty(len(texts.seqs))
+def all_rewards(members: list, texts: PairTexts, n_frozen: int, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """Every member's rewards (K, 2N) of every chosen and rejected text."""
+    for m in members:
+        m.eval()
+    out = torch.empty(len(members), len(texts.seqs))
     for idx in length_sorted_batches([len(s) for s in texts.seqs], batch_size):
-        out[idx] = texts.rewards(model, idx, n_frozen, pad_id, device).float().cpu()
+        out[:, idx] = texts.rewards(members, idx, n_frozen, pad_id, device).float().cpu()
     return out
 
 
-def evaluate(model, texts: PairTexts, n_frozen, pad_id, batch_size, device) -> tuple[dict, torch.Tensor]:
-    r = all_rewards(model, texts, n_frozen, pad_id, batch_size, device)
-    return pair_scores(r[: texts.n], r[texts.n:]), r
+def evaluate(members: list, texts: PairTexts, n_frozen, pad_id, batch_size, device) -> tuple[dict, torch.Tensor]:
+    """Pair scores of the members' mean reward (of the one model's), and the rewards (K, 2N)."""
+    r = all_rewards(members, texts, n_frozen, pad_id, batch_size, device)
+    mean = r.mean(0)  # (2N,)
+    return pair_scores(mean[: texts.n], mean[texts.n:]), r
 
 
 class RewardModelJob(runner.ModelJob):
@@ -126,43 +139,53 @@ class RewardModelJob(runner.ModelJob):
             raise ConfigError("the reward model needs preference pairs: pass --preferences FILE.jsonl")
         self.train_pairs, self.eval_pairs = load_split(cfg)
         run.say(f"{len(self.train_pairs)} training pairs, {len(self.eval_pairs)} held-out pairs")
-        self.model, self.tokenizer = load_scalar_model(cfg.model.name, cfg.model.pooling)
+        first, self.tokenizer = load_scalar_model(cfg.model.name, cfg.model.pooling)
+        n = cfg.model.freeze_layers
+        self.trainable, self.total = freeze_lower(first, n), sum(p.numel() for p in first.parameters())
+        self.members = [first] + [_member(first, n, cfg.seed, k) for k in range(1, cfg.ensemble)]
+        self.model = first if cfg.ensemble == 1 else nn.ModuleList(self.members)  # what the checkpoint holds
         if cfg.model.init:
             self._warm_start(cfg.model.init)
         self.model.to(device)
-        n = cfg.model.freeze_layers
-        self.trainable, self.total = freeze_lower(self.model, n), sum(p.numel() for p in self.model.parameters())
         run.say(f"reward model {cfg.model.name}: lowest {n} layers frozen; trainable parameters {self.trainable:,} "
-                f"of {self.total:,}")
+                f"of {self.total:,}" + (f", in each of {cfg.ensemble} members" if cfg.ensemble > 1 else ""))
         truncate, self.pad_id = Truncator(self.tokenizer, cfg.model.max_length, "tail"), self.tokenizer.pad_token_id
         self.texts = {"train": PairTexts(self.train_pairs, truncate), "eval": PairTexts(self.eval_pairs, truncate)}
-        if cfg.model.cache_frozen and n > 0 and split_works(self.model, self.texts["eval"].seqs, n, self.pad_id, device):
-            for part in self.texts.values():
-                part.cache = FrozenCache(self.model, part.seqs, self.pad_id, n, cfg.train.eval_batch_size, device)
+        if cfg.model.cache_frozen and n > 0 and split_works(first, self.texts["eval"].seqs, n, self.pad_id, device):
+            for part in self.texts.values():  # the members share their frozen layers, so one cache serves all
+                part.cache = FrozenCache(first, part.seqs, self.pad_id, n, cfg.train.eval_batch_size, device)
         else:
             n = 0  # the whole model runs (its frozen layers only skip gradients)
         self.n = n
+        self.weights = _bootstrap(cfg, self.texts["train"].n)  # (K, N)
         self.plan = EpochPlan(shuffled_batches(self.texts["train"].n, cfg.train.batch_size), cfg.train.epochs, cfg.seed)
         k, last = distributed.world_size(), self.texts["train"].n % cfg.train.batch_size or cfg.train.batch_size
         if min(cfg.train.batch_size, last) < k:
             raise ConfigError(f"with {k} processes every step needs at least {k} pairs; raise train.batch_size (now "
                               f"{cfg.train.batch_size}) or change the number of training pairs ({self.texts['train'].n})")
         self.steps = self.plan.steps
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.groups = [[p for p in m.parameters() if p.requires_grad] for m in self.members]
+        self.params = [p for group in self.groups for p in group]
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, self.steps)
 
     def _warm_start(self, init: str) -> None:
+        """Each member from the init run's (its one model, or its member of the same number)."""
         start = RewardModel.from_run(init)
-        try:
-            if start.model.pooling != self.model.pooling:
-                raise RuntimeError(f"pooling {start.model.pooling}, not {self.model.pooling}")
-            self.model.load_state_dict(start.model.state_dict())
-        except RuntimeError as e:
-            raise ConfigError(f"--model.init {init} does not fit --model.name {self.cfg.model.name} "
-                              f"({str(e).splitlines()[0][:100]}); start from a reward model of the same base") from e
+        if len(start.models) not in (1, len(self.members)):
+            raise ConfigError(f"--model.init {init} has {len(start.models)} members and this run {len(self.members)}; "
+                              "start from a single reward model or an ensemble of the same size")
+        for k, member in enumerate(self.members):
+            source = start.models[k % len(start.models)]
+            try:
+                if source.pooling != member.pooling:
+                    raise RuntimeError(f"pooling {source.pooling}, not {member.pooling}")
+                member.load_state_dict(source.state_dict())
+            except RuntimeError as e:
+                raise ConfigError(f"--model.init {init} does not fit --model.name {self.cfg.model.name} "
+                                  f"({str(e).splitlines()[0][:100]}); start from a reward model of the same base") from e
 
     def _evaluate(self, part: str) -> tuple[dict, torch.Tensor]:
-        return evaluate(self.model, self.texts[part], self.n, self.pad_id, self.cfg.train.eval_batch_size,
+        return evaluate(self.members, self.texts[part], self.n, self.pad_id, self.cfg.train.eval_batch_size,
                         self.run.device)
 
     def begin(self, run: runner.Run) -> dict:
@@ -173,17 +196,19 @@ class RewardModelJob(runner.ModelJob):
     def step(self, step: int) -> dict | None:
         cfg, texts = self.cfg, self.texts["train"]
         epoch, idx, last = self.plan.at(step)
-        self.model.train()
+        for m in self.members:
+            m.train()
         mine = idx[distributed.share(len(idx))]  # this process's pairs (all of them in a world of one)
-        r = texts.rewards(self.model, mine + [texts.n + i for i in mine], self.n, self.pad_id, self.run.device)  # (2b,)
-        chosen, rejected = r[: len(mine)], r[len(mine):]
-        losses = bradley_terry_loss(chosen, rejected)
-        loss = losses.sum() / len(idx)  # this process's share of the batch mean: the shares add up to it
+        r = texts.rewards(self.members, mine + [texts.n + i for i in mine], self.n, self.pad_id, self.run.device)
+        chosen, rejected = r[:, : len(mine)], r[:, len(mine):]  # (K, b) each
+        losses = bradley_terry_loss(chosen, rejected) * self.weights[:, mine]  # (K, b): each member its own resample
+        loss = losses.sum() / len(idx)  # this process's share of the batch mean (of each member): they add up to it
         if not distributed.everywhere(bool(torch.isfinite(loss))):
             loss = loss.new_tensor(float("nan"))  # every process stops, with the same message
         grad_norm = optimizer_step(loss, self.params, self.optimizer, self.scheduler, cfg.train.max_grad_norm,
-                                   sync=distributed.sum_gradients)
-        sums = torch.tensor([losses.sum().item(), (chosen > rejected).sum().item()], dtype=torch.float64)
+                                   sync=distributed.sum_gradients, groups=self.groups)
+        K = len(self.members)
+        sums = torch.tensor([losses.sum().item() / K, (chosen > rejected).sum().item() / K], dtype=torch.float64)
         self.recent.append(tuple((distributed.all_sum(sums) / len(idx)).tolist()))
         row = {}
         if step % cfg.train.log_every == 0:
@@ -201,26 +226,55 @@ class RewardModelJob(runner.ModelJob):
         return row
 
     def finish(self, run: runner.Run) -> dict:
-        """model/ (with the mean and std of its rewards on the training responses), plots and results."""
+        """model/ (each member with the mean and std of its rewards on the training responses), plots, results."""
         cfg = self.cfg
         held = getattr(self, "held", None) or self._evaluate("eval")[0]
-        _, train_r = self._evaluate("train")
+        _, train_r = self._evaluate("train")  # (K, 2N)
+        meta = {"base": cfg.model.name, "max_length": cfg.model.max_length}
+        stats = [{"mean": r.mean().item(), "std": max(r.std().item(), 1e-6)} for r in train_r]
         with atomic_dir(run.dir.model) as tmp:
-            self.model.save(tmp, self.tokenizer, {"base": cfg.model.name, "max_length": cfg.model.max_length,
-                                                  "mean": train_r.mean().item(),
-                                                  "std": max(train_r.std().item(), 1e-6)})
+            if len(self.members) == 1:
+                self.members[0].save(tmp, self.tokenizer, meta | stats[0])
+            else:
+                for k, member in enumerate(self.members):
+                    member.save(tmp / member_folder(k), self.tokenizer, meta | stats[k])
+                save_json(meta | {"members": len(self.members), "bootstrap": cfg.bootstrap, "seed": cfg.seed,
+                                  "pooling": self.members[0].pooling}, tmp / "reward_model.json")
         run.metrics.plot(run.dir.plot("loss"), ["train/loss", "eval/loss"], "Bradley-Terry loss")
         run.metrics.plot(run.dir.plot("accuracy"), ["train/accuracy", "eval/accuracy"],
                          "pair accuracy (chosen scores higher)")
+        members = {}
+        if len(self.members) > 1:
+            _, eval_r = self._evaluate("eval")
+            n = self.texts["eval"].n
+            members = {"members": len(self.members), "eval_member_accuracy": [
+                round(pair_scores(r[:n], r[n:])["accuracy"], 4) for r in eval_r]}
         return {"train_pairs": self.texts["train"].n, "eval_pairs": self.texts["eval"].n,
                 **{f"eval_{k}": v for k, v in held.items()}, "eval_accuracy_step0": self.first["accuracy"],
                 "length_baseline": length_baseline(self.eval_pairs), "trainable_params": self.trainable,
-                "total_params": self.total, "total_seconds": round(time.time() - self.t0, 1)}
+                "total_params": self.total, **members, "total_seconds": round(time.time() - self.t0, 1)}
 
     def report(self, run: runner.Run, results: dict) -> None:
         run.say(f"held-out accuracy {results['eval_accuracy']:.4f} (longer-response baseline "
                 f"{results['length_baseline']:.4f}), margin {results['eval_margin']:.3f}  "
                 f"({results['total_seconds']:.0f}s, peak memory {results['peak_memory_mb']} MB)")
+
+
+def _member(first: ScalarRewardModel, n: int, seed: int, k: int) -> ScalarRewardModel:
+    """Member k of an ensemble: a copy of the first sharing its frozen layers, with a head of its own seed."""
+    member = copy_sharing(first, find_trunk(first).frozen_modules(n) if n > 0 else [])
+    g = torch.Generator().manual_seed(seed * 7919 + k)
+    nn.init.normal_(member.head.weight, std=1 / (first.config.hidden_size + 1) ** 0.5, generator=g)
+    return member
+
+
+def _bootstrap(cfg: RewardModelConfig, n: int) -> torch.Tensor:
+    """Weights (K, n) of each member's pairs: Poisson(1) counts, the bootstrap of a stream (Oza & Russell, 2001),
+    for an ensemble with `bootstrap`; else ones."""
+    if cfg.ensemble == 1 or not cfg.bootstrap:
+        return torch.ones(cfg.ensemble, n)
+    g = torch.Generator().manual_seed(cfg.seed * 104729 + 1)
+    return torch.poisson(torch.ones(cfg.ensemble, n), generator=g)
 
 
 def train(cfg: RewardModelConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path:

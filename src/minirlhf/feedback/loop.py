@@ -94,6 +94,9 @@ class LoopConfig(TrainingRunConfig):
     """the reward model (its `init` is set by the loop)"""
     reward_model_train: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
     """how each round's reward model is trained"""
+    ensemble: int = 1
+    """members of each round's reward model (`train-reward-model --ensemble`); the policy stage combines them as
+    policy_args say (e.g. [--reward.ensemble=uwo]; default their mean)"""
     data: DataConfig = field(default_factory=DataConfig)
     """the corpus whose texts' first words are the prompts (unless prompts.file is set)"""
     prompts: PromptConfig = field(default_factory=PromptConfig)
@@ -109,7 +112,7 @@ class LoopConfig(TrainingRunConfig):
     """how long a round waits for its labels, in seconds"""
     save_every: int = 1
 
-    checks = {**TrainingRunConfig.checks, "rounds": ">= 1", "labels": ">= 2", "beta": ">= 0", "annotators": ">= 1",
+    checks = {**TrainingRunConfig.checks, "rounds": ">= 1", "ensemble": "[1, 16]", "labels": ">= 2", "beta": ">= 0", "annotators": ">= 1",
               "select": "{random,uncertain}", "ahead": ">= 1", "temperature": "> 0", "response_len": ">= 1",
               "heldout_fraction": "(0, 0.5]", "steps": ">= 1", "eval_batch_size": ">= 1", "wait_s": "> 0"}
 
@@ -285,7 +288,7 @@ class LoopJob:
         rm_cfg = RewardModelConfig(
             preferences=str(r.folder / "rm_train.jsonl"), eval_file=str(r.folder / "rm_heldout.jsonl"),
             model=dataclasses.replace(cfg.reward_model, init=r.previous_rm), train=cfg.reward_model_train,
-            seed=cfg.seed, **run_settings(cfg))
+            ensemble=cfg.ensemble, seed=cfg.seed, **run_settings(cfg))
         return load_json(RunDir(run_stage(train_reward_model, rm_cfg, r.reward_model)).results)
 
     # ---------------------------------------------------------------- 4: the policy, from where it is

@@ -219,7 +219,8 @@ class PairPool(threading.Thread):
             load_policy(src.reference, self.device, value_head=False, **src.options)
         self.batch_size = self.batch_size or (16 if self.policy.kind == "lstm" else 2)
         if self.select == "uncertain":
-            self.reward_models = [RewardModel.from_run(run, self.device) for run in self.reward_model_runs]
+            self.reward_models = [member for run in self.reward_model_runs  # an ensemble run: each member
+                                  for member in RewardModel.from_run(run, self.device).as_members()]
         # Seeded by the seed and the pairs already stored: a restart continues with new samples, not repeats.
         self.rng = random.Random(f"{self.sampling.seed}-{self.store.counts()['pairs']}")
 

@@ -8,6 +8,7 @@ cut to its last `max_length` tokens, since the reply being judged comes last.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,19 +103,44 @@ def load_scalar_model(name: str, pooling: str = "auto") -> tuple[ScalarRewardMod
     return ScalarRewardModel(base, pooling, marker), tokenizer
 
 
-class RewardModel:
-    """A trained reward-model run: `score(texts)` -> raw rewards (N,); `normalized(texts)` -> rewards standardised
-    with the mean and std the run measured on its training responses (so 0 is a typical response)."""
+ENSEMBLE_MODES = ("mean", "wco", "uwo")
 
-    def __init__(self, model, tokenizer, max_length: int, mean: float, std: float, device):
-        self.model = model.to(device).eval()
-        self.device, self.mean, self.std = device, mean, std
+
+def combine(scores: torch.Tensor, mode: str = "mean", uwo_lambda: float = 1.0) -> torch.Tensor:
+    """One reward (N,) from an ensemble's standardised scores (K, N) (Coste et al., ICLR 2024, section 3):
+    `mean` the members' mean; `wco`, worst-case optimisation, their minimum; `uwo`, uncertainty-weighted
+    optimisation, the mean minus `uwo_lambda` times the members' variance (population variance, eq. 4)."""
+    if mode == "mean" or scores.size(0) == 1:
+        return scores.mean(0)
+    if mode == "wco":
+        return scores.min(0).values
+    if mode == "uwo":
+        return scores.mean(0) - uwo_lambda * scores.var(0, unbiased=False)
+    raise ModelError(f"unknown ensemble mode {mode!r}; use one of {', '.join(ENSEMBLE_MODES)}")
+
+
+class RewardModel:
+    """A trained reward-model run, one model or an ensemble of members (`train-reward-model --ensemble K`):
+    `member_scores(texts)` -> (K, N) each member's rewards standardised with the mean and std it measured on its
+    training responses (so 0 is a typical response); `normalized(texts)` -> (N,) those combined by `ensemble`
+    (`combine`); `score(texts)` -> (N,) raw rewards of a single model, the combined standardised ones of an
+    ensemble; `disagreement(texts)` -> (N,) the members' standard deviation."""
+
+    def __init__(self, models: list, tokenizer, max_length: int, stats: list[tuple[float, float]], device,
+                 ensemble: str = "mean", uwo_lambda: float = 1.0):
+        self.models = [m.to(device).eval() for m in models]
+        self.device, self.stats, self.ensemble, self.uwo_lambda = device, stats, ensemble, uwo_lambda
         self.truncate = Truncator(tokenizer, max_length, "tail")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    @property
+    def model(self):
+        """The single model (or the first member of an ensemble)."""
+        return self.models[0]
+
     @classmethod
-    def from_run(cls, run_dir: str | Path, device="cpu") -> "RewardModel":
-        from transformers import AutoModel, AutoTokenizer
+    def from_run(cls, run_dir: str | Path, device="cpu", ensemble: str = "mean", uwo_lambda: float = 1.0) -> "RewardModel":
+        from transformers import AutoTokenizer
 
         run = RunDir.find(run_dir)
         folder = run.model if run is not None else Path(run_dir) / "model"
@@ -122,20 +148,61 @@ class RewardModel:
             raise RunError(f"{run_dir} is not a trained reward-model run (model/reward_model.json is missing); "
                            "train one with `minirlhf train-reward-model --preferences FILE.jsonl`")
         meta = load_json(folder / "reward_model.json")
-        model = ScalarRewardModel(AutoModel.from_pretrained(folder), meta["pooling"], meta.get("marker"))
-        model.head.load_state_dict(load_weights(folder / "reward_head.safetensors"))
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        return cls(model, tokenizer, meta["max_length"], meta["mean"], meta["std"], device)
+        members = [folder / member_folder(k) for k in range(meta["members"])] if "members" in meta else [folder]
+        models, stats = [], []
+        for member in members:
+            model, member_meta = load_member(member)
+            models.append(model)
+            stats.append((member_meta["mean"], member_meta["std"]))
+        tokenizer = AutoTokenizer.from_pretrained(members[0])
+        return cls(models, tokenizer, meta["max_length"], stats, device, ensemble, uwo_lambda)
+
+    def as_members(self) -> list["RewardModel"]:
+        """Each member as a reward model of its own (the page's uncertainty reads their disagreement)."""
+        members = []
+        for model, stats in zip(self.models, self.stats):
+            member = copy.copy(self)  # the tokenizer and settings shared
+            member.models, member.stats = [model], [stats]
+            members.append(member)
+        return members
 
     @torch.inference_mode()
-    def score(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        """Raw scalar rewards (N,) of whole texts (dialogues as HH text)."""
+    def raw_scores(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Each member's raw scalar rewards (K, N) of whole texts (dialogues as HH text)."""
         seqs = self.truncate(texts)
-        out = torch.empty(len(texts))
+        out = torch.empty(len(self.models), len(texts))
         for idx in length_sorted_batches([len(s) for s in seqs], batch_size):
             ids, mask = pad_batch([seqs[i] for i in idx], self.pad_id, self.device)
-            out[idx] = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
+            for k, model in enumerate(self.models):
+                out[k, idx] = model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
         return out
 
-    def normalized(self, texts: list[str]) -> torch.Tensor:
-        return (self.score(texts) - self.mean) / self.std
+    def member_scores(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        mean, std = (torch.tensor(x).unsqueeze(1) for x in zip(*self.stats))  # (K, 1) each
+        return (self.raw_scores(texts, batch_size) - mean) / std
+
+    def score(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        if len(self.models) == 1:
+            return self.raw_scores(texts, batch_size)[0]
+        return self.normalized(texts, batch_size)
+
+    def normalized(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        return combine(self.member_scores(texts, batch_size), self.ensemble, self.uwo_lambda)
+
+    def disagreement(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        return self.member_scores(texts, batch_size).std(0, unbiased=False)
+
+
+def member_folder(k: int) -> str:
+    """Where member k of an ensemble run lives inside its model/ folder."""
+    return f"member-{k}"
+
+
+def load_member(folder: Path) -> tuple[ScalarRewardModel, dict]:
+    """A saved ScalarRewardModel (its base, head and reward_model.json) and that JSON."""
+    from transformers import AutoModel
+
+    meta = load_json(folder / "reward_model.json")
+    model = ScalarRewardModel(AutoModel.from_pretrained(folder), meta["pooling"], meta.get("marker"))
+    model.head.load_state_dict(load_weights(folder / "reward_head.safetensors"))
+    return model, meta

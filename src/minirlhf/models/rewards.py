@@ -1,7 +1,8 @@
 """The RLHF reward: a weighted sum of named terms, each (B,) per batch of responses.
 
 Terms: `classifier` (the stage-1 classifier's positive logit), `reward_model` (a Bradley–Terry reward model's
-score of the whole dialogue, standardised by its training statistics), `unended` (1 for a response that hit the
+score of the whole dialogue, standardised by its training statistics; an ensemble's members combined by
+`ensemble`, their disagreement logged as `ensemble_std`), `unended` (1 for a response that hit the
 length limit without ending), `length` (response tokens / response_len), `repetition` (share of repeated
 word bigrams) and `function` (a user function given as `module:function`). Penalties are negative
 weights, e.g. `--reward.unended_weight=-1`. The sequence score lands on the last real token (ops.token_rewards).
@@ -21,7 +22,7 @@ from minirlhf import ConfigError, ModelError, RunError
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.vocab import tokenize
 from minirlhf.models.classifier import SentimentClassifier
-from minirlhf.models.reward_model import RewardModel
+from minirlhf.models.reward_model import RewardModel, combine
 from minirlhf.rundir import RunDir
 
 TERMS = ("classifier", "reward_model", "unended", "length", "repetition", "function")
@@ -41,6 +42,13 @@ class RewardConfig:
     whole dialogue, prompt and response, is the `reward_model` term"""
     reward_model_weight: float = 1.0
     """weight of the reward model's score"""
+    ensemble: str = "mean"
+    """how a reward-model ensemble's (`train-reward-model --ensemble K`) standardised scores become one: `mean`,
+    `wco` (worst case: their minimum) or `uwo` (uncertainty-weighted: mean - uwo_lambda x variance), Coste et al.
+    (ICLR 2024); every step logs reward/ensemble_std, the members' disagreement on the policy's samples"""
+    uwo_lambda: float = 1.0
+    """the variance's weight under ensemble=uwo (standardised members: 1 costs a response as much as one std of
+    reward per unit of variance)"""
     unended_weight: float = 0.0
     """weight of `unended` (1 when a response never produced end-of-text); negative penalises"""
     length_weight: float = 0.0
@@ -53,6 +61,8 @@ class RewardConfig:
     """weight of the user function's value"""
     normalize: bool = False
     """divide by a running std and subtract a running mean of the total (kept across steps)"""
+
+    checks = {"ensemble": "{mean,wco,uwo}", "uwo_lambda": ">= 0"}
 
 
 def repetition(text: str) -> float:
@@ -141,7 +151,7 @@ class Reward:
         if self.weights["classifier"] != 0 and (cfg.classifier or not cfg.reward_model):
             self.classifier = load_classifier(cfg, device)
         if cfg.reward_model and self.weights["reward_model"] != 0:
-            self.reward_model = RewardModel.from_run(cfg.reward_model, device)
+            self.reward_model = RewardModel.from_run(cfg.reward_model, device, cfg.ensemble, cfg.uwo_lambda)
         if cfg.function:
             self.function = load_function(cfg.function)
         self.moments = RunningMoments() if cfg.normalize else None
@@ -153,8 +163,10 @@ class Reward:
             texts = [policy.as_text(p, r) for p, r in zip(rollout.prompts, rollout.texts)]
             out["classifier"] = self.classifier.score(texts)[1]
         if self.reward_model is not None:
-            out["reward_model"] = self.reward_model.normalized(
-                [dialogue_text(p, r) for p, r in zip(rollout.prompts, rollout.texts)])
+            scores = self.reward_model.member_scores([dialogue_text(p, r) for p, r in zip(rollout.prompts, rollout.texts)])
+            out["reward_model"] = combine(scores, self.cfg.ensemble, self.cfg.uwo_lambda)  # (B,)
+            if len(scores) > 1:  # logged, not added to the total: the members' disagreement
+                out["ensemble_std"] = scores.std(0, unbiased=False)
         if self.weights["unended"]:
             out["unended"] = (~rollout.ended).float().cpu()
         if self.weights["length"]:
@@ -178,7 +190,8 @@ class Reward:
 
     def __call__(self, policy, rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = self.terms(policy, rollout)
-        total = sum(self.weights[k] * v for k, v in terms.items()) if terms else torch.zeros(len(rollout.texts))
+        weighted = [self.weights[k] * v for k, v in terms.items() if k in self.weights]
+        total = sum(weighted) if weighted else torch.zeros(len(rollout.texts))
         bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
         if bad:
             raise ModelError(f"the reward term {bad[0]!r} gave a non-finite value; fix that term or set its weight to 0")
