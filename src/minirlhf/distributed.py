@@ -285,8 +285,13 @@ def gather_rollout(rollout):
     return type(rollout)(**joined)
 
 
-def close() -> None:
+def close(together: bool = False) -> None:
+    """Tear the process group down; `together` (a run that ended well) first waits for every process, since one that
+    tore its group down while another was still finishing aborted now and then (SIGABRT) after its last step. Not
+    after an error: the others may be inside another collective, and would wait for --dist_timeout_s."""
     if _active():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

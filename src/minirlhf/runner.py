@@ -128,7 +128,7 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
         if run_.main:
             with run_.precision.autocast():
                 _finish(run_, job)
-    distributed.close()
+    distributed.close(together=True)
     return run_.dir.path if run_.main else None
 
 
