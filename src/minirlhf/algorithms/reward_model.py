@@ -132,6 +132,7 @@ class RewardModelJob(runner.ModelJob):
     def __init__(self, cfg: RewardModelConfig):
         self.cfg, self.base, self.recent, self.t0 = cfg, cfg.model.name, [], time.time()
         self.first = None  # the held-out figures before training (kept by the checkpoint for a resumed run)
+        self.held = self.held_rewards = None  # the last evaluation's figures, and its rewards (K, 2N)
 
     def setup(self, run: runner.Run) -> None:
         cfg, device, self.run = self.cfg, run.device, run
@@ -219,7 +220,7 @@ class RewardModelJob(runner.ModelJob):
             if distributed.world_size() > 1:  # 0 while every process holds the same weights, as it must
                 row["dist/param_spread"] = distributed.spread(self.params)
         if last:
-            self.held, _ = self._evaluate("eval")
+            self.held, self.held_rewards = self._evaluate("eval")
             self.run.say(f"epoch {epoch}: held-out accuracy {self.held['accuracy']:.4f}  margin "
                          f"{self.held['margin']:.3f}  loss {self.held['loss']:.4f}")
             row |= {"epoch": epoch, **{f"eval/{k}": v for k, v in self.held.items()}}
@@ -228,7 +229,9 @@ class RewardModelJob(runner.ModelJob):
     def finish(self, run: runner.Run) -> dict:
         """model/ (each member with the mean and std of its rewards on the training responses), plots, results."""
         cfg = self.cfg
-        held = getattr(self, "held", None) or self._evaluate("eval")[0]
+        if self.held is None:  # a run resumed after its last step
+            self.held, self.held_rewards = self._evaluate("eval")
+        held = self.held
         _, train_r = self._evaluate("train")  # (K, 2N)
         meta = {"base": cfg.model.name, "max_length": cfg.model.max_length}
         stats = [{"mean": r.mean().item(), "std": max(r.std().item(), 1e-6)} for r in train_r]
@@ -244,11 +247,10 @@ class RewardModelJob(runner.ModelJob):
         run.metrics.plot(run.dir.plot("accuracy"), ["train/accuracy", "eval/accuracy"],
                          "pair accuracy (chosen scores higher)")
         members = {}
-        if len(self.members) > 1:
-            _, eval_r = self._evaluate("eval")
+        if len(self.members) > 1:  # each member's held-out accuracy, from the rewards the last evaluation gave
             n = self.texts["eval"].n
             members = {"members": len(self.members), "eval_member_accuracy": [
-                round(pair_scores(r[:n], r[n:])["accuracy"], 4) for r in eval_r]}
+                round(pair_scores(r[:n], r[n:])["accuracy"], 4) for r in self.held_rewards]}
         return {"train_pairs": self.texts["train"].n, "eval_pairs": self.texts["eval"].n,
                 **{f"eval_{k}": v for k, v in held.items()}, "eval_accuracy_step0": self.first["accuracy"],
                 "length_baseline": length_baseline(self.eval_pairs), "trainable_params": self.trainable,

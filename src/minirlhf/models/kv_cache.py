@@ -12,13 +12,17 @@ an earlier pass's saved view shares, so with grad enabled the layer concatenates
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BLOCK = 64
 """Columns a layer grows by: one allocation per 64 decoded tokens, at most 63 columns unused."""
 
 
+@functools.cache
 def _block_layer_class():
+    """The layer class, made on first use: importing transformers' cache module costs every command's start."""
     from transformers.cache_utils import DynamicLayer
 
     class BlockLayer(DynamicLayer):
@@ -71,18 +75,12 @@ def _block_layer_class():
     return BlockLayer
 
 
-_LAYER = None
-
-
 def sampling_cache(config):
     """A DynamicCache for `config`'s model whose full-attention layers grow in blocks (sliding-window and other layer
     kinds keep transformers' own)."""
-    global _LAYER
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    if _LAYER is None:
-        _LAYER = _block_layer_class()
     cache = DynamicCache(config=config)
-    cache.layers = [_LAYER() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [_block_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
