@@ -25,6 +25,7 @@ def test_combinations_match_their_formulas():
         assert combine(scores, "mean")[n].item() == pytest.approx(mean)
         assert combine(scores, "wco")[n].item() == pytest.approx(min(col))
         assert combine(scores, "uwo", 0.5)[n].item() == pytest.approx(mean - 0.5 * var)
+    assert torch.equal(combine(scores, "single"), scores[0])  # the first member; the rest only watched
     assert torch.equal(combine(scores[:1], "wco"), scores[0])  # one model: itself, whatever the mode
 
 
@@ -91,3 +92,39 @@ def test_rl_with_an_ensemble_reward_logs_its_disagreement(ensemble_run, tiny_gen
     assert all(r["reward/mean"] == pytest.approx(r["reward/reward_model"]) for r in rows if "reward/mean" in r)
     with pytest.raises(ConfigError, match="ensemble"):
         load_config(GRPOConfig, overrides=[f"--reward.reward_model={run}", "--reward.ensemble=best"])
+
+
+def test_a_single_member_trains_while_the_ensemble_and_a_monitor_judge_are_only_logged(ensemble_run,
+                                                                                    tiny_generator, tmp_path):
+    from minirlhf.algorithms.grpo import GRPOConfig
+    from minirlhf.algorithms.rl import train as rl_train
+
+    run, _ = ensemble_run
+    cfg = load_config(GRPOConfig, overrides=[
+        f"--policy={tiny_generator}", f"--reward.reward_model={run}", "--reward.ensemble=single",
+        f"--reward.monitor={run}", "--steps=2", "--batch_size=8", "--group_size=4", "--minibatch_size=8",
+        "--prompts.max_eval=4", "--data.max_train=200", "--data.max_eval=50", f"--out={tmp_path / 'rl'}",
+        "--device=cpu"])
+    out = rl_train(cfg)
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward/mean" in r]
+    assert len(rows) == 2 and all(r["reward/ensemble_std"] > 0 for r in rows)
+    for r in rows:  # the total is member 0's score; the monitor (the ensemble's mean) is logged, never added
+        assert r["reward/mean"] == pytest.approx(r["reward/reward_model"])
+        assert r["reward/monitor"] != pytest.approx(r["reward/reward_model"], abs=1e-6)
+    with pytest.raises(ConfigError, match="--reward.monitor"):
+        from minirlhf.models.rewards import Reward, RewardConfig
+        Reward(RewardConfig(reward_model=str(run), monitor=str(tmp_path / "nothing")), 8, "cpu")
+
+
+def test_a_reward_model_at_weight_0_is_scored_and_logged_but_adds_nothing(ensemble_run):
+    from types import SimpleNamespace
+
+    from minirlhf.models.rewards import Reward, RewardConfig
+
+    run, _ = ensemble_run
+    reward = Reward(RewardConfig(reward_model=str(run), reward_model_weight=0.0, length_weight=1.0), 4, "cpu")
+    rollout = SimpleNamespace(prompts=["Tell me about film 1"] * 2, texts=["good film great plot", "bad"],
+                              ended=torch.tensor([True, True]), response_mask=torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]]))
+    total, terms = reward(None, rollout)
+    assert torch.allclose(total, torch.tensor([1.0, 0.25]))  # the length term alone
+    assert terms["reward_model"].shape == (2,) and (terms["ensemble_std"] > 0).all()  # watched: for the guard

@@ -1,11 +1,13 @@
 """ops.py against naive Python loops."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from minirlhf.ops import entropy_from_logits, gae, kl_estimate, masked_mean, masked_var, masked_whiten, token_rewards
+from minirlhf.ops import (beirami_kl, entropy_from_logits, gae, kl_estimate, masked_mean, masked_var, masked_whiten,
+                          order_weights, token_rewards)
 
 
 @pytest.fixture
@@ -121,3 +123,32 @@ def test_leave_one_out_matches_naive_loop():
         assert out[i].item() == pytest.approx(scores[i].item() - sum(others) / 2, abs=1e-6)
     with pytest.raises(ValueError):
         leave_one_out(scores, 1)
+
+
+@pytest.mark.parametrize("m,n", [(6, 1), (6, 3), (7, 7), (9, 4)])
+def test_order_weights_are_how_often_each_rank_is_the_best_of_an_n_subset(m, n):
+    wins = [0] * m
+    subsets = list(itertools.combinations(range(m), n))
+    for subset in subsets:
+        wins[max(subset)] += 1  # ranks ascending: the subset's best is its highest rank
+    expected = torch.tensor([w / len(subsets) for w in wins], dtype=torch.float64)
+    assert torch.allclose(order_weights(m, n), expected, atol=1e-12)
+
+
+def bon_kl_exact(eps: float, n: int, atoms: int = 200_000) -> float:
+    """KL(best-of-n || reference) of a reference with one top-reward atom of mass eps and `atoms` equal atoms
+    below it: pi_n(y_i) = F_i^n - F_(i-1)^n over outcomes in reward order."""
+    probs = torch.cat([torch.full((atoms,), (1 - eps) / atoms, dtype=torch.float64),
+                       torch.tensor([eps], dtype=torch.float64)])
+    cdf = probs.cumsum(0)
+    bon = cdf ** n - torch.cat([torch.zeros(1, dtype=torch.float64), cdf[:-1]]) ** n
+    keep = bon > 0
+    return (bon[keep] * (bon[keep] / probs[keep]).log()).sum().item()
+
+
+@pytest.mark.parametrize("eps,n", [(1e-9, 4), (0.01, 16), (0.2, 8), (0.6, 64)])
+def test_beirami_kl_is_the_exact_kl_of_best_of_n_over_one_top_atom_and_a_continuum(eps, n):
+    got = beirami_kl(torch.tensor([math.log(eps)]), n).item()
+    assert got == pytest.approx(bon_kl_exact(eps, n), abs=2e-3)
+    assert got <= math.log(n) - (n - 1) / n + 1e-9  # the usual formula bounds it
+    assert beirami_kl(torch.tensor([-80.0]), n).item() == pytest.approx(math.log(n) - (n - 1) / n)

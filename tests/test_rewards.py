@@ -10,7 +10,8 @@ from test_cli import assert_one_line_error
 from minirlhf import ConfigError, UserError
 from minirlhf.config import DataConfig
 from minirlhf.models.policy import Rollout
-from minirlhf.models.rewards import Reward, RewardConfig, RunningMoments, load_function, repetition, weighted_terms
+from minirlhf.models.judge import load_function
+from minirlhf.models.rewards import Reward, RewardConfig, RunningMoments, repetition, weighted_terms
 from minirlhf.pipeline import load_classifier
 
 

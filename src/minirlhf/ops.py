@@ -6,6 +6,8 @@ Shapes: B responses (or episodes), T response tokens (right-padded); `mask` (B, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -158,3 +160,24 @@ def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = scores.reshape(-1, group_size, *scores.shape[1:])  # (B / G, G) or (B / G, G, K)
     others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
     return (groups - others).reshape(scores.shape)
+
+
+# ------------------------------------------------------------------- best-of-n from a pool of samples
+def order_weights(m: int, n: int) -> torch.Tensor:
+    """(m,) the chance that the i-th lowest of m samples (by proxy) is the best of a uniform n-subset:
+    C(i-1, n-1) / C(m, n); averaging by these is the unbiased best-of-n estimate from m >= n samples."""
+    i = torch.arange(1, m + 1, dtype=torch.float64)
+    log_w = (torch.lgamma(i) - torch.lgamma(i - n + 1).where(i >= n, torch.tensor(0.0, dtype=torch.float64))
+             - math.lgamma(n)) - (math.lgamma(m + 1) - math.lgamma(n + 1) - math.lgamma(m - n + 1))
+    return torch.where(i >= n, log_w.exp(), torch.zeros_like(i))
+
+
+def beirami_kl(logprob: torch.Tensor, n: int) -> torch.Tensor:
+    """Beirami et al. (2024, section 4)'s estimate of KL(best-of-n || reference) from the reference's probability
+    eps of the chosen response: (1-eps)^n (log n + (n-1) log(1-eps) - (n-1)/n) + (1-(1-eps)^n) log((1-(1-eps)^n)/eps).
+    It tends to the usual log n - (n-1)/n as eps -> 0 and to 0 as eps -> 1."""
+    log_eps = logprob.double().clamp(max=-1e-12)
+    log_rest = torch.log1p(-log_eps.exp())  # log(1 - eps), exact for tiny eps
+    stay = (n * log_rest).exp()  # (1 - eps)^n
+    moved = -torch.expm1(n * log_rest)  # 1 - (1 - eps)^n
+    return stay * (math.log(n) + (n - 1) * log_rest - (n - 1) / n) + moved * (moved.log() - log_eps)

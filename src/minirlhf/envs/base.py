@@ -26,7 +26,7 @@ from minirlhf.envs import requests
 from minirlhf.envs.constraints import ConstraintsEnv
 from minirlhf.envs.judge import JudgeEnv
 from minirlhf.models.judge import load_judge
-from minirlhf.models.rewards import load_function
+from minirlhf.models.judge import load_function
 
 
 class Environment(Protocol):

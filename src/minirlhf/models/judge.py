@@ -3,6 +3,8 @@ environment. A classifier run, a reward-model run or a user function `module:fun
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -12,14 +14,43 @@ from minirlhf import ConfigError
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.reward_model import RewardModel
-from minirlhf.models.rewards import load_function
 from minirlhf.rundir import RunDir
 
 Judge = Callable[[list[str], list[str]], torch.Tensor]
 """(prompts, responses) -> a score per response (N,); higher is better"""
 
 
-def load_judge(spec: str, device="cpu") -> Judge:
+def _import(module_name: str):
+    """An importable module, or else MODULE.py in the working directory (where a user writes a reward function),
+    loaded without touching sys.path."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        path = Path.cwd() / f"{module_name.replace('.', '/')}.py"
+        if not path.is_file():
+            raise
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def load_function(spec: str, what: str = "reward function", flag: str = "--reward.function",
+                  form: str = "module:function (e.g. my_rewards:brevity)"):
+    """Import `module:function` (or `module:Class`): an importable module, or a .py file in the working directory."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"{flag}={spec!r} must look like {form}")
+    try:
+        fn = getattr(_import(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot load {what} {spec!r} ({e}); check the module is importable from here") from e
+    if not callable(fn):
+        raise ConfigError(f"{what} {spec!r} is not callable")
+    return fn
+
+
+def load_judge(spec: str, device="cpu", flag: str = "--judge") -> Judge:
     """A classifier run (its positive logit of the prompt followed by the response, the text as a person reads it),
     a reward-model run (its standardised score of the dialogue) or a user function `module:function`."""
     found = RunDir.find(spec)
@@ -34,7 +65,7 @@ def load_judge(spec: str, device="cpu") -> Judge:
     if ":" in spec and not Path(spec).exists():
         function = load_function(spec)
         return lambda prompts, responses: torch.tensor([float(v) for v in function(prompts, responses)])
-    raise ConfigError(f"--judge {spec} is neither a classifier run, a reward-model run nor module:function; "
+    raise ConfigError(f"{flag} {spec} is neither a classifier run, a reward-model run nor module:function; "
                       "give one of those")
 
 

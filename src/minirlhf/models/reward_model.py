@@ -103,13 +103,16 @@ def load_scalar_model(name: str, pooling: str = "auto") -> tuple[ScalarRewardMod
     return ScalarRewardModel(base, pooling, marker), tokenizer
 
 
-ENSEMBLE_MODES = ("mean", "wco", "uwo")
+ENSEMBLE_MODES = ("mean", "wco", "uwo", "single")
 
 
 def combine(scores: torch.Tensor, mode: str = "mean", uwo_lambda: float = 1.0) -> torch.Tensor:
     """One reward (N,) from an ensemble's standardised scores (K, N) (Coste et al., ICLR 2024, section 3):
     `mean` the members' mean; `wco`, worst-case optimisation, their minimum; `uwo`, uncertainty-weighted
-    optimisation, the mean minus `uwo_lambda` times the members' variance (population variance, eq. 4)."""
+    optimisation, the mean minus `uwo_lambda` times the members' variance (population variance, eq. 4); `single`
+    the first member alone (the others then only measure disagreement, for the over-optimisation guard)."""
+    if mode == "single":
+        return scores[0]
     if mode == "mean" or scores.size(0) == 1:
         return scores.mean(0)
     if mode == "wco":

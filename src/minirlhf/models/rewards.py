@@ -10,11 +10,8 @@ weights, e.g. `--reward.unended_weight=-1`. The sequence score lands on the last
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -22,6 +19,7 @@ from minirlhf import ConfigError, ModelError, RunError
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.vocab import tokenize
 from minirlhf.models.classifier import SentimentClassifier
+from minirlhf.models.judge import load_function, load_judge
 from minirlhf.models.reward_model import RewardModel, combine
 from minirlhf.rundir import RunDir
 
@@ -41,11 +39,13 @@ class RewardConfig:
     """run directory of a preference reward model (`minirlhf train-reward-model`); its standardised score of the
     whole dialogue, prompt and response, is the `reward_model` term"""
     reward_model_weight: float = 1.0
-    """weight of the reward model's score"""
+    """weight of the reward model's score; at 0 it is still scored and logged (reward/reward_model, and an
+    ensemble's reward/ensemble_std), so a run trained on another reward can be watched by the guard"""
     ensemble: str = "mean"
     """how a reward-model ensemble's (`train-reward-model --ensemble K`) standardised scores become one: `mean`,
     `wco` (worst case: their minimum) or `uwo` (uncertainty-weighted: mean - uwo_lambda x variance), Coste et al.
-    (ICLR 2024); every step logs reward/ensemble_std, the members' disagreement on the policy's samples"""
+    (ICLR 2024), or `single` (the first member alone: one reward model, the others only watched for the
+    over-optimisation guard); every step logs reward/ensemble_std, the members' disagreement on the policy's samples"""
     uwo_lambda: float = 1.0
     """the variance's weight under ensemble=uwo (standardised members: 1 costs a response as much as one std of
     reward per unit of variance)"""
@@ -62,7 +62,11 @@ class RewardConfig:
     normalize: bool = False
     """divide by a running std and subtract a running mean of the total (kept across steps)"""
 
-    checks = {"ensemble": "{mean,wco,uwo}", "uwo_lambda": ">= 0"}
+    monitor: str = ""
+    """a judge (classifier run, reward-model run or module:function) scored on every step's samples and logged as
+    reward/monitor, never added to the total: a held-out gold judge to see over-optimisation against"""
+
+    checks = {"ensemble": "{mean,wco,uwo,single}", "uwo_lambda": ">= 0"}
 
 
 def repetition(text: str) -> float:
@@ -70,36 +74,6 @@ def repetition(text: str) -> float:
     words = tokenize(text)
     bigrams = list(zip(words, words[1:]))
     return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-
-
-def _import(module_name: str):
-    """An importable module, or else MODULE.py in the working directory (where a user writes a reward function),
-    loaded without touching sys.path."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError:
-        path = Path.cwd() / f"{module_name.replace('.', '/')}.py"
-        if not path.is_file():
-            raise
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
-def load_function(spec: str, what: str = "reward function", flag: str = "--reward.function",
-                  form: str = "module:function (e.g. my_rewards:brevity)"):
-    """Import `module:function` (or `module:Class`): an importable module, or a .py file in the working directory."""
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise ConfigError(f"{flag}={spec!r} must look like {form}")
-    try:
-        fn = getattr(_import(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot load {what} {spec!r} ({e}); check the module is importable from here") from e
-    if not callable(fn):
-        raise ConfigError(f"{what} {spec!r} is not callable")
-    return fn
 
 
 class RunningMoments:
@@ -150,10 +124,11 @@ class Reward:
         self.classifier = self.function = self.reward_model = None
         if self.weights["classifier"] != 0 and (cfg.classifier or not cfg.reward_model):
             self.classifier = load_classifier(cfg, device)
-        if cfg.reward_model and self.weights["reward_model"] != 0:
+        if cfg.reward_model:  # at weight 0 still scored and logged: watched, e.g. by the over-optimisation guard
             self.reward_model = RewardModel.from_run(cfg.reward_model, device, cfg.ensemble, cfg.uwo_lambda)
         if cfg.function:
             self.function = load_function(cfg.function)
+        self.monitor = load_judge(cfg.monitor, device, "--reward.monitor") if cfg.monitor else None
         self.moments = RunningMoments() if cfg.normalize else None
 
     def terms(self, policy, rollout) -> dict[str, torch.Tensor]:
@@ -175,6 +150,8 @@ class Reward:
             out["repetition"] = torch.tensor([repetition(t) for t in rollout.texts])
         if self.function is not None:
             out["function"] = self._call_function(rollout)
+        if self.monitor is not None:  # logged, never added: not in self.weights
+            out["monitor"] = self.monitor(list(rollout.prompts), list(rollout.texts)).float().cpu()
         return out
 
     def _call_function(self, rollout) -> torch.Tensor:
