@@ -148,6 +148,8 @@ def arguments():
     p.add_argument("--agreement", type=float, default=0.75, help="the simulated annotators' agreement with the gold")
     p.add_argument("--gold-train", type=int, default=4000, help="IMDB train reviews the gold judge learns from")
     p.add_argument("--sft-examples", type=int, default=480)
+    p.add_argument("--more-steps", type=int, default=0, help="continue each seed's runs this many steps further")
+    p.add_argument("--more-arms", default="offline,ensemble,oracle", help="which runs --more-steps continues")
     p.add_argument("--active-seeds", type=int, default=0, help="seeds of random against active choice (0: not run)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, one seed")
     p.add_argument("--report", action="store_true", help="rebuild result.json and the figures from the part files")
@@ -206,12 +208,30 @@ def run_seed(parts: Parts, seed: int, args) -> None:
     parts(f"online-s{seed}", lambda: steps.loop_run(work, f"online-s{seed}", args.rounds, seed, args))
 
 
+def run_more(parts: Parts, seed: int, args) -> None:
+    """`--more-steps`: the offline, ensemble and oracle runs of a seed continued from where they ended (a fresh
+    optimizer, the SFT policy still the reference), to follow the gold reward further out in KL."""
+    done, rm = parts.all(), parts.all()[f"offline-s{seed}"]["reward_model"]
+    rewards = {"offline": [f"--reward.reward_model={rm}", "--reward.ensemble=single"],
+               "ensemble": [f"--reward.reward_model={rm}", f"--reward.ensemble={args.ensemble_mode}",
+                            f"--reward.uwo_lambda={args.uwo_lambda}"],
+               "oracle": [f"--reward.classifier={args.gold}", f"--reward.reward_model={rm}",
+                          "--reward.reward_model_weight=0", "--reward.ensemble=single"]}
+    for arm in args.more_arms.split(","):
+        run = done[f"{arm}-s{seed}"]["run"]
+        start = str(Path(run) / "round-1" / "policy") if arm == "offline" else run
+        parts(f"more-{arm}-s{seed}", lambda: steps.rl_run(args.work, f"more-{arm}-s{seed}", rewards[arm],
+                                                          1000 + seed, args, start=start))
+
+
 def measure(args) -> dict:
     parts = Parts(args.work)
     check_settings(args)
     setup(parts, args)
     for seed in range(args.seeds):
         run_seed(parts, seed, args)
+    for seed in range(args.seeds if args.more_steps else 0):
+        run_more(parts, seed, args)
     samples = parts("samples-best-of-n", lambda: steps.bon_samples(args, 0))
     for seed in range(args.seeds):
         rm = parts.all()[f"offline-s{seed}"]["reward_model"]

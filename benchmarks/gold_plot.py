@@ -36,7 +36,7 @@ def plot(out: dict, path: Path) -> None:
         steps.set_xlabel("PPO step (red: the guard fired, per seed)")
         steps.set_title("Proxy and gold reward per step", fontsize=10)
         steps.legend(fontsize=8, loc="upper left")
-    for kind, points in out.get("best_of_n", {}).items():
+    for kind, points in ((k, v) for k, v in out.get("best_of_n", {}).items() if k != "ensemble_minus_single"):
         bon.plot([p["kl_bound"] for p in points], [p["gold"] for p in points], marker="o",
                  label=f"best-of-n ({kind}), KL bound")
         bon.plot([p["kl_beirami"] for p in points], [p["gold"] for p in points], marker="x", linestyle=":",
@@ -76,11 +76,20 @@ def tables(out: dict, source: str) -> str:
               + ", ".join(f"fired {g['fired_step']}, gold dropped {g['gold_dropped_step']}" for g in out.get("guard", []))
               + " |", f"| guard false alarms on oracle runs | {out.get('guard_oracle_false_alarms')} |",
               f"| online minus offline gold at equal KL | {f(out.get('online_minus_offline_gold'))} |"]
-    if "dpo_minus_best_of_n_at_kl" in out and out["dpo_minus_best_of_n_at_kl"]:
-        d = out["dpo_minus_best_of_n_at_kl"]
-        lines.append(f"| DPO minus best-of-n at DPO's KL | {f(d['mean'])} (95%: {d['ci95']}, {d['seeds']} seeds) |")
+    for d in out.get("dpo_minus_best_of_n_at_kl", []):
+        lines.append(f"| DPO pass {d['pass']} (KL {f(d['kl'], 2)}) minus best-of-n at its KL | {f(d['mean'])} "
+                     f"(95%: {d['ci95'] or 'one seed, none'}) |")
+    if "active_minus_random_accuracy" in out:
+        a = out["active_minus_random_accuracy"]
+        lines.append(f"| active minus random choice, accuracy at 400 labels | {f(a['mean'])} (95%: {a['ci95']}) |")
     if "best_of_n" in out:
-        lines += ["", "| n | gold (single RM) | KL bound | KL, Beirami et al. |", "|---|---|---|---|"]
-        lines += [f"| {p['n']} | {f(p['gold'])} ± {f(p['gold_se'])} | {f(p['kl_bound'], 2)} | {f(p['kl_beirami'], 2)} |"
-                  for p in out["best_of_n"]["single"]]
+        mode = next(k for k in out["best_of_n"] if k not in ("single", "ensemble_minus_single"))
+        lines += ["", f"| n | gold, single RM (± sampling SE, ± SE over seeds' RMs) | gold, {mode} ensemble | proxy "
+                  "(single RM) | KL bound | KL, Beirami et al. |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['n']} | {f(p['gold'])} ± {f(p['gold_se'])} ± {f(p['seed_se'])} | {f(e['gold'])} | "
+                  f"{f(p['proxy'], 2)} | {f(p['kl_bound'], 2)} | {f(p['kl_beirami'], 2)} |"
+                  for p, e in zip(out["best_of_n"]["single"], out["best_of_n"][mode])]
+        last = out["best_of_n"]["ensemble_minus_single"][-1]
+        lines.append(f"\nBest-of-{last['n']}, {mode} ensemble minus single RM: {f(last['mean'])} (95% over "
+                     f"{last['seeds']} seeds: {last['ci95']}).")
     return "\n".join(lines)

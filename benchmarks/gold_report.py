@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # t(0.975, dof)
+EXTRA = ("more-", "active")  # the flags' variants: not part of the default run's wall time
 ARMS = {"offline": "single reward model", "ensemble": "ensemble", "oracle": "oracle (gold judge)",
         "online": "online loop"}
 
@@ -41,9 +42,21 @@ def binned(values: list[float | None], width: int) -> list[float | None]:
     return [mean(c) if c and None not in c else None for c in chunks]
 
 
+def joined(parts: dict, arm: str, seed: str) -> dict:
+    """A seed's run of an arm, with its `--more-steps` continuation appended (steps counted on)."""
+    c = dict(parts[f"{arm}-s{seed}"]["curve"])
+    more = parts.get(f"more-{arm}-s{seed}")
+    if more:
+        n = len(c["gold"])
+        c = {k: c[k] + more["curve"][k] for k in ("kl", "gold", "proxy", "ensemble_std")} | {
+            "health": c["health"] + [h | {"step": h["step"] + n, "continued": True} for h in more["curve"]["health"]]}
+    return c
+
+
 def arm_curves(parts: dict, arm: str, width: int) -> list[dict]:
-    return [{k: binned(p["curve"][k], width) for k in ("kl", "gold", "proxy", "ensemble_std")} | {"health": p["curve"]["health"],
-            "steps": p["curve"]["gold"]} for name, p in sorted(parts.items()) if name.startswith(f"{arm}-s")]
+    seeds = [name.split("-s")[-1] for name in sorted(parts) if name.startswith(f"{arm}-s")]
+    return [{k: binned(c[k], width) for k in ("kl", "gold", "proxy", "ensemble_std")} | {"health": c["health"],
+            "steps": c["gold"]} for c in (joined(parts, arm, s) for s in seeds)]
 
 
 def across(curves: list[dict], key: str) -> tuple[list, list]:
@@ -114,17 +127,24 @@ def best_of_n(parts: dict, mode: str) -> dict:
     for kind in ("single", mode):
         rows = list(zip(*(s[kind]["points"] for s in seeds)))
         out[kind] = [{"n": r[0]["n"], "gold": round(mean([x["gold"] for x in r]), 4),
-                      "gold_se": round(se([x["gold"] for x in r]) or r[0]["gold_se"], 4),
+                      "gold_se": round(r[0]["gold_se"], 4), "seed_se": None if len(r) < 2 else round(se([x["gold"] for x in r]), 4),
                       "proxy": round(mean([x["proxy"] for x in r]), 4), "kl_bound": round(r[0]["kl_bound"], 4),
                       "kl_beirami": round(mean([x["kl_beirami"] for x in r]), 4)} for r in rows]
+    pairs = zip(*([zip(s["single"]["points"], s[mode]["points"]) for s in seeds]))  # per n: (single, ensemble) per seed
+    out["ensemble_minus_single"] = [{"n": ps[0][0]["n"]} | interval([e["gold"] - g["gold"] for g, e in ps]) for ps in pairs]
     return out
 
 
-def dpo_against_bon(dpo: list[dict], bon: list[dict]) -> dict | None:
-    """Per DPO seed, its last pass's gold minus best-of-n's (single reward model) at the same KL (Beirami's)."""
-    curve = [(0.0, bon[0]["gold"])] + [(p["kl_beirami"], p["gold"]) for p in bon]
-    diffs = [d["points"][-1]["gold"] - g for d in dpo if (g := at_kl(curve, d["points"][-1]["kl"])) is not None]
-    return interval(diffs) if diffs else None
+def dpo_against_bon(dpo: list[dict], bon: list[dict]) -> list[dict]:
+    """Per DPO pass: its gold minus best-of-n's (single reward model) at the same KL (Beirami's estimate), mean and
+    95% interval over DPO seeds; passes beyond best-of-64's KL are left out."""
+    curve = [(p["kl_beirami"], p["gold"]) for p in bon]  # n = 1 is the SFT policy itself, at KL 0
+    out = []
+    for k in range(1, len(dpo[0]["points"])):
+        diffs = [d["points"][k]["gold"] - g for d in dpo if (g := at_kl(curve, d["points"][k]["kl"])) is not None]
+        if diffs:
+            out.append({"pass": k, "kl": round(mean([d["points"][k]["kl"] for d in dpo]), 4)} | interval(diffs))
+    return out
 
 
 def report(parts: dict, args) -> dict:
@@ -135,12 +155,13 @@ def report(parts: dict, args) -> dict:
     sft_gold = mean(first) if first else None
     out = {"commit": args.commit, "settings": settings, "bin": width, "sft_gold": sft_gold,
            "curves": {arm: {k: across(c, k)[0] for k in ("kl", "gold", "proxy", "ensemble_std")} for arm, c in curves.items() if c},
-           "wall_seconds": round(sum(p.get("seconds", 0) for p in parts.values()))}
+           "wall_seconds": round(sum(p.get("seconds", 0) for n, p in parts.items() if not n.startswith(EXTRA))),
+           "extra_seconds": {n: p.get("seconds") for n, p in parts.items() if n.startswith(EXTRA)}}
     if curves["offline"]:
         over = over_optimisation(curves["offline"], width)
         out["over_optimisation"] = over
         out["overopt_drop_se"] = over["overopt_drop_se"]
-        guards = [guard_timing(p["curve"], width) for n, p in sorted(parts.items()) if n.startswith("offline-s")]
+        guards = [guard_timing({"gold": c["steps"], "health": c["health"]}, width) for c in curves["offline"]]
         out["guard"] = guards
         out["guard_early_seeds"] = sum(g["early"] for g in guards)
         out["guard_oracle_false_alarms"] = sum(any(h["guard"] == "over_optimisation" for h in c["health"])

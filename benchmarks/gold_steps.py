@@ -69,14 +69,17 @@ def loop_run(work: Path, name: str, rounds: int, seed: int, args) -> dict:
             "labels": str(run / "round-1" / "rm_train.jsonl")}
 
 
-def rl_run(work: Path, name: str, reward: list[str], seed: int, args, proxy: str = "reward/reward_model") -> dict:
+def rl_run(work: Path, name: str, reward: list[str], seed: int, args, start: str = "") -> dict:
+    """PPO from the SFT policy (or, continuing, from `start`, the SFT policy still the reference)."""
+    frm = [f"--policy={start}", f"--ref_policy={args.sft}"] if start else [f"--policy={args.sft}"]
+    steps = args.more_steps if start else args.steps
     cfg = load_config(registry.get("ppo").config, overrides=[
-        f"--policy={args.sft}", *LM, *reward, f"--prompts.file={args.train_prompts}",
-        f"--prompts.eval_file={args.eval_prompts}", "--prompts.max_eval=8", f"--steps={args.steps}",
+        *frm, *LM, *reward, f"--prompts.file={args.train_prompts}",
+        f"--prompts.eval_file={args.eval_prompts}", "--prompts.max_eval=8", f"--steps={steps}",
         f"--response_len={args.response_len}", f"--kl_coef={args.kl}", f"--seed={seed}", *rl_recipe(args),
         f"--out={work / name}", "--device=cpu"])
     run = rl.train(cfg)
-    return {"run": str(run), "curve": curve(run, proxy)}
+    return {"run": str(run), "curve": curve(run)}
 
 
 @torch.no_grad()
