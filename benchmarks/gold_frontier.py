@@ -108,8 +108,8 @@ def sft_policy(examples: int) -> str:
 class Parts:
     """parts/NAME.json under the work folder: a finished part is read back, never run again."""
 
-    def __init__(self, work: Path):
-        self.folder = work / "parts"
+    def __init__(self, work: Path, commit: str = ""):
+        self.folder, self.commit = work / "parts", commit
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, name: str, make) -> dict:
@@ -118,7 +118,8 @@ class Parts:
             return json.loads(path.read_text())
         say(f"--- part {name}")
         t0 = time.time()
-        out = make() | {"seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        out = make() | {"seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         "commit": self.commit}
         atomic_write_text(path, json.dumps(out))
         return out
 
@@ -225,7 +226,7 @@ def run_more(parts: Parts, seed: int, args) -> None:
 
 
 def measure(args) -> dict:
-    parts = Parts(args.work)
+    parts = Parts(args.work, args.commit)
     check_settings(args)
     setup(parts, args)
     for seed in range(args.seeds):

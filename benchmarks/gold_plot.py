@@ -60,7 +60,8 @@ def f(x, digits: int = 3) -> str:
 def tables(out: dict, source: str) -> str:
     """The README's tables of a result JSON, with the command and commit that made it."""
     s = out["settings"]
-    lines = [f"From `{source}` (commit {out['commit']}; `.venv/bin/python benchmarks/gold_frontier.py`, then "
+    lines = [f"From `{source}` (report by commit {out['commit']}, parts by {', '.join(out.get('part_commits', []))}; "
+             "`.venv/bin/python benchmarks/gold_frontier.py`, then "
              f"`benchmarks/gold_report.py {source}`): {s['labels']} labels per seed, {s['steps']} PPO steps of 16, "
              f"kl_coef {s['kl']}, {s['members']} members, wall {out['wall_seconds']:,} s.", "",
              "| run (mean of seeds) | gold at SFT | gold peak | gold at the end | KL at the end (nats) |", "|---|---|---|---|---|"]

@@ -42,11 +42,11 @@ def binned(values: list[float | None], width: int) -> list[float | None]:
     return [mean(c) if c and None not in c else None for c in chunks]
 
 
-def joined(parts: dict, arm: str, seed: str) -> dict:
-    """A seed's run of an arm, with its `--more-steps` continuation appended (steps counted on)."""
+def joined(parts: dict, arm: str, seed: str, extend: bool) -> dict:
+    """A seed's run of an arm, with its `--more-steps` continuation appended (steps counted on) if `extend`."""
     c = dict(parts[f"{arm}-s{seed}"]["curve"])
     more = parts.get(f"more-{arm}-s{seed}")
-    if more:
+    if more and extend:
         n = len(c["gold"])
         c = {k: c[k] + more["curve"][k] for k in ("kl", "gold", "proxy", "ensemble_std")} | {
             "health": c["health"] + [h | {"step": h["step"] + n, "continued": True} for h in more["curve"]["health"]]}
@@ -54,9 +54,17 @@ def joined(parts: dict, arm: str, seed: str) -> dict:
 
 
 def arm_curves(parts: dict, arm: str, width: int) -> list[dict]:
+    """Each seed's binned curves; continued (`--more-steps`) only when every seed of the arm was."""
     seeds = [name.split("-s")[-1] for name in sorted(parts) if name.startswith(f"{arm}-s")]
+    extend = all(f"more-{arm}-s{s}" in parts for s in seeds)
     return [{k: binned(c[k], width) for k in ("kl", "gold", "proxy", "ensemble_std")} | {"health": c["health"],
-            "steps": c["gold"]} for c in (joined(parts, arm, s) for s in seeds)]
+            "steps": c["gold"]} for c in (joined(parts, arm, s, extend) for s in seeds)]
+
+
+def continuations(parts: dict, width: int) -> dict:
+    """Every `--more-steps` run on its own, binned, whether or not its arm's other seeds were continued."""
+    return {name: {k: binned(joined(parts, name[5:].rsplit("-s", 1)[0], name.rsplit("-s", 1)[1], True)[k], width)
+                   for k in ("kl", "gold", "proxy", "ensemble_std")} for name in sorted(parts) if name.startswith("more-")}
 
 
 def across(curves: list[dict], key: str) -> tuple[list, list]:
@@ -153,7 +161,8 @@ def report(parts: dict, args) -> dict:
     curves = {arm: arm_curves(parts, arm, width) for arm in ARMS}
     first = [c["steps"][0] for arm in ("offline", "ensemble", "oracle", "online") for c in curves[arm]]
     sft_gold = mean(first) if first else None
-    out = {"commit": args.commit, "settings": settings, "bin": width, "sft_gold": sft_gold,
+    out = {"commit": args.commit, "part_commits": sorted({p.get("commit", "before parts kept it") for p in parts.values()}),
+           "settings": settings, "bin": width, "sft_gold": sft_gold,
            "curves": {arm: {k: across(c, k)[0] for k in ("kl", "gold", "proxy", "ensemble_std")} for arm, c in curves.items() if c},
            "wall_seconds": round(sum(p.get("seconds", 0) for n, p in parts.items() if not n.startswith(EXTRA))),
            "extra_seconds": {n: p.get("seconds") for n, p in parts.items() if n.startswith(EXTRA)}}
@@ -174,6 +183,7 @@ def report(parts: dict, args) -> dict:
     if curves["online"]:
         out["online_offline"] = online_offline(parts, curves["offline"], curves["online"])
         out["online_minus_offline_gold"] = out["online_offline"]["online_minus_offline_gold"]
+    out["continued"] = continuations(parts, width)
     out["reward_models"] = {n: p for n, p in sorted(parts.items()) if n.startswith("rm-s")}
     if any(n.startswith("bon-s") for n in parts):
         out["best_of_n"] = best_of_n(parts, settings["ensemble_mode"] if "ensemble_mode" in settings else "wco")
