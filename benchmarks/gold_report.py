@@ -161,7 +161,7 @@ def report(parts: dict, args) -> dict:
     curves = {arm: arm_curves(parts, arm, width) for arm in ARMS}
     first = [c["steps"][0] for arm in ("offline", "ensemble", "oracle", "online") for c in curves[arm]]
     sft_gold = mean(first) if first else None
-    out = {"commit": args.commit, "part_commits": sorted({p.get("commit", "before parts kept it") for p in parts.values()}),
+    out = {"commit": args.commit, "part_commits": sorted({p.get("commit", "unrecorded") for p in parts.values()}),
            "settings": settings, "bin": width, "sft_gold": sft_gold,
            "curves": {arm: {k: across(c, k)[0] for k in ("kl", "gold", "proxy", "ensemble_std")} for arm, c in curves.items() if c},
            "wall_seconds": round(sum(p.get("seconds", 0) for n, p in parts.items() if not n.startswith(EXTRA))),
