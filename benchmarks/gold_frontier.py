@@ -37,6 +37,7 @@ import gold_steps as steps
 from minirlhf.algorithms import classifier, sft
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import load_config
+from minirlhf.data.prompts import read_prompts
 from minirlhf.feedback.simulate import beta_for_agreement
 from minirlhf.models.judge import load_judge
 from minirlhf.rundir import RunDir
@@ -122,6 +123,9 @@ class Parts:
                          "commit": self.commit}
         atomic_write_text(path, json.dumps(out))
         return out
+
+    def get(self, name: str) -> dict:
+        return json.loads((self.folder / f"{name}.json").read_text())
 
     def all(self) -> dict:
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.folder.glob("*.json"))}
@@ -212,14 +216,14 @@ def run_seed(parts: Parts, seed: int, args) -> None:
 def run_more(parts: Parts, seed: int, args) -> None:
     """`--more-steps`: the offline, ensemble and oracle runs of a seed continued from where they ended (a fresh
     optimizer, the SFT policy still the reference), to follow the gold reward further out in KL."""
-    done, rm = parts.all(), parts.all()[f"offline-s{seed}"]["reward_model"]
+    rm = parts.get(f"offline-s{seed}")["reward_model"]
     rewards = {"offline": [f"--reward.reward_model={rm}", "--reward.ensemble=single"],
                "ensemble": [f"--reward.reward_model={rm}", f"--reward.ensemble={args.ensemble_mode}",
                             f"--reward.uwo_lambda={args.uwo_lambda}"],
                "oracle": [f"--reward.classifier={args.gold}", f"--reward.reward_model={rm}",
                           "--reward.reward_model_weight=0", "--reward.ensemble=single"]}
     for arm in args.more_arms.split(","):
-        run = done[f"{arm}-s{seed}"]["run"]
+        run = parts.get(f"{arm}-s{seed}")["run"]
         start = str(Path(run) / "round-1" / "policy") if arm == "offline" else run
         parts(f"more-{arm}-s{seed}", lambda: steps.rl_run(args.work, f"more-{arm}-s{seed}", rewards[arm],
                                                           1000 + seed, args, start=start))
@@ -235,11 +239,10 @@ def measure(args) -> dict:
         run_more(parts, seed, args)
     samples = parts("samples-best-of-n", lambda: steps.bon_samples(args, 0))
     for seed in range(args.seeds):
-        rm = parts.all()[f"offline-s{seed}"]["reward_model"]
-        parts(f"bon-s{seed}", lambda: {"single": steps.bon_curve(samples, rm, "single"),
-                                       args.ensemble_mode: steps.bon_curve(samples, rm, args.ensemble_mode)})
+        rm = parts.get(f"offline-s{seed}")["reward_model"]
+        parts(f"bon-s{seed}", lambda: steps.bon_curves(samples, rm, ("single", args.ensemble_mode)))
     for seed in range(args.dpo_seeds):
-        labels = parts.all()[f"offline-s{seed}"]["labels"]
+        labels = parts.get(f"offline-s{seed}")["labels"]
         parts(f"dpo-s{seed}", lambda: steps.dpo_passes(args.work, f"dpo-s{seed}", labels, seed, args))
     if args.active_seeds:
         parts("active", lambda: active_choice(args))
@@ -252,7 +255,7 @@ def active_choice(args) -> dict:
 
     ns = argparse.Namespace(labels=400, pool=4, active_seeds=args.active_seeds, active_select="ensemble",
                             agreement=args.agreement, response_len=args.response_len, seed=0)
-    train = [json.loads(line)["prompt"] for line in Path(args.train_prompts).read_text().splitlines()]
+    train = read_prompts(args.train_prompts)
     heldout = [opening(r["text"]) for r in reviews("test.jsonl", args.heldout_pairs, skip=5000)]
     out = collect_labels(args.work / "active", {"sft": Path(args.sft), "train_prompt_list": train}, Path(args.gold),
                          heldout, ns, say)

@@ -19,12 +19,12 @@ from minirlhf.algorithms import dpo, registry, rl
 from minirlhf.checkpoint import load_json
 from minirlhf.config import load_config
 from minirlhf.data.dialogue import dialogue_text
+from minirlhf.data.prompts import read_prompts
 from minirlhf.feedback import loop
 from minirlhf.models.judge import load_judge
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.reward_model import RewardModel, combine
 from minirlhf.ops import beirami_kl, order_weights
-from minirlhf.rundir import RunDir
 
 LM = ["--policy_options.chat_template=false", "--policy_options.freeze_layers=24"]  # top 6 of 30 blocks train
 BON_N = (1, 2, 4, 8, 16, 32, 64)
@@ -102,7 +102,7 @@ def dpo_passes(work: Path, name: str, labels: str, seed: int, args) -> dict:
     """DPO on the labels one pass at a time (each pass from the last, the SFT policy the reference throughout;
     the optimizer restarts each pass), each pass scored on the held-out openings."""
     gold, ref = load_judge(args.gold), load_reference(args.sft, "cpu", chat_template=False)
-    prompts = [json.loads(line)["prompt"] for line in Path(args.eval_prompts).read_text().splitlines() if line.strip()]
+    prompts = read_prompts(args.eval_prompts)
     policy, points = args.sft, [{"pass": 0, **score(ref, ref, gold, prompts, args, seed)}]
     for k in range(1, args.dpo_passes + 1):
         cfg = load_config(dpo.DPOConfig, overrides=[
@@ -121,7 +121,7 @@ def bon_samples(args, seed: int) -> dict:
     """`max(BON_N)` SFT samples per held-out opening, with their gold score and log-probability under the SFT
     policy (it sampled them at temperature 1, so that is the reference's own log-probability)."""
     policy, gold = load_policy(args.sft, "cpu", value_head=False, chat_template=False), load_judge(args.gold)
-    prompts = [json.loads(line)["prompt"] for line in Path(args.eval_prompts).read_text().splitlines() if line.strip()]
+    prompts = read_prompts(args.eval_prompts)
     gen, m, out = torch.Generator().manual_seed(seed), max(BON_N), {"prompts": prompts, "texts": [], "gold": [],
                                                                       "logprob": []}
     for p in prompts:
@@ -137,14 +137,19 @@ def bon_samples(args, seed: int) -> dict:
     return out
 
 
-def bon_curve(samples: dict, reward_model: str, mode: str) -> dict:
-    """Best-of-n under a reward model (its ensemble combined by `mode`) for each n in BON_N: expected gold and
-    proxy reward of the chosen sample, KL by the bound log n - (n-1)/n and by Beirami et al.'s estimator."""
-    rm = RewardModel.from_run(reward_model, "cpu", mode)
+def bon_curves(samples: dict, reward_model: str, modes: tuple[str, ...]) -> dict:
+    """Best-of-n under a reward model, its ensemble combined by each of `modes`, for each n in BON_N: expected gold
+    and proxy reward of the chosen sample, KL by the bound log n - (n-1)/n and by Beirami et al.'s estimator. The
+    members score the samples once; every mode combines those scores."""
+    rm = RewardModel.from_run(reward_model, "cpu")
     gold, logprob = torch.tensor(samples["gold"]), torch.tensor(samples["logprob"])  # (P, M)
-    proxy = torch.stack([combine(rm.member_scores([dialogue_text(p, t) for t in texts]), mode)
-                         for p, texts in zip(samples["prompts"], samples["texts"])])  # (P, M)
-    order = proxy.argsort(1)
+    members = [rm.member_scores([dialogue_text(p, t) for t in texts])
+               for p, texts in zip(samples["prompts"], samples["texts"])]  # P x (K, M)
+    return {mode: bon_points(gold, logprob, torch.stack([combine(m, mode) for m in members])) for mode in modes}
+
+
+def bon_points(gold: torch.Tensor, logprob: torch.Tensor, proxy: torch.Tensor) -> dict:
+    order = proxy.argsort(1)  # (P, M), ascending proxy
     sorted_gold, sorted_proxy = gold.gather(1, order).double(), proxy.gather(1, order).double()
     sorted_logprob = logprob.gather(1, order)
     points = []
@@ -167,10 +172,3 @@ def reward_model_accuracy(reward_model: str, heldout: str) -> dict:
     members = (chosen > rejected).float().mean(1).tolist()
     return {"members": members, "mean": (chosen.mean(0) > rejected.mean(0)).float().mean().item(),
             "pairs": len(rows)}
-
-
-def find_run(path: str) -> Path:
-    found = RunDir.find(path)
-    if found is None:
-        raise RuntimeError(f"no run at {path}")
-    return found.path

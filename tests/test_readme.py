@@ -46,6 +46,12 @@ from minirlhf.pipeline import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+GUIDES = [README] + [ROOT / "docs" / f"{name}.md" for name in ("guide", "benchmarks", "layout")]
+"""the user's documents: the README and the guides it points to, read as one text"""
+
+
+def user_docs() -> str:
+    return "\n".join(path.read_text(encoding="utf-8") for path in GUIDES)
 
 RUN = "runs/readme-run"
 PLACEHOLDERS = {
@@ -269,12 +275,12 @@ def check_line(line: Line, tmp: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------- the tests
 
-LINES = readme_lines(README.read_text(encoding="utf-8"))
+LINES = readme_lines(user_docs())
 
 
 def test_no_command_line_of_the_readme_is_missed():
     """Counted another way: every line a reader would type, and every inline span that starts a command."""
-    text = README.read_text(encoding="utf-8")
+    text = user_docs()
     parts = re.split(r"^\s*```.*$", text, flags=re.M)  # prose, code, prose, ...
     typed = {line for code in parts[1::2] for line in code.splitlines()
              if re.match(r"\s*(\S*torchrun\s.*-m\s+)?minirlhf\s", line)}
