@@ -4,13 +4,17 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.minirlhf-installed
 
-.PHONY: demo test install bench clean chromium
+.PHONY: demo test test-fast install bench clean chromium
 
 demo: $(STAMP)
 	$(VENV)/bin/minirlhf demo
 
 test: $(STAMP) chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick tier (tests/conftest.py FAST_FILES): units, math against naive loops, parsing, the package's shape.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m fast $(PYTEST_ARGS)
 
 # The feedback page's browser tests drive Debian's chromium: installed here with apt-get when missing and we
 # may (root, or sudo without a password). Never fails the build; the tests then skip, or fail under CI=true.

@@ -34,7 +34,7 @@ from common import ROOT
 from gold_report import report
 import gold_steps as steps
 
-from minirlhf.algorithms import classifier, sft
+from minirlhf.stages import classifier, sft
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import load_config
 from minirlhf.data.prompts import read_prompts

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minirlhf.algorithms import reward_model
+from minirlhf.stages import reward_model
 from minirlhf.checkpoint import load_json
 from minirlhf.config import load_config
 from minirlhf.data.preferences import Pair

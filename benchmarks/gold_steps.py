@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from minirlhf.algorithms import dpo, registry, rl
+from minirlhf.rl import registry
+
+from minirlhf.stages import dpo, rl
 from minirlhf.checkpoint import load_json
 from minirlhf.config import load_config
 from minirlhf.data.dialogue import dialogue_text

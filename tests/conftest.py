@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MINIRLHF_DTYPE_PROBE", '{"mlp": 1.0}')
 configure_process()  # the test session is an entry point: process-wide settings once, as the CLI makes them
 
+FAST_FILES = {"test_ops.py", "test_structure.py", "test_config.py", "test_registry.py", "test_rundir.py",
+              "test_checkpoint.py", "test_data.py", "test_prompts.py", "test_modelcard.py", "test_envs.py",
+              "test_rewards.py", "test_kv_cache.py", "test_simulate.py", "test_guards.py", "test_readme.py"}
+"""the `fast` tier (`make test-fast`): math against naive loops, units, parsing, the package's shape"""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in FAST_FILES:
+            item.add_marker(pytest.mark.fast)
+
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m minirlhf ARGS` in a real subprocess, as a user would."""
@@ -32,7 +43,7 @@ def cli(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:
     """A classifier run trained for a few steps on the offline tweets (shared by several tests)."""
-    from minirlhf.algorithms.classifier import ClassifierConfig, train
+    from minirlhf.stages.classifier import ClassifierConfig, train
     from minirlhf.config import load_config
 
     out = tmp_path_factory.mktemp("clf") / "run"
@@ -44,7 +55,7 @@ def tiny_classifier(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_generator(tmp_path_factory) -> Path:
-    from minirlhf.algorithms.generator import GeneratorConfig, train
+    from minirlhf.stages.generator import GeneratorConfig, train
     from minirlhf.config import load_config
 
     out = tmp_path_factory.mktemp("gen") / "run"
@@ -57,7 +68,7 @@ def tiny_generator(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def learned_classifier(tmp_path_factory) -> Path:
     """A classifier that has really learned (2,000 tweets, one epoch): for the learning tests."""
-    from minirlhf.algorithms.classifier import ClassifierConfig, train
+    from minirlhf.stages.classifier import ClassifierConfig, train
     from minirlhf.config import load_config
 
     out = tmp_path_factory.mktemp("clf-learned") / "run"
@@ -80,7 +91,7 @@ def write_length_pairs(path: Path, n: int, longer_wins: bool = True, seed: int =
 
 
 def train_tiny_reward_model(folder: Path, longer_wins: bool = True) -> Path:
-    from minirlhf.algorithms.reward_model import RewardModelConfig, train
+    from minirlhf.stages.reward_model import RewardModelConfig, train
     from minirlhf.config import load_config
 
     pairs = write_length_pairs(folder / "pairs.jsonl", 32, longer_wins)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from minirlhf import UserError
-from minirlhf.algorithms.grpo import GRPOConfig
-from minirlhf.algorithms.ppo import PPOConfig
-from minirlhf.algorithms.rl import train
+from minirlhf.rl.grpo import GRPOConfig
+from minirlhf.rl.ppo import PPOConfig
+from minirlhf.stages.rl import train
 from minirlhf.config import load_config
 from minirlhf.models.load import load_policy
 

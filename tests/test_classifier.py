@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minirlhf import UserError
-from minirlhf.algorithms.classifier import QUICK_S, SLOW_S, ClassifierConfig, Estimate, binary_scores
+from minirlhf.stages.classifier import QUICK_S, SLOW_S, ClassifierConfig, Estimate, binary_scores
 from minirlhf.config import load_config
 from minirlhf.models.classifier import (DEFAULT_ENCODER, SentimentClassifier, Truncator, freeze_lower, load_pretrained,
                                         pad_batch, set_dropout)

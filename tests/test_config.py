@@ -1,9 +1,9 @@
 import pytest
 from test_cli import assert_one_line_error
 
-from minirlhf.algorithms.classifier import ClassifierConfig
-from minirlhf.algorithms.generator import GeneratorConfig
-from minirlhf.algorithms.ppo import PPOConfig
+from minirlhf.stages.classifier import ClassifierConfig
+from minirlhf.stages.generator import GeneratorConfig
+from minirlhf.rl.ppo import PPOConfig
 from minirlhf.config import ConfigError, describe, load_config, load_saved, save_config
 from minirlhf.pipeline import DemoConfig
 
@@ -67,7 +67,7 @@ def test_non_finite_values_in_a_yaml_file_or_on_the_command_line_are_one_line_ex
 
 
 def test_a_bare_option_is_a_switch_that_only_a_boolean_takes():
-    from minirlhf.algorithms.grpo import GRPOConfig
+    from minirlhf.rl.grpo import GRPOConfig
 
     assert load_config(GRPOConfig, None, ["--policy_options.train_head"]).policy_options.train_head is True
     with pytest.raises(ConfigError, match="steps must be int"):

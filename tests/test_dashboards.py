@@ -7,8 +7,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from minirlhf import ConfigError
-from minirlhf.algorithms.ppo import PPOConfig
-from minirlhf.algorithms.rl import train
+from minirlhf.rl.ppo import PPOConfig
+from minirlhf.stages.rl import train
 from minirlhf.config import load_config
 from minirlhf.tracking import flatten, parse
 

@@ -48,7 +48,7 @@ def test_float64_factories_may_not_be_given_a_device():
 PROBE = """
 import os, torch, torch.distributed as dist
 from minirlhf import distributed, strict
-from minirlhf.algorithms.dpo import pair_sums
+from minirlhf.stages.dpo import pair_sums
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
 strict.install()
 x = torch.ones(3)
@@ -197,8 +197,8 @@ def test_an_lstm_rl_step_runs_under_either_probe_result(forced, cli, tiny_genera
 
 
 def test_an_rl_step_runs_in_bf16_and_fp16_on_the_cpu_is_refused(tiny_generator, tiny_classifier, tmp_path):
-    from minirlhf.algorithms.ppo import PPOConfig
-    from minirlhf.algorithms.rl import train
+    from minirlhf.rl.ppo import PPOConfig
+    from minirlhf.stages.rl import train
     from minirlhf.config import load_config
 
     cfg = load_config(PPOConfig, overrides=[

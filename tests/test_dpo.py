@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from minirlhf.algorithms.dpo import DPOConfig, dpo_loss, train
+from minirlhf.stages.dpo import DPOConfig, dpo_loss, train
 from minirlhf.config import DataConfig, load_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab

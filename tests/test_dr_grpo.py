@@ -1,4 +1,4 @@
-"""Dr. GRPO, the algorithm added as one file (algorithms/dr_grpo.py) plus its registry entry: its advantage and its
+"""Dr. GRPO, the algorithm added as one file (rl/dr_grpo.py) plus its registry entry: its advantage and its
 loss normalisation against naive loops, two steps through the shared loop and the CLI, and a learning test."""
 
 import json
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from minirlhf.algorithms import registry
-from minirlhf.algorithms.dr_grpo import DR_GRPO, DrGRPOConfig, advantages, constant_normaliser, group_center
-from minirlhf.algorithms.rl import train
-from minirlhf.algorithms.rl_core import KLTerms, policy_loss
+from minirlhf.rl import registry
+from minirlhf.rl.dr_grpo import DR_GRPO, DrGRPOConfig, advantages, constant_normaliser, group_center
+from minirlhf.stages.rl import train
+from minirlhf.rl.core import KLTerms, policy_loss
 from minirlhf.config import load_config
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import write_length_pairs
 from minirlhf import ConfigError
-from minirlhf.algorithms.reward_model import RewardModelConfig, train
+from minirlhf.stages.reward_model import RewardModelConfig, train
 from minirlhf.config import load_config
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.models.reward_model import RewardModel, combine
@@ -65,7 +65,7 @@ def test_an_ensemble_trains_members_that_share_their_frozen_layers_and_differ_ab
 
 
 def test_each_member_sees_its_own_bootstrap_resample_and_a_single_model_all_pairs():
-    from minirlhf.algorithms.reward_model import _bootstrap
+    from minirlhf.stages.reward_model import _bootstrap
 
     cfg = RewardModelConfig(ensemble=4)
     w = _bootstrap(cfg, 500)
@@ -77,8 +77,8 @@ def test_each_member_sees_its_own_bootstrap_resample_and_a_single_model_all_pair
 
 
 def test_rl_with_an_ensemble_reward_logs_its_disagreement(ensemble_run, tiny_generator, tmp_path):
-    from minirlhf.algorithms.grpo import GRPOConfig
-    from minirlhf.algorithms.rl import train as rl_train
+    from minirlhf.rl.grpo import GRPOConfig
+    from minirlhf.stages.rl import train as rl_train
 
     run, _ = ensemble_run
     cfg = load_config(GRPOConfig, overrides=[
@@ -96,8 +96,8 @@ def test_rl_with_an_ensemble_reward_logs_its_disagreement(ensemble_run, tiny_gen
 
 def test_a_single_member_trains_while_the_ensemble_and_a_monitor_judge_are_only_logged(ensemble_run,
                                                                                     tiny_generator, tmp_path):
-    from minirlhf.algorithms.grpo import GRPOConfig
-    from minirlhf.algorithms.rl import train as rl_train
+    from minirlhf.rl.grpo import GRPOConfig
+    from minirlhf.stages.rl import train as rl_train
 
     run, _ = ensemble_run
     cfg = load_config(GRPOConfig, overrides=[

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from minirlhf.algorithms import registry
-from minirlhf.algorithms.rl_core import KLTerms, k3_in_loss, policy_loss, value_loss
+from minirlhf.rl import registry
+from minirlhf.rl.core import KLTerms, k3_in_loss, policy_loss, value_loss
 from minirlhf.models.policy import Rollout
 from minirlhf.ops import gae, place_turn_rewards, returns_to_go, token_rewards, turn_index, turn_sums
 
@@ -210,7 +210,7 @@ def test_the_critic_and_the_group_algorithms_train_on_episodes(name, tmp_path):
     """Two steps of PPO (value head, GAE) and GRPO (groups of one seed) on SmolLM2 episodes; A2C, RLOO and Dr. GRPO
     differ from them only in their advantages, tested on episodes above (no gradient on the user's tokens, per-turn
     credit)."""
-    from minirlhf.algorithms.rl import train
+    from minirlhf.stages.rl import train
     from minirlhf.config import load_config
 
     algo = registry.get(name)
@@ -330,8 +330,8 @@ def test_generate_plays_conversations_through_the_same_sampler(tmp_path):
 
 
 def test_judge_episodes_are_scored_by_the_judge_turn_by_turn(smol, tmp_path, monkeypatch):
-    from minirlhf.algorithms.grpo import GRPOConfig
-    from minirlhf.algorithms.rl_episodes import EpisodeSource
+    from minirlhf.rl.grpo import GRPOConfig
+    from minirlhf.stages.rl_episodes import EpisodeSource
     from minirlhf.config import load_config
 
     (tmp_path / "my_judge.py").write_text("def score(prompts, replies):\n    return [len(r) / 10 for r in replies]\n")

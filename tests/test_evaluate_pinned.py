@@ -13,11 +13,11 @@ import re
 import pytest
 import torch
 
-from minirlhf.algorithms.evaluate import (HEALTH_CHECKS, _gather, _summary, distinct_n, perplexity, plot_links,
+from minirlhf.stages.evaluate import (HEALTH_CHECKS, _gather, _summary, distinct_n, perplexity, plot_links,
                                           response_kl, response_nll, win_rate, write_report)
-from minirlhf.algorithms.grpo import GRPOConfig
-from minirlhf.algorithms.ppo import PPOConfig
-from minirlhf.algorithms.rl import train
+from minirlhf.rl.grpo import GRPOConfig
+from minirlhf.rl.ppo import PPOConfig
+from minirlhf.stages.rl import train
 from minirlhf.config import load_config
 from minirlhf.rundir import RunDir
 

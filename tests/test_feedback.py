@@ -600,8 +600,8 @@ def test_serving_off_this_machine_over_http_warns_of_clear_text(tiny_generator, 
 
 
 def test_serve_defaults_to_smollm2_and_serves_an_rl_run_only_when_named(tiny_generator, tmp_path, cli):
-    from minirlhf.algorithms.ppo import PPOConfig
-    from minirlhf.algorithms.rl import train
+    from minirlhf.rl.ppo import PPOConfig
+    from minirlhf.stages.rl import train
     from minirlhf.config import load_config
     from minirlhf.data.prompts import load_prompts
 

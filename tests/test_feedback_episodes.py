@@ -355,7 +355,7 @@ def test_held_out_episodes_are_scored_whole_by_the_judge():
 def test_a_loop_round_on_constraints_episodes(tmp_path, cli):
     """One whole round (about a minute on two CPU cores): episode pairs judged whole on the page by the simulated
     annotator, a reward model on the conversations, then GRPO on constraints episodes scored by that reward model."""
-    from minirlhf.algorithms.grpo import GRPOConfig
+    from minirlhf.rl.grpo import GRPOConfig
     from minirlhf.config import load_saved
 
     (tmp_path / "judge.py").write_text("def longer(prompts, responses):\n    return [len(r) for r in responses]\n")

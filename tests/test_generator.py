@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minirlhf import UserError
-from minirlhf.algorithms.generator import generate_texts, load_generator, perplexity, unigram_perplexity
+from minirlhf.stages.generator import generate_texts, load_generator, perplexity, unigram_perplexity
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, draw
 
@@ -45,7 +45,7 @@ def test_unigram_perplexity_is_add_one_smoothed_frequency():
     assert unigram_perplexity(train, val, v) == pytest.approx(expected)
 
 
-def test_training_writes_checkpoint_plots_and_beats_unigram(tiny_generator):
+def test_training_writes_checkpoint_plots_and_beats_uniform_guessing(tiny_generator):
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "perplexity.png", "samples.md",
                  "model.safetensors", "vocab.json", "checkpoint.json", "results.json"):
         assert (tiny_generator / name).is_file(), name
@@ -82,7 +82,7 @@ def test_damaged_checkpoints_are_user_errors(tiny_generator, tmp_path):
 @pytest.mark.slow
 def test_default_model_learns_the_tweets(tmp_path):
     """Learning test: two epochs of the default LSTM on 6,000 tweets beat the unigram model by a wide margin."""
-    from minirlhf.algorithms.generator import GeneratorConfig, train
+    from minirlhf.stages.generator import GeneratorConfig, train
     from minirlhf.config import load_config
 
     cfg = load_config(GeneratorConfig, overrides=["--data.max_train=6000", "--data.max_eval=1000",
@@ -104,7 +104,7 @@ def test_training_moved_every_parameter_from_its_initial_value(tiny_generator):
 
 
 def test_the_seed_makes_cpu_runs_repeatable(tmp_path):
-    from minirlhf.algorithms.generator import GeneratorConfig, train
+    from minirlhf.stages.generator import GeneratorConfig, train
     from minirlhf.config import load_config
 
     weights = []

@@ -1,4 +1,4 @@
-"""The health checks of an RL run (algorithms/guards.py): each provoked by crafted metrics, then two real runs on
+"""The health checks of an RL run (rl/guards.py): each provoked by crafted metrics, then two real runs on
 the LSTM whose responses are cut at one token and whose reward is the same for every response."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 from minirlhf import UserError
-from minirlhf.algorithms.guards import Guards
+from minirlhf.rl.guards import Guards
 
 HEALTHY = {"reward/mean": 0.0, "objective/kl": 0.5, "response/length": 10.0, "response/ended": 0.6,
            "response/distinct_2": 0.8, "response/ref_ppl": 30.0, "reward/flat_groups": 0.1}

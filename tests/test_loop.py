@@ -10,9 +10,9 @@ import sys
 import threading
 import time
 
-from minirlhf.algorithms.dpo import DPOConfig
-from minirlhf.algorithms.ppo import PPOConfig
-from minirlhf.algorithms.reward_model import RewardModelConfig
+from minirlhf.stages.dpo import DPOConfig
+from minirlhf.rl.ppo import PPOConfig
+from minirlhf.stages.reward_model import RewardModelConfig
 from minirlhf.checkpoint import load_json
 from minirlhf.config import load_saved
 

@@ -38,7 +38,9 @@ from pathlib import Path
 import pytest
 
 from minirlhf import UserError, cli
-from minirlhf.algorithms import registry, rl
+from minirlhf import registry as registry_of_stages
+from minirlhf.rl import registry
+from minirlhf.stages import rl
 from minirlhf.config import save_config
 from minirlhf.feedback import loop
 from minirlhf.models import rewards
@@ -46,7 +48,7 @@ from minirlhf.pipeline import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-GUIDES = [README] + [ROOT / "docs" / f"{name}.md" for name in ("guide", "benchmarks", "layout")]
+GUIDES = [README, ROOT / "CONTRIBUTING.md"] + [ROOT / "docs" / f"{name}.md" for name in ("guide", "benchmarks", "layout")]
 """the user's documents: the README and the guides it points to, read as one text"""
 
 
@@ -66,7 +68,7 @@ NOTATION = {"--section.key=value"}
 """tokens that stand for "any option" rather than for one"""
 PLACEHOLDER = re.compile(r"(?<![\w.])[A-Z][A-Z0-9_]*(?:\.(?:jsonl|yaml))?(?![\w])")
 RL_COMMANDS = [a.name.replace("_", "-") for a in registry.ALGORITHMS.values()]
-STAGES = {name: cls for name, cls, *_ in cli.STAGE_COMMANDS} | {"demo": DemoConfig} | \
+STAGES = {s.command: s.load_config() for s in registry_of_stages.STAGES.values() if s.command} | {"demo": DemoConfig} | \
     {a.name.replace("_", "-"): a.config for a in registry.ALGORITHMS.values()}
 """each training command's config class, as cli.py builds its commands"""
 SUBCOMMANDS = {"STAGE": [name for name in STAGES if name != "demo"], "NAME": RL_COMMANDS}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minirlhf import UserError
-from minirlhf.algorithms.reward_model import RewardModelConfig, bradley_terry_loss, train
+from minirlhf.stages.reward_model import RewardModelConfig, bradley_terry_loss, train
 from minirlhf.config import load_config
 from minirlhf.data.dialogue import dialogue_text, from_messages, is_dialogue, prompt_of, to_messages
 from minirlhf.data.preferences import Pair, length_baseline, read_pairs, split_pairs

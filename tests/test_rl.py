@@ -9,12 +9,12 @@ import torch
 import yaml
 
 from minirlhf import UserError
-from minirlhf.algorithms import registry
-from minirlhf.algorithms.grpo import GRPOConfig
-from minirlhf.algorithms.ppo import A2CConfig, PPOConfig, value_loss
-from minirlhf.algorithms.rl import AdaptiveKLController, _positions_read, _shuffled, policy_loss, train
-from minirlhf.algorithms.rl_core import DEFAULT_LR, default_lr
-from minirlhf.algorithms.rloo import RLOOConfig
+from minirlhf.rl import registry
+from minirlhf.rl.grpo import GRPOConfig
+from minirlhf.rl.ppo import A2CConfig, PPOConfig, value_loss
+from minirlhf.stages.rl import AdaptiveKLController, _positions_read, _shuffled, policy_loss, train
+from minirlhf.rl.core import DEFAULT_LR, default_lr
+from minirlhf.rl.rloo import RLOOConfig
 from minirlhf.config import load_config
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel
@@ -116,7 +116,7 @@ def _rows(run):
     (RLOOConfig, ["--group_size=2"], False),
 ])
 def test_two_steps_change_the_policy_with_finite_losses(cls, extra, critic, tiny_generator, tiny_classifier, tmp_path):
-    from minirlhf.algorithms.generator import load_generator
+    from minirlhf.stages.generator import load_generator
 
     run = _run(cls, tiny_generator, tiny_classifier, tmp_path / "run", "--steps=2", "--batch_size=8",
                "--minibatch_size=4", *extra)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minirlhf import DataError
-from minirlhf.algorithms.sft import SFTConfig, sft_loss, train
+from minirlhf.stages.sft import SFTConfig, sft_loss, train
 from minirlhf.config import load_config
 from minirlhf.data.sentiment import load_splits
 from minirlhf.config import DataConfig

@@ -23,18 +23,20 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError, MachineError, UserError, __version__, distributed, doctor
-from minirlhf.algorithms import classifier, dpo, generator, registry, reward_model, rl, sft
-from minirlhf.algorithms.evaluate import evaluate_run
+from minirlhf.rl import registry
+from minirlhf.stages import classifier, reward_model
+from minirlhf.stages.evaluate import evaluate_run
 from minirlhf.config import DataConfig, describe, load_config, load_saved
 from minirlhf.data.prompts import PromptConfig
 from minirlhf.envs.base import EnvConfig, env_factory, env_prompts
 from minirlhf.data.sentiment import read_source
-from minirlhf.feedback import commands, loop
+from minirlhf.feedback import commands
 from minirlhf.feedback.pairs import Sampling, add_sampling_flags
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.episodes import need_chat, sample_episodes
 from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
+from minirlhf.registry import STAGES
 from minirlhf.rundir import RunDir, check_new
 from minirlhf.runtime import configure_process, pick_device, seed_everything
 
@@ -138,37 +140,18 @@ def _train(train, what: str, cfg, resume, overwrite: bool) -> int:
     return 0
 
 
-RL_DONE = ("report.md, results.json, samples.md, plots; checkpoint/: `minirlhf generate {run}`, "
-           "`minirlhf evaluate {run}`, `--resume {run}`")
-STAGE_COMMANDS = (
-    ("train-classifier", classifier.ClassifierConfig, classifier.train,
-     "stage 1: fine-tune an encoder as sentiment classifier", "plots: loss.png, accuracy.png; model: model/"),
-    ("train-generator", generator.GeneratorConfig, generator.train, "stage 3: train the word-level LSTM language "
-     "model", "plots: loss.png, perplexity.png; samples: samples.md"),
-    ("train-reward-model", reward_model.RewardModelConfig, reward_model.train, "a Bradley-Terry reward model from "
-     "preference pairs (--preferences FILE.jsonl)", "results.json, plots; model/: `minirlhf eval-reward-model {run} "
-     "--preferences FILE`, or the RLHF reward term --reward.reward_model={run}"),
-    ("sft", sft.SFTConfig, sft.train, "supervised fine-tuning of a policy on given responses (--policy smollm2|MODEL|RUN "
-     "--data FILE.jsonl)", "report.md, results.json, loss.png; checkpoint/policy: `minirlhf generate {run}`, or "
-     "--policy {run} for a later stage"),
-    ("dpo", dpo.DPOConfig, dpo.train, "DPO/IPO from preference pairs, no reward model (--policy GENERATOR_RUN|smollm2|"
-     "MODEL --preferences FILE.jsonl)", "report.md, results.json, plots; checkpoint/policy: `minirlhf generate {run}`, "
-     "or --policy {run} for a later stage"),
-    ("loop", loop.LoopConfig, loop.train, "iterated RLHF: rounds of pairs on the feedback page, labels (people or "
-     "--annotator simulate:JUDGE), reward model, policy (--policy P --rounds R --labels N --method ppo|grpo|dpo)",
-     "report.md (a row per round), results.json, plots; round-K/: its page's database, labels, reward_model/, "
-     "policy/; --policy {run} starts from its last policy"),
-)
-
-
 def _add_stages(sub) -> None:
+    """A command per stage of the registry that has one, and one per RL algorithm."""
     _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo, resume=False)
-    for name, cls, train, help, what in STAGE_COMMANDS:
-        _add_stage(sub, name, cls, help, lambda cfg, *run, t=train, w=what: _train(t, w, cfg, *run))
+    for stage in STAGES.values():
+        if stage.command:
+            _add_stage(sub, stage.command, stage.load_config(), stage.help,
+                       lambda cfg, *run, s=stage: _train(s.load_train(), s.done, cfg, *run))
+    rl = STAGES["rl"]
     for algo in registry.ALGORITHMS.values():
         _add_stage(sub, algo.name.replace("_", "-"), algo.config, f"RLHF with {algo.summary} (--policy "
                    "GENERATOR_RUN|smollm2|MODEL --reward CLASSIFIER_RUN)",
-                   lambda cfg, *run: _train(rl.train, RL_DONE, cfg, *run))
+                   lambda cfg, *run: _train(rl.load_train(), rl.done, cfg, *run))
 
 
 def _demo(cfg, resume, overwrite: bool) -> int:

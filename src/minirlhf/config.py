@@ -2,7 +2,8 @@
 
 A stage config is a dataclass whose fields are plain values or nested dataclasses; each field
 has a docstring right below it (cleanrl style). Range and choice rules live next to the fields
-in a `checks` class variable, e.g. `checks = {"lr": "> 0", "device": "{auto,cpu,cuda,mps}"}`.
+in a `checks` class variable, e.g. `checks = {"lr": "> 0", "device": "{auto,cpu,cuda,mps}"}`; a subclass lists
+only its own rules: those of its bases apply too (`checks_of`), and a rule of the same key replaces theirs.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class TrainingRunConfig(RunConfig):
     dist_timeout_s: float = 1800.0
     """under torchrun, how long a process waits for the others at a collective before the run stops with one line"""
 
-    checks: ClassVar[dict] = {**RunConfig.checks, "save_every": ">= 1", "keep_checkpoints": ">= 1",
+    checks: ClassVar[dict] = {"save_every": ">= 1", "keep_checkpoints": ">= 1",
                               "guards": "{warn,strict,off}", "strategy": "{ddp,fsdp}", "dist_timeout_s": "> 0"}
 
 
@@ -126,7 +127,7 @@ class OptimConfig(OptimizerConfig):
     log_every: int = 20
     """write the training loss to metrics.jsonl every this many steps"""
 
-    checks: ClassVar[dict] = {**OptimizerConfig.checks, "epochs": ">= 1", "batch_size": ">= 1", "weight_decay": ">= 0",
+    checks: ClassVar[dict] = {"epochs": ">= 1", "batch_size": ">= 1", "weight_decay": ">= 0",
                               "warmup_ratio": "[0, 1]", "log_every": ">= 1"}
 
 
@@ -140,7 +141,7 @@ class MicroBatchOptimConfig(OptimConfig):
     weight_decay: float = 0.0
     log_every: int = 1
 
-    checks: ClassVar[dict] = {**OptimConfig.checks, "micro_batch_size": ">= 1"}
+    checks: ClassVar[dict] = {"micro_batch_size": ">= 1"}
 
 
 @dataclasses.dataclass
@@ -285,8 +286,16 @@ def _number(value) -> float | None:
 _RANGE = re.compile(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])")
 
 
+def checks_of(cls: type) -> dict[str, str]:
+    """The rules of `cls` and of every base it inherits, the nearest class's rule winning."""
+    merged: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(vars(klass).get("checks", {}))
+    return merged
+
+
 def _check(obj, prefix: str) -> None:
-    for name, rule in getattr(obj, "checks", {}).items():
+    for name, rule in checks_of(type(obj)).items():
         value = getattr(obj, name)
         if value is None:
             continue

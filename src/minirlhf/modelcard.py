@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from minirlhf.checkpoint import atomic_write_text
+from minirlhf.registry import method as method_title
 
 KNOWN_MODELS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 """the offline aliases and the hub models they are copies of"""
@@ -23,11 +24,6 @@ FIRST = ("reward_policy", "reward_reference", "win_rate", "kl", "accuracy", "eva
          "after/rewards/accuracy", "after/rewards/margin", "after/eval/loss", "after/eval/perplexity", "test_accuracy",
          "test_f1", "eval_margin", "length_baseline", "eval/loss", "eval_loss", "val_perplexity")
 """the results shown first in the table, in this order, where a run has them"""
-METHODS = {"ppo": "PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "a2c": "A2C", "dpo": "DPO",
-           "sft": "supervised fine-tuning (SFT)", "reward_model": "Bradley-Terry reward modelling on preference pairs",
-           "classifier": "supervised fine-tuning on labelled sentiment texts",
-           "generator": "language modelling on the corpus texts", "loop": "iterated RLHF (rounds of labels, reward "
-           "model and policy)"}
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -128,8 +124,8 @@ def how_to_load(kind: str, folder: Path) -> list[str]:
             f"or `minirlhf generate {run} --prompt \"...\"`, or `--policy {run}` to start a later stage from it."]
 
 
-def _trained(base: str | None, method: str, data: str | None) -> list[str]:
-    lines = [f"- method: {METHODS.get(method, method)}"]
+def _trained(base: str | None, title: str, data: str | None) -> list[str]:
+    lines = [f"- method: {title}"]
     if base:
         hub = hub_model(base)
         where = f"[{hub}](https://huggingface.co/{hub})" if hub else f"`{base}` (a local model or minirlhf run)"
@@ -152,13 +148,15 @@ def _command(command: str) -> list[str]:
     return [fence + "bash", command, fence]
 
 
-def render(folder: Path, base: str | None, method: str, data: str | None, results: dict, command: str) -> str:
-    kind, run = _kind(folder), _run_dir(folder)
+def render(folder: Path, base: str | None, method: str, data: str | None, results: dict, command: str,
+           title: str | None = None) -> str:
+    """`method` is a stage's or RL algorithm's name (a tag); `title` how the text names it (default: the stage's)."""
+    kind, run, title = _kind(folder), _run_dir(folder), title or method_title(method)
     head = "---\n" + yaml.safe_dump(front_matter(kind, base, method, data), sort_keys=False) + "---\n"
     body = [f"# {Path(run).name if run != 'RUN_DIR' else folder.name}", "",
             f"This is {WHAT[kind]}, trained with minirlhf (a small, readable RLHF pipeline) using "
-            f"{METHODS.get(method, method)}.", "",
-            "## Training", "", *_trained(base, method, data), "",
+            f"{title}.", "",
+            "## Training", "", *_trained(base, title, data), "",
             "## Results", "", *results_table(results), "",
             "## The command that made it", "", *_command(command), "",
             "## How to load it", "", *how_to_load(kind, folder)]
@@ -166,9 +164,9 @@ def render(folder: Path, base: str | None, method: str, data: str | None, result
 
 
 def write_model_card(folder, *, base_model: str | None, method: str, data: str | None, results: dict,
-                     command: str) -> Path:
+                     command: str, title: str | None = None) -> Path:
     """Write folder/README.md (atomically) and return its path."""
     folder = Path(folder)
     path = folder / "README.md"
-    atomic_write_text(path, render(folder, base_model, method, data, results, command))
+    atomic_write_text(path, render(folder, base_model, method, data, results, command, title))
     return path

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minirlhf import distributed
-from minirlhf.algorithms import classifier, generator, rl
-from minirlhf.algorithms.classifier import ClassifierConfig, ClassifierModelConfig, ClassifierTrainConfig
-from minirlhf.algorithms.generator import GeneratorConfig
-from minirlhf.algorithms.ppo import PPOConfig
-from minirlhf.algorithms.rl_core import RLOptimizerConfig
+from minirlhf.stages import classifier, generator, rl
+from minirlhf.stages.classifier import ClassifierConfig, ClassifierModelConfig, ClassifierTrainConfig
+from minirlhf.stages.generator import GeneratorConfig
+from minirlhf.rl.ppo import PPOConfig
+from minirlhf.rl.core import RLOptimizerConfig
 from minirlhf.checkpoint import load_json
 from minirlhf.config import DataConfig, RunConfig
 from minirlhf.data.prompts import PromptConfig

@@ -26,14 +26,7 @@ from pathlib import Path
 from minirlhf import RunError, __version__
 from minirlhf.checkpoint import atomic_dir, discard, load_json, old_copy, recover_dir, save_json
 from minirlhf.config import save_config
-
-STAGES = ("classifier", "generator", "reward_model", "sft", "dpo", "rl", "demo", "loop")
-"""the kinds of run; an RL run also records its algorithm"""
-A_STAGE = {"classifier": "a classifier", "generator": "a generator", "reward_model": "a reward-model", "sft": "an SFT",
-           "dpo": "a DPO", "rl": "an RL", "demo": "a demo", "loop": "a loop"}
-POLICY_STAGES = ("generator", "sft", "dpo", "rl")
-"""stages whose run is a policy that `--policy RUN` starts from"""
-
+from minirlhf.registry import STAGES, noun
 
 @dataclass(frozen=True)
 class RunDir:
@@ -84,7 +77,7 @@ class RunDir:
         if self.stage == "loop":  # the policy of the last round it finished
             inner = RunDir.find(self.path / load_json(self.state)["policy_run"]) if self.state.is_file() else None
             return inner.policy() if inner is not None else None
-        if self.stage in POLICY_STAGES and self.saved("policy").is_dir():
+        if self.stage in STAGES and STAGES[self.stage].policy and self.saved("policy").is_dir():
             return self.saved("policy")
         return None
 
@@ -132,7 +125,7 @@ class RunDir:
             raise RunError(f"{path} is not a minirlhf run directory (no run.json)" +
                            (f"; make one with `minirlhf {command}`" if command else ""))
         if stage is not None and run.stage != stage:
-            raise RunError(f"{path} is {A_STAGE.get(run.stage, run.stage)} run, not {A_STAGE[stage]} run" +
+            raise RunError(f"{path} is {noun(run.stage)} run, not {noun(stage)} run" +
                            (f"; make one with `minirlhf {command}`" if command else ""))
         return run
 
@@ -181,7 +174,7 @@ def check_new(out: str | Path | None, overwrite: bool = False) -> bool:
     if (path / "run.json").is_file():
         if overwrite:
             return True
-        kind = A_STAGE.get(load_json(path / "run.json").get("stage"), "a")
+        kind = noun(load_json(path / "run.json").get("stage") or "a")
         raise RunError(f"{path} already holds {kind} run; continue it with --resume {path}, or pass --overwrite "
                        f"to move it aside (to {path}.replaced-TIME) and start anew there")
     if path.is_dir() and any(path.iterdir()):

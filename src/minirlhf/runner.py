@@ -38,6 +38,7 @@ from minirlhf.checkpoint import (NotFinite, atomic_write_text, load_json, load_o
 from minirlhf.config import load_yaml_dict, save_config, to_dict
 from minirlhf.metrics import MetricsWriter
 from minirlhf.modelcard import write_model_card
+from minirlhf.registry import STAGES
 from minirlhf.rundir import RunDir, check_new, fresh_path
 from minirlhf.precision import Precision, measured, precision, set_precision
 from minirlhf.runtime import memory_report, peak_memory_mb, pick_device, rng_state, seed_everything, set_rng_state
@@ -71,7 +72,7 @@ class Job(Protocol):
     """What a stage gives the runner. Attributes are set by `setup` at the latest."""
 
     name: str  # the progress bar's label and the default run folder's prefix
-    stage: str  # one of rundir.STAGES
+    stage: str  # a name in registry.STAGES
     algorithm: str | None
     base: str | None  # what it starts from (a model or a run): a resumed run must start from the same
     steps: int
@@ -194,7 +195,7 @@ def _finish(run_: Run, job: Job) -> None:
 def _model_cards(run_: Run, job: Job, results: dict) -> None:
     """README.md in the folder of every model the run made (the policy; a classifier's or reward model's model/),
     as the Hugging Face hub shows it."""
-    folders = [run_.dir.policy() if job.stage in ("generator", "sft", "dpo", "rl") else None, run_.dir.model]
+    folders = [run_.dir.policy() if STAGES[job.stage].policy else None, run_.dir.model]
     cfg = run_.cfg
     data = getattr(cfg, "preferences", None) or getattr(getattr(cfg, "data", None), "source", None)
     command = (f"minirlhf {shlex.join(sys.argv[1:])}" if Path(sys.argv[0]).name in ("minirlhf", "__main__.py")
@@ -202,7 +203,7 @@ def _model_cards(run_: Run, job: Job, results: dict) -> None:
     for folder in folders:
         if folder is not None and folder.is_dir():
             write_model_card(folder, base_model=job.base, method=job.algorithm or job.stage, data=data,
-                             results=results, command=command)
+                             results=results, command=command, title=getattr(job, "title", None))
 
 
 def save_checkpoint(run_dir: RunDir, job: Job, step: int, keep: int = 1, metrics_rows: int | None = None) -> None:

@@ -31,10 +31,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from minirlhf import ConfigError, RunError, runner
-from minirlhf.algorithms import dpo, registry
-from minirlhf.algorithms.reward_model import RewardModelConfig, RewardModelModelConfig, RewardModelTrainConfig
-from minirlhf.algorithms.reward_model import train as train_reward_model
-from minirlhf.algorithms.evaluate import evaluate_policy, md_cell
+from minirlhf.rl import registry
+from minirlhf.stages import dpo
+from minirlhf.stages.reward_model import RewardModelConfig, RewardModelModelConfig, RewardModelTrainConfig
+from minirlhf.stages.reward_model import train as train_reward_model
+from minirlhf.stages.evaluate import evaluate_policy, md_cell
 from minirlhf.checkpoint import atomic_write_text, load_json
 from minirlhf.config import DataConfig, TrainingRunConfig, load_config
 from minirlhf.data.preferences import read_pairs, split_pairs
@@ -112,7 +113,7 @@ class LoopConfig(TrainingRunConfig):
     """how long a round waits for its labels, in seconds"""
     save_every: int = 1
 
-    checks = {**TrainingRunConfig.checks, "rounds": ">= 1", "ensemble": "[1, 16]", "labels": ">= 2", "beta": ">= 0", "annotators": ">= 1",
+    checks = {"rounds": ">= 1", "ensemble": "[1, 16]", "labels": ">= 2", "beta": ">= 0", "annotators": ">= 1",
               "select": "{random,uncertain}", "ahead": ">= 1", "temperature": "> 0", "response_len": ">= 1",
               "heldout_fraction": "(0, 0.5]", "steps": ">= 1", "eval_batch_size": ">= 1", "wait_s": "> 0"}
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from minirlhf.algorithms import dpo, registry, rl
+from minirlhf.rl import registry
+
+from minirlhf.stages import dpo, rl
 from minirlhf.config import load_config
 from minirlhf.feedback import loop_episodes
 

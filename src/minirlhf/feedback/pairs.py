@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError, ModelError
-from minirlhf.algorithms.evaluate import rl_run
+from minirlhf.stages.evaluate import rl_run
 from minirlhf.config import DataConfig
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.prompts import PromptConfig, first_words, load_prompts, read_prompts

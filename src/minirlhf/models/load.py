@@ -14,7 +14,8 @@ from minirlhf.checkpoint import load_json
 from minirlhf.models.causal_lm import CausalLMPolicy
 from minirlhf.models.lstm import load_generator
 from minirlhf.models.policy import LSTMPolicy, load_value_head
-from minirlhf.rundir import A_STAGE, RunDir
+from minirlhf.registry import noun
+from minirlhf.rundir import RunDir
 
 
 @dataclass
@@ -50,7 +51,7 @@ def policy_folder(spec: str) -> Path | None:
     if run is not None:
         folder = run.policy()
         if folder is None:
-            raise RunError(f"{spec} is {A_STAGE.get(run.stage, run.stage)} run with no policy to start from; give a "
+            raise RunError(f"{spec} is {noun(run.stage)} run with no policy to start from; give a "
                            "generator, RL or DPO run (after its first checkpoint), a model folder, or a model name")
         return folder
     path = Path(spec)

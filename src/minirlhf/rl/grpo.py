@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minirlhf.algorithms.rl_core import Algorithm, Batch, GroupConfig, RLConfig, k3_in_loss
+from minirlhf.rl.core import Algorithm, Batch, GroupConfig, RLConfig, k3_in_loss
 from minirlhf.ops import group_whiten, per_token, returns_to_go, turn_index
 
 
@@ -20,7 +20,6 @@ class GRPOConfig(GroupConfig, RLConfig):
     """beta: weight of the k3 KL term in the loss"""
 
     algorithm = "grpo"
-    checks = {**RLConfig.checks, **GroupConfig.checks}
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
@@ -31,5 +30,5 @@ def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
     return Batch(rollout, kl.ref_logprobs, per_token(group_whiten(returns_to_go(scores), cfg.group_size), turns) * mask)
 
 
-GRPO = Algorithm("grpo", GRPOConfig, "GRPO: group-standardised rewards, no critic", advantages, grouped=True,
+GRPO = Algorithm(GRPOConfig, "GRPO", "GRPO: group-standardised rewards, no critic", advantages, grouped=True,
                  loss_terms=k3_in_loss)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from minirlhf import ConfigError
-from minirlhf.algorithms.evaluate import conversation_md
+from minirlhf.stages.evaluate import conversation_md
 from minirlhf.envs.base import env_factory
 from minirlhf.models.episodes import Episodes, sample_episodes
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError, distributed, runner, sharding
-from minirlhf.algorithms import registry
-from minirlhf.algorithms.evaluate import (distinct_n, evaluate_episodes, evaluate_policy, held_out_reward, in_minibatches,
+from minirlhf.rl import registry
+from minirlhf.stages.evaluate import (distinct_n, evaluate_episodes, evaluate_policy, held_out_reward, in_minibatches,
                                           perplexity,
                                           response_nll, sample_table, training_plots, write_episode_report, write_report)
-from minirlhf.algorithms.guards import Guards
-from minirlhf.algorithms import rl_episodes
-from minirlhf.algorithms.rl_core import (AdaptiveKLController, Algorithm, Batch, RLConfig, default_lr, kl_terms,
+from minirlhf.rl.guards import Guards
+from minirlhf.stages import rl_episodes
+from minirlhf.rl.core import (AdaptiveKLController, Algorithm, Batch, RLConfig, default_lr, kl_terms,
                                          policy_loss, value_loss, explained_variance)
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
@@ -218,6 +218,7 @@ class RLJob:
     def __init__(self, cfg: RLConfig):
         self.cfg, self.algo = cfg, registry.get(cfg.algorithm)
         self.name = self.algorithm = cfg.algorithm
+        self.title = self.algo.title  # the model card's method
         self.base, self.steps = cfg.policy, cfg.steps
         self.train_s, self.samples = 0.0, ""
 

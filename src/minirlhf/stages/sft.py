@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError, runner
-from minirlhf.algorithms.evaluate import md_cell, plot_links
+from minirlhf.stages.evaluate import md_cell, plot_links
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import MicroBatchOptimConfig, TrainingRunConfig
 from minirlhf.data.sft import Example, read_examples, split_examples
@@ -63,7 +63,7 @@ class SFTConfig(TrainingRunConfig):
     samples: int = 4
     """held-out prompts the trained policy answers in report.md (0: none)"""
 
-    checks = {**TrainingRunConfig.checks, "eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1",
+    checks = {"eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1",
               "max_prompt_tokens": ">= 1", "max_response_tokens": ">= 1", "eval_every": ">= 0", "samples": ">= 0"}
 
 

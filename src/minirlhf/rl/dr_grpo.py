@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minirlhf.algorithms.rl_core import Algorithm, Batch, GroupConfig, RLConfig, k3_in_loss
+from minirlhf.rl.core import Algorithm, Batch, GroupConfig, RLConfig, k3_in_loss
 from minirlhf.ops import per_token, returns_to_go, turn_index
 
 
@@ -26,7 +26,6 @@ class DrGRPOConfig(GroupConfig, RLConfig):
     """weight of the k3 KL term in the loss (0 drops it, as the paper does for rule-based rewards)"""
 
     algorithm = "dr_grpo"
-    checks = {**RLConfig.checks, **GroupConfig.checks}
 
 
 def group_center(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -49,5 +48,5 @@ def constant_normaliser(mask: torch.Tensor, cfg) -> torch.Tensor:
     return torch.tensor(float(mask.size(0) * cfg.response_len), device=mask.device)
 
 
-DR_GRPO = Algorithm("dr_grpo", DrGRPOConfig, "Dr. GRPO: group-mean baseline, no std, token sums over a constant",
+DR_GRPO = Algorithm(DrGRPOConfig, "Dr. GRPO", "Dr. GRPO: group-mean baseline, no std, token sums over a constant",
                     advantages, grouped=True, loss_terms=k3_in_loss, normaliser=constant_normaliser)

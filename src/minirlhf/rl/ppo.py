@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minirlhf import ConfigError
-from minirlhf.algorithms.rl_core import Algorithm, Batch, RLConfig, value_loss
+from minirlhf.rl.core import Algorithm, Batch, RLConfig, value_loss
 from minirlhf.ops import gae, masked_whiten, token_rewards
 
 __all__ = ["PPOConfig", "A2CConfig", "PPO", "A2C", "advantages", "value_loss"]  # the clipped value loss is PPO's
@@ -31,7 +31,7 @@ class PPOConfig(RLConfig):
     """GAE lambda"""
 
     algorithm = "ppo"
-    checks = {**RLConfig.checks, "critic": "{head,separate}", "vf_coef": ">= 0", "clip_value": "> 0",
+    checks = {"critic": "{head,separate}", "vf_coef": ">= 0", "clip_value": "> 0",
               "gamma": "[0, 1]", "gae_lambda": "[0, 1]"}
 
 
@@ -46,7 +46,7 @@ class A2CConfig(PPOConfig):
     """responses per gradient step (at least batch_size for A2C: one step per rollout)"""
 
     algorithm = "a2c"
-    checks = {**PPOConfig.checks, "ppo_epochs": "[1, 1]"}
+    checks = {"ppo_epochs": "[1, 1]"}
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
@@ -63,6 +63,6 @@ def one_step_per_rollout(cfg) -> None:
         raise ConfigError("a2c makes one gradient step per rollout: keep ppo_epochs=1 and minibatch_size >= batch_size")
 
 
-PPO = Algorithm("ppo", PPOConfig, "PPO with a value head, GAE and adaptive KL", advantages, critic=True)
-A2C = Algorithm("a2c", A2CConfig, "A2C: one unclipped policy-gradient step per rollout", advantages, critic=True,
+PPO = Algorithm(PPOConfig, "PPO", "PPO with a value head, GAE and adaptive KL", advantages, critic=True)
+A2C = Algorithm(A2CConfig, "A2C", "A2C: one unclipped policy-gradient step per rollout", advantages, critic=True,
                 check=one_step_per_rollout)

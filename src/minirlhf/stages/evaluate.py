@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from minirlhf import RunError
-from minirlhf.algorithms import registry
+from minirlhf.rl import registry
 from minirlhf.checkpoint import atomic_write_text, load_json, save_json
 from minirlhf.config import load_saved
 from minirlhf.data.prompts import load_prompts
@@ -24,7 +24,8 @@ from minirlhf.models.episodes import sample_episodes
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.rewards import TERMS, Reward
 from minirlhf.ops import kl_estimate, turn_index, turn_sums
-from minirlhf.rundir import A_STAGE, RunDir
+from minirlhf.registry import noun
+from minirlhf.rundir import RunDir
 from minirlhf.runtime import pick_device
 
 
@@ -314,7 +315,7 @@ def rl_run(path: str | Path) -> tuple[RunDir, object]:
     """An RL run with a checkpoint, and the config it was trained with as its algorithm's own dataclass."""
     run = RunDir.find(path)
     if run is None or run.stage != "rl" or run.policy() is None:
-        what = "not a minirlhf run" if run is None else f"{A_STAGE[run.stage]} run" if run.stage != "rl" else "not saved yet"
+        what = "not a minirlhf run" if run is None else f"{noun(run.stage)} run" if run.stage != "rl" else "not saved yet"
         raise RunError(f"{path} is not an RL run with a checkpoint ({what}); train one with `minirlhf ppo`")
     return run, load_saved(registry.get(run.algorithm).config, run.config)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minirlhf.algorithms.rl_core import Algorithm, Batch, GroupConfig, RLConfig
+from minirlhf.rl.core import Algorithm, Batch, GroupConfig, RLConfig
 from minirlhf.ops import leave_one_out, masked_whiten, per_token, returns_to_go, turn_index, turn_sums
 
 
@@ -17,7 +17,6 @@ class RLOOConfig(GroupConfig, RLConfig):
     """coefficient of the per-response KL penalty in the reward"""
 
     algorithm = "rloo"
-    checks = {**RLConfig.checks, **GroupConfig.checks}
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
@@ -30,4 +29,4 @@ def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:
     return Batch(rollout, kl.ref_logprobs, adv)
 
 
-RLOO = Algorithm("rloo", RLOOConfig, "RLOO: leave-one-out baselines, no critic", advantages, grouped=True)
+RLOO = Algorithm(RLOOConfig, "RLOO", "RLOO: leave-one-out baselines, no critic", advantages, grouped=True)

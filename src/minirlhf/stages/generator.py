@@ -46,7 +46,7 @@ class GeneratorTrainConfig(OptimConfig):
     max_tokens: int = 40
     """words per text used for training (longer texts are cut)"""
 
-    checks = {**OptimConfig.checks, "max_tokens": ">= 2"}
+    checks = {"max_tokens": ">= 2"}
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import ConfigError, distributed, runner, sharding
-from minirlhf.algorithms.evaluate import md_cell, plot_links
+from minirlhf.stages.evaluate import md_cell, plot_links
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig
 from minirlhf.data.preferences import Pair, length_baseline, load_split
@@ -41,7 +41,7 @@ class DPOTrainConfig(MicroBatchOptimConfig):
     """pairs per optimizer step"""
     lr: float = 5e-5
 
-    checks = {**MicroBatchOptimConfig.checks, "steps": ">= 0"}
+    checks = {"steps": ">= 0"}
 
 
 @dataclass
@@ -76,7 +76,7 @@ class DPOConfig(PreferenceDataConfig, TrainingRunConfig):
     """held-out prompts that the reference and the trained policy answer in report.md (0: none)"""
 
     algorithm = "dpo"
-    checks = {**TrainingRunConfig.checks, **PreferenceDataConfig.checks, "beta": "> 0",
+    checks = {"beta": "> 0",
               "loss_type": "{sigmoid,ipo}", "label_smoothing": "[0, 0.5)", "max_prompt_tokens": ">= 1",
               "max_response_tokens": ">= 1", "eval_every": ">= 0", "samples": ">= 0"}
 

@@ -94,7 +94,7 @@ class RLConfig(TrainingRunConfig):
     with `time/train_s`, the training time so far (0: evaluate at the end only)"""
 
     algorithm: ClassVar[str] = ""
-    checks = {**TrainingRunConfig.checks, "steps": ">= 1", "batch_size": ">= 1", "response_len": ">= 1",
+    checks = {"steps": ">= 1", "batch_size": ">= 1", "response_len": ">= 1",
               "ppo_epochs": ">= 1", "minibatch_size": ">= 1", "clip_eps": "> 0", "kl_coef": ">= 0",
               "kl_estimator": "{k1,k3}", "kl_target": "> 0", "kl_horizon": ">= 1", "target_kl": "> 0",
               "sample_every": ">= 1", "eval_every": ">= 0"}
@@ -150,11 +150,12 @@ def token_count(mask: torch.Tensor, cfg) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Algorithm:
-    """What an RL algorithm decides; `rl.py` runs the loop around it."""
+    """What an RL algorithm decides; stages/rl.py runs the loop around it."""
 
-    name: str
     config: type
-    """its config dataclass, an RLConfig"""
+    """its config dataclass, an RLConfig whose `algorithm` is the name the registry and the CLI know it by"""
+    title: str
+    """how reports and model cards name it ("Dr. GRPO")"""
     summary: str
     """one line for `minirlhf --help`"""
     advantages: Callable[..., Batch]
@@ -169,6 +170,10 @@ class Algorithm:
     """(response_mask of a whole minibatch (B, T), cfg) -> what the token sums of every loss are divided by"""
     check: Callable[[object], None] | None = None
     """config checks beyond the ranges of its fields; raise UserError"""
+
+    @property
+    def name(self) -> str:
+        return self.config.algorithm
 
     def group_size(self, cfg) -> int:
         return cfg.group_size if self.grouped else 1

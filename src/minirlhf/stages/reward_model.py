@@ -59,7 +59,7 @@ class RewardModelTrainConfig(OptimConfig):
     eval_batch_size: int = 64
     """texts per forward pass when evaluating and caching"""
 
-    checks = {**OptimConfig.checks, "eval_batch_size": ">= 1"}
+    checks = {"eval_batch_size": ">= 1"}
 
 
 @dataclass
@@ -74,7 +74,7 @@ class RewardModelConfig(PreferenceDataConfig, TrainingRunConfig):
     bootstrap: bool = True
     """with an ensemble, weigh each member's pairs by its own Poisson(1) draws (a bootstrap resample)"""
 
-    checks = {**TrainingRunConfig.checks, **PreferenceDataConfig.checks, "ensemble": "[1, 16]"}
+    checks = {"ensemble": "[1, 16]"}
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:

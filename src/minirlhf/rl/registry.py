@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from minirlhf import ConfigError
-from minirlhf.algorithms.dr_grpo import DR_GRPO
-from minirlhf.algorithms.grpo import GRPO
-from minirlhf.algorithms.ppo import A2C, PPO
-from minirlhf.algorithms.rl_core import Algorithm
-from minirlhf.algorithms.rloo import RLOO
+from minirlhf.rl.dr_grpo import DR_GRPO
+from minirlhf.rl.grpo import GRPO
+from minirlhf.rl.ppo import A2C, PPO
+from minirlhf.rl.core import Algorithm
+from minirlhf.rl.rloo import RLOO
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (PPO, GRPO, RLOO, A2C, DR_GRPO)}
 

@@ -53,7 +53,7 @@ class ClassifierTrainConfig(OptimConfig):
     eval_batch_size: int = 64
     """texts per forward pass when evaluating and caching"""
 
-    checks = {**OptimConfig.checks, "eval_batch_size": ">= 1"}
+    checks = {"eval_batch_size": ">= 1"}
 
 
 @dataclass

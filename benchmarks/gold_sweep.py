@@ -1,0 +1,54 @@
+"""Fewer labels, longer PPO: does the single reward model's gold reward peak and fall? One seed of the gold frontier's
+offline arm (`minirlhf loop`, one round) per label count, reusing the frontier's gold judge, SFT policy, openings
+and annotator noise (run `gold_frontier.py` first). Prints and saves per-8-step means of KL, gold, proxy and the
+ensemble's disagreement, and the guards that fired.
+
+Run from the repository root: `.venv/bin/python benchmarks/gold_sweep.py --labels 40,80 --steps 64 --lr 2e-4 --kl 0.001`
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from common import ROOT
+import gold_steps as steps
+
+from minirlhf.checkpoint import atomic_write_text
+from minirlhf.runtime import configure_process
+
+FRONTIER = ROOT / "runs" / "bench-gold-frontier"
+
+
+def binned(curve: dict, width: int = 8) -> list[dict]:
+    return [{"steps": f"{curve['step'][i]}-{curve['step'][min(i + width, len(curve['step'])) - 1]}",
+             **{k: round(statistics.mean(curve[k][i: i + width]), 3) for k in ("kl", "gold", "proxy", "ensemble_std")}}
+            for i in range(0, len(curve["step"]), width)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--labels", default="40,80")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--kl", type=float, default=0.001)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench-gold-sweep"))
+    args = p.parse_args()
+    configure_process()
+    part = lambda name: json.loads((FRONTIER / "parts" / f"{name}.json").read_text())  # noqa: E731
+    shared = dict(steps=args.steps, lr=args.lr, kl=args.kl, members=4, response_len=24, eval_prompts_n=48,
+                  gold=part("gold")["path"], sft=part("sft")["path"], beta=part("heldout")["beta"],
+                  train_prompts=str(FRONTIER / "train_prompts.jsonl"), eval_prompts=str(FRONTIER / "eval_prompts.jsonl"))
+    result = {"settings": vars(args), "runs": {}}
+    for n in map(int, args.labels.split(",")):
+        out = steps.loop_run(Path(args.out), f"labels-{n}", 1, args.seed, argparse.Namespace(labels=n, **shared))
+        rounds = out["rounds"][-1]
+        result["runs"][str(n)] = {"bins": binned(out["curve"]), "health": [f"{h['guard']}@{h['step']}" for h in
+                                                                           out["curve"]["health"]], "round": rounds}
+    atomic_write_text(ROOT / "benchmarks" / "results" / "gold_sweep.json", json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
