@@ -2,8 +2,9 @@
 
 A few hundred training pairs and ~100 held-out ones (split by prompt), prompts cut to their last 128 tokens and
 responses to 64; the lowest 24 of the 30 layers are frozen (their output is computed once, with the reference
-log-probs). Bar: on the held-out pairs the implicit-reward accuracy rises above its value at step 0 (0: every
-implicit reward is 0 there) and the policy's log-prob margin, log pi(chosen) - log pi(rejected), grows.
+log-probs). Bar: on the held-out pairs the implicit-reward accuracy is above chance (0.5; at step 0 it is 0 by
+construction, every implicit reward being 0, so "above step 0" would prove nothing) and the policy's log-prob
+margin, log pi(chosen) - log pi(rejected), grows; reported besides: accuracy against the longer-response baseline.
 Prints one JSON object. Run from the repository root: `.venv/bin/python benchmarks/dpo_hh.py [--lr=1e-4 ...]`
 (overrides go to `minirlhf dpo`); the pairs are ../shared/data/preferences/hh_rlhf.jsonl, or $DPO_PAIRS.
 """
@@ -45,9 +46,10 @@ def main() -> int:
                                            / max(1, sum("rewards/accuracy" in r for r in rows[-4:])), 3),
         "length_baseline": round(res["length_baseline"], 3),
         "samples": res["samples"],
-        "bar": {"accuracy_rises": after["rewards/accuracy"] > before["rewards/accuracy"],
+        "bar": {"accuracy_above_chance": after["rewards/accuracy"] > 0.5,
                 "logp_margin_grows": after["logps/margin"] > before["logps/margin"]},
-        "also": {"accuracy>0.5": after["rewards/accuracy"] > 0.5, "wall<=900s": wall <= 900},
+        "also": {"accuracy_above_length_baseline": after["rewards/accuracy"] > res["length_baseline"],
+                 "wall<=900s": wall <= 900},
     }
     print(json.dumps(report, indent=2))
     return 0 if all(report["bar"].values()) else 1

@@ -26,7 +26,7 @@ from minirlhf.feedback import loop
 from minirlhf.models.judge import load_judge
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.reward_model import RewardModel, combine
-from minirlhf.ops import beirami_kl, order_weights
+from minirlhf.ops import beirami_kl, order_weights, response_kl
 
 LM = ["--policy_options.chat_template=false", "--policy_options.freeze_layers=24"]  # top 6 of 30 blocks train
 BON_N = (1, 2, 4, 8, 16, 32, 64)
@@ -58,7 +58,8 @@ def loop_run(work: Path, name: str, rounds: int, seed: int, args) -> dict:
         f"--beta={args.beta}", "--annotators=2", f"--gold={args.gold}", f"--ensemble={args.members}",
         f"--prompts.file={args.train_prompts}", f"--prompts.eval_file={args.eval_prompts}",
         f"--prompts.max_eval={args.eval_prompts_n}", f"--response_len={args.response_len}", f"--kl_coef={args.kl}",
-        "--reward_model.max_length=96", "--reward_model_train.epochs=3", f"--seed={seed}",
+        "--reward_model.max_length=96", *getattr(args, "rm_options", []), "--reward_model_train.epochs=3",
+        f"--seed={seed}",
         "--policy_args=[" + ", ".join(rl_recipe(args) + ["--reward.ensemble=single"]) + "]",
         f"--out={work / name}", "--device=cpu"])
     run = loop.train(cfg)
@@ -94,7 +95,7 @@ def score(policy, ref, gold, prompts: list[str], args, seed: int) -> dict:
         rollout = policy.sample(rows[i: i + 16], args.response_len, gen)
         rewards.append(gold(rollout.prompts, rollout.texts).float())
         ref_logprobs = ref(rollout, entropy=False)[0]
-        kls.append(((rollout.logprobs - ref_logprobs) * rollout.response_mask).sum(1).cpu())
+        kls.append(response_kl(rollout.logprobs, ref_logprobs, rollout.response_mask).cpu())
     rewards = torch.cat(rewards)
     return {"gold": rewards.mean().item(), "gold_se": (rewards.std() / len(rewards) ** 0.5).item(),
             "kl": torch.cat(kls).mean().item()}

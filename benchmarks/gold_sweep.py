@@ -33,20 +33,26 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--kl", type=float, default=0.001)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rm-model", choices=["minilm", "smollm2"], default="minilm",
+                   help="the reward model's base: MiniLM, as the gold judge, or SmolLM2 (top 4 of 30 blocks trained)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench-gold-sweep"))
     args = p.parse_args()
     configure_process()
     part = lambda name: json.loads((FRONTIER / "parts" / f"{name}.json").read_text())  # noqa: E731
-    shared = dict(steps=args.steps, lr=args.lr, kl=args.kl, members=4, response_len=24, eval_prompts_n=48,
+    rm = ["--reward_model.name=smollm2", "--reward_model.freeze_layers=26"] if args.rm_model == "smollm2" else []
+    shared = dict(rm_options=rm, steps=args.steps, lr=args.lr, kl=args.kl, members=4, response_len=24, eval_prompts_n=48,
                   gold=part("gold")["path"], sft=part("sft")["path"], beta=part("heldout")["beta"],
                   train_prompts=str(FRONTIER / "train_prompts.jsonl"), eval_prompts=str(FRONTIER / "eval_prompts.jsonl"))
     result = {"settings": vars(args), "runs": {}}
     for n in map(int, args.labels.split(",")):
-        out = steps.loop_run(Path(args.out), f"labels-{n}", 1, args.seed, argparse.Namespace(labels=n, **shared))
+        out = steps.loop_run(Path(args.out), f"labels-{n}-{args.rm_model}", 1, args.seed, argparse.Namespace(labels=n, **shared))
         rounds = out["rounds"][-1]
-        result["runs"][str(n)] = {"bins": binned(out["curve"]), "health": [f"{h['guard']}@{h['step']}" for h in
+        result["runs"][f"{n}-{args.rm_model}"] = {"bins": binned(out["curve"]), "health": [f"{h['guard']}@{h['step']}" for h in
                                                                            out["curve"]["health"]], "round": rounds}
-    atomic_write_text(ROOT / "benchmarks" / "results" / "gold_sweep.json", json.dumps(result, indent=1))
+    path = ROOT / "benchmarks" / "results" / "gold_sweep.json"  # runs of other settings already there stay
+    saved = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    result["runs"] = saved["runs"] | result["runs"]
+    atomic_write_text(path, json.dumps(result, indent=1))
     print(json.dumps(result))
 
 

@@ -17,7 +17,7 @@ their sum. Peak memory: the child's peak resident memory when step 2 ends (its m
 os.wait4, agrees: the child is stopped once that row is written, before its final checkpoint). A cell whose
 estimated memory exceeds what the machine has available now is not run; the report gives the arithmetic. Per
 mode, s/step = a * N^b is fitted by least squares on logs. Prints one JSON object; writes model_size.png to the
-run directory and docs/.
+run directory, and to docs/ only from a run of every size and mode.
 
 With BENCH_LOCK=FILE it flocks FILE around each model build and each child (do not wrap it in flock): other jobs
 that flock FILE do not run beside a timed cell.
@@ -274,7 +274,8 @@ def main() -> int:
         if "skipped" in r and mode in fits:
             r["fitted_step_s"] = round(fits[mode]["a"] * r["params"] ** fits[mode]["b"], 1)
     plot(cells, fits, work / "model_size.png")
-    if (ROOT / "docs").is_dir():
+    whole = args.sizes == ",".join(SHAPES) and args.modes == ",".join(MODES)
+    if whole and (ROOT / "docs").is_dir():  # a partial run keeps its figure in its run folder, never over the docs'
         shutil.copy(work / "model_size.png", ROOT / "docs" / "model_size.png")
     report = {"benchmark": "model_size", "run_dir": str(work.relative_to(ROOT)),
               "machine": f"{os.cpu_count()} cores, 2 torch threads, fp32, each child under the lock {LOCK}",

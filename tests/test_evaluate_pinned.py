@@ -13,8 +13,9 @@ import re
 import pytest
 import torch
 
+from minirlhf.ops import response_kl
 from minirlhf.stages.evaluate import (HEALTH_CHECKS, _gather, _summary, distinct_n, perplexity, plot_links,
-                                          response_kl, response_nll, win_rate, write_report)
+                                     response_nll, win_rate, write_report)
 from minirlhf.rl.grpo import GRPOConfig
 from minirlhf.rl.ppo import PPOConfig
 from minirlhf.stages.rl import train

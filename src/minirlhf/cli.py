@@ -18,7 +18,6 @@ import os
 import sqlite3
 import sys
 import traceback
-from pathlib import Path
 
 import torch
 
@@ -34,6 +33,7 @@ from minirlhf.feedback import commands
 from minirlhf.feedback.pairs import Sampling, add_sampling_flags
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.episodes import need_chat, sample_episodes
+from minirlhf.models.judge import judge_kind
 from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
 from minirlhf.registry import STAGES
@@ -65,8 +65,7 @@ def _overrides(extra: list[str]) -> list[str]:
 
 def _reward_key(run: str | None) -> str:
     """`--reward RUN` names a sentiment classifier run or a preference reward-model run; either is the reward."""
-    found = RunDir.find(run)
-    return "reward.reward_model" if found is not None and found.stage == "reward_model" else "reward.classifier"
+    return "reward.reward_model" if judge_kind(run) == "reward_model" else "reward.classifier"
 
 
 def _stage_config(cls, args, extra):
@@ -89,7 +88,7 @@ def _resume_config(cls, args, overrides: list[str]):
     if args.config is not None or fixed:
         raise ConfigError(f"--resume repeats the run as it was configured; {(fixed or ['--config'])[0]} cannot "
                           "change (others, such as --steps, can)")
-    base = load_saved(cls, Path(args.resume) / "config.yaml")
+    base = load_saved(cls, RunDir(args.resume).config)
     return load_config(cls, None, overrides + [f"--out={args.resume}"], base=base)
 
 

@@ -145,26 +145,32 @@ class MicroBatchOptimConfig(OptimConfig):
 
 
 @dataclasses.dataclass
-class PreferenceDataConfig:
+class SplitConfig:
+    """Which examples train and which are held out: what SFT, DPO and the reward model share."""
+
+    eval_file: str | None = None
+    """held-out examples or pairs (.jsonl or hf:NAME[:split], any layout the training data takes); default: hold
+    out `eval_fraction` of the prompts of the training data"""
+    eval_fraction: float = 0.1
+    """share of the prompts (of plain texts: of the texts) held out"""
+    max_train: int | None = None
+    """use at most this many training examples or pairs (None: all)"""
+    max_eval: int | None = None
+    """use at most this many held-out examples or pairs (None: all)"""
+    split_seed: int = 0
+    """seed of the shuffle that splits them by prompt"""
+
+    checks: ClassVar[dict] = {"eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1"}
+
+
+@dataclasses.dataclass
+class PreferenceDataConfig(SplitConfig):
     """Preference pairs and how they are split: what DPO and the reward model share."""
 
     preferences: str = ""
     """preference pairs: a .jsonl file or hf:NAME[:split] (default split: train) of {"prompt", "chosen", "rejected"}
     (e.g. from `minirlhf feedback export`), Anthropic HH text {"chosen", "rejected"}, or TRL conversational /
     UltraFeedback-binarized message lists"""
-    eval_file: str | None = None
-    """held-out pairs (.jsonl or hf:NAME[:split], any layout `preferences` takes); default: hold out `eval_fraction`
-    of the prompts of `preferences`"""
-    eval_fraction: float = 0.1
-    """share of the prompts whose pairs are held out"""
-    max_train: int | None = None
-    """use at most this many training pairs (None: all)"""
-    max_eval: int | None = None
-    """use at most this many held-out pairs (None: all)"""
-    split_seed: int = 0
-    """seed of the shuffle that splits the pairs by prompt"""
-
-    checks: ClassVar[dict] = {"eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1"}
 
 
 # ---------------------------------------------------------------------------- loading

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from minirlhf.checkpoint import atomic_write_text
+from minirlhf.rundir import RunDir
 
 
 class MetricsWriter:
@@ -17,7 +18,7 @@ class MetricsWriter:
         """`keep_until=N` (a resumed run) keeps the rows of steps up to N already in the file, and of them the first
         `keep_rows` (the rows its checkpoint had seen), and drops the rest. `trackers` (tracking.py's dashboards) get
         every row logged from now on."""
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.rows: list[dict] = []
         self.trackers = trackers or []
         if keep_until is not None and self.path.is_file():

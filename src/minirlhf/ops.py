@@ -127,6 +127,16 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
 
 
+def response_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) of each response, nats: the k1 estimate log pi(y_t) - log pi_ref(y_t) of its
+    sampled tokens, summed over its real tokens. logprobs, ref_logprobs, mask (B, T) -> (B,). What RL logs as
+    `objective/kl`, evaluation reports and the benchmarks plot against.
+
+    Padding (mask 0) adds nothing whatever its log-probs hold (`where`, not a product: 0 * inf is nan).
+    """
+    return torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, "k1"), 0.0).sum(1)
+
+
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
                   turn_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token reward (Ziegler et al., 2019): -kl_coef * KL on every token, plus the sequence score on the last

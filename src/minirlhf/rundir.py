@@ -47,6 +47,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     results = property(lambda self: self.path / "results.json")
     report = property(lambda self: self.path / "report.md")
+    eval = property(lambda self: self.path / "eval.json")  # `minirlhf evaluate RUN`'s figures
     samples = property(lambda self: self.path / "samples.md")
     model = property(lambda self: self.path / "model")
     checkpoint = property(lambda self: self.path / "checkpoint")

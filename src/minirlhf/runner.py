@@ -104,7 +104,7 @@ def run(job: Job, cfg, resume: str | Path | None = None, overwrite: bool = False
     device, why = (distributed.device(), "torchrun, NCCL") if distributed.device() else pick_device(cfg.device)
     run_ = Run(cfg, device, distributed.is_main())
     # what a resumed run was configured with, read by every process before the main one writes the new config
-    saved = load_yaml_dict(Path(resume) / "config.yaml") if resume is not None else {}
+    saved = load_yaml_dict(RunDir(resume).config) if resume is not None else {}
     if cfg.dtype in ("auto", "bf16"):
         with distributed.main_first():  # one process times the precision probe (once a machine); the others read it
             measured(device)

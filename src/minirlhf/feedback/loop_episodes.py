@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError
-from minirlhf.stages.evaluate import response_kl, win_rate
+from minirlhf.ops import response_kl
+from minirlhf.stages.evaluate import win_rate
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.dialogue import from_messages
 from minirlhf.envs.base import EnvConfig, env_prompts, make_env

@@ -29,6 +29,7 @@ from minirlhf.data.prompts import PromptConfig, first_words, load_prompts, read_
 from minirlhf.data.sentiment import load_splits
 from minirlhf.feedback.purpose import purpose
 from minirlhf.models.load import load_policy, policy_folder, policy_kind
+from minirlhf.models.policy import SamplingConfig
 from minirlhf.models.pretrained import SMOLLM2
 from minirlhf.models.reward_model import RewardModel
 from minirlhf.rundir import RunDir
@@ -40,16 +41,11 @@ CORPUS_TEMPLATE = 'Write a short tweet that starts with "{prompt}".'
 
 
 @dataclass
-class Sampling:
+class Sampling(SamplingConfig):
     """How the responses of the pairs are sampled; each response records these, with its own seed."""
 
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    """nucleus sampling: the smallest set of tokens reaching this probability (1: all)"""
-    top_k: int = 0
-    """sample from the k most likely tokens only (0: all)"""
     seed: int = 0
+    """seeds the stream each response's own seed is drawn from (with the number of pairs stored: a restart goes on)"""
 
 
 PAGE_SAMPLING = Sampling(temperature=0.7, top_p=0.9)

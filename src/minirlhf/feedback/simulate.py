@@ -27,19 +27,16 @@ import torch
 
 from minirlhf import ConfigError, RunError, UserError
 from minirlhf.feedback.store import Store
-from minirlhf.models.judge import Judge, load_judge
+from minirlhf.models.judge import Judge, judge_kind, load_judge
 from minirlhf.models.rewards import Reward, RewardConfig
-from minirlhf.rundir import RunDir
 from minirlhf.training import progress
 
 def reward_of(judge: str, response_len: int, device) -> Reward:
     """A judge (classifier run, reward-model run or module:function) as the reward that scores policies."""
-    found = RunDir.find(judge)
-    if found is not None and found.stage == "classifier":
-        return Reward(RewardConfig(classifier=judge), response_len, device)
-    if found is not None and found.stage == "reward_model":
-        return Reward(RewardConfig(reward_model=judge), response_len, device)
-    return Reward(RewardConfig(function=judge, classifier_weight=0.0), response_len, device)
+    kind = judge_kind(judge)
+    if kind == "function":
+        return Reward(RewardConfig(function=judge, classifier_weight=0.0), response_len, device)
+    return Reward(RewardConfig(**{kind: judge}), response_len, device)
 
 
 def judge_agreement(store: Store, judge) -> float:

@@ -50,16 +50,23 @@ def load_function(spec: str, what: str = "reward function", flag: str = "--rewar
     return fn
 
 
+def judge_kind(spec: str | None) -> str:
+    """What a judge names: "classifier" or "reward_model" (a run of that stage), else "function" (module:function).
+    The one place a judge, a simulated annotator or `--reward RUN` is told apart."""
+    found = RunDir.find(spec)
+    return found.stage if found is not None and found.stage in ("classifier", "reward_model") else "function"
+
+
 def load_judge(spec: str, device="cpu", flag: str = "--judge") -> Judge:
     """A classifier run (its positive logit of the prompt followed by the response, the text as a person reads it),
     a reward-model run (its standardised score of the dialogue) or a user function `module:function`."""
-    found = RunDir.find(spec)
-    if found is not None and found.stage == "classifier":
-        classifier = SentimentClassifier.from_run(found.path, device)
+    kind = judge_kind(spec)
+    if kind == "classifier":
+        classifier = SentimentClassifier.from_run(spec, device)
         return lambda prompts, responses: classifier.score(
             [f"{p} {r}".strip() for p, r in zip(prompts, responses)])[1]
-    if found is not None and found.stage == "reward_model":
-        reward_model = RewardModel.from_run(found.path, device)
+    if kind == "reward_model":
+        reward_model = RewardModel.from_run(spec, device)
         return lambda prompts, responses: reward_model.normalized(
             [dialogue_text(p, r) for p, r in zip(prompts, responses)])
     if ":" in spec and not Path(spec).exists():

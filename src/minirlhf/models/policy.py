@@ -30,6 +30,23 @@ from minirlhf.ops import entropy_from_logits
 
 
 @dataclass
+class SamplingConfig:
+    """How text is sampled from a policy outside RL's own rollouts: the generator's samples.md, `generate` and the
+    feedback page's pairs (which add a seed per response)."""
+
+    max_new_tokens: int = 48
+    """tokens (an LSTM: words) per sample at most"""
+    temperature: float = 1.0
+    """softmax temperature"""
+    top_p: float = 1.0
+    """nucleus sampling: the smallest set of tokens reaching this probability (1: all)"""
+    top_k: int = 0
+    """sample from the k most likely tokens only (0: all)"""
+
+    checks = {"max_new_tokens": ">= 1", "temperature": "> 0", "top_k": ">= 0", "top_p": "(0, 1]"}
+
+
+@dataclass
 class Rollout:
     """Prompts and sampled responses: prompts left-padded to P tokens, responses right-padded to T.
 

@@ -19,7 +19,7 @@ from minirlhf.envs.base import EnvConfig
 from minirlhf.models.load import PolicyOptions
 from minirlhf.models.policy import Rollout
 from minirlhf.models.rewards import RewardConfig
-from minirlhf.ops import kl_estimate, masked_mean, masked_var
+from minirlhf.ops import kl_estimate, masked_mean, masked_var, response_kl
 
 
 @dataclass
@@ -139,7 +139,7 @@ class KLTerms:
 
 def kl_terms(cfg, logprobs, ref_logprobs, mask) -> KLTerms:
     penalty = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * mask
-    return KLTerms(ref_logprobs, penalty, (kl_estimate(logprobs, ref_logprobs, "k1") * mask).sum(1))
+    return KLTerms(ref_logprobs, penalty, response_kl(logprobs, ref_logprobs, mask))
 
 
 def token_count(mask: torch.Tensor, cfg) -> torch.Tensor:

@@ -31,6 +31,7 @@ from minirlhf.data.preferences import Pair, length_baseline, load_split
 from minirlhf.models.load import PolicyOptions, load_policy, load_reference, restore_policy
 from minirlhf.models.policy import Rollout
 from minirlhf.training import backward, clipped_step, make_optimizer, progress
+from minirlhf.rundir import RunDir
 
 
 @dataclass
@@ -370,4 +371,4 @@ def write_report(run_dir: Path, results: dict, cfg) -> None:
     lines += ["", "## Samples", "", "| prompt | reference (before) | policy (after) |", "| --- | --- | --- |"]
     lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['reference'])} | {md_cell(s['policy'])} |"
               for s in results["samples"]]
-    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(RunDir(run_dir).report, "\n".join(lines) + "\n")

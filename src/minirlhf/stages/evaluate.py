@@ -23,7 +23,7 @@ from minirlhf.envs.base import env_factory, env_prompts
 from minirlhf.models.episodes import sample_episodes
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.rewards import TERMS, Reward
-from minirlhf.ops import kl_estimate, turn_index, turn_sums
+from minirlhf.ops import response_kl, turn_index, turn_sums
 from minirlhf.registry import noun
 from minirlhf.rundir import RunDir
 from minirlhf.runtime import pick_device
@@ -47,15 +47,6 @@ def win_rate(policy_reward: torch.Tensor, reference_reward: torch.Tensor) -> flo
     """
     wins = (policy_reward > reference_reward).float() + 0.5 * (policy_reward == reference_reward).float()
     return wins.mean().item()
-
-
-def response_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(policy || reference) of each response, nats: the k1 estimate log pi(y_t) - log pi_ref(y_t) of its
-    sampled tokens, summed over its real tokens. logprobs, ref_logprobs, mask (B, T) -> (B,).
-
-    Padding (mask 0) adds nothing whatever its log-probs hold (`where`, not a product: 0 * inf is nan).
-    """
-    return torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, "k1"), 0.0).sum(1)
 
 
 def response_nll(ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -159,11 +150,12 @@ def sample_table(step: int, rollout, terms: dict, n: int = 6) -> str:
 
 def training_plots(metrics, run_dir, critic: bool) -> None:
     """The PNGs report.md shows: reward, KL, policy diagnostics, and the critic's where there is one."""
-    metrics.plot(run_dir / "reward.png", ["reward/mean"], "mean reward of the sampled responses")
-    metrics.plot(run_dir / "kl.png", ["objective/kl"], "KL(policy || reference) per response, nats")
-    metrics.plot(run_dir / "policy.png", ["policy/approx_kl", "policy/clipfrac", "objective/entropy"], "policy diagnostics")
+    run = RunDir(run_dir)
+    metrics.plot(run.plot("reward"), ["reward/mean"], "mean reward of the sampled responses")
+    metrics.plot(run.plot("kl"), ["objective/kl"], "KL(policy || reference) per response, nats")
+    metrics.plot(run.plot("policy"), ["policy/approx_kl", "policy/clipfrac", "objective/entropy"], "policy diagnostics")
     if critic:
-        metrics.plot(run_dir / "value.png", ["value/loss", "value/explained_var"], "value head")
+        metrics.plot(run.plot("value"), ["value/loss", "value/explained_var"], "value head")
 
 
 def write_report(run_dir: Path, results: dict, cfg) -> Path:
@@ -189,8 +181,8 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['reference'])} | {s['reference_reward']:+.2f} | "
               f"{md_cell(s['policy'])} | {s['policy_reward']:+.2f} |" for s in results["samples"]]
-    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
-    return run_dir / "report.md"
+    atomic_write_text(RunDir(run_dir).report, "\n".join(lines) + "\n")
+    return RunDir(run_dir).report
 
 
 def in_minibatches(fn, rollout, size: int) -> torch.Tensor:
@@ -300,7 +292,7 @@ def write_episode_report(run_dir, results: dict, cfg) -> None:
     for s in results["samples"]:
         lines += [f"### episode {s['seed']}: reference (before)", "", conversation_md(s["reference"]), "",
                   f"### episode {s['seed']}: policy (after)", "", conversation_md(s["policy"]), ""]
-    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(RunDir(run_dir).report, "\n".join(lines) + "\n")
 
 
 def _reward_text(cfg) -> str:
@@ -338,7 +330,7 @@ def evaluate_run(run_dir: str, prompts_file: str | None, n: int | None, seed: in
         reward = Reward(dataclasses.replace(cfg.reward, normalize=False), cfg.response_len, device)
         _, prompts = load_prompts(cfg.prompts, cfg.data)
         results = evaluate_policy(policy, ref, reward, prompts, cfg, seed=seed)
-    save_json(results, run / "eval.json")
+    save_json(results, run.eval)
     trained = load_json(run.results) if run.results.is_file() else {}
     report = write_episode_report if cfg.env.name else write_report
     report(run, results | {k: trained[k] for k in ("health",) if k in trained}, cfg)  # what training found

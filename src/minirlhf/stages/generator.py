@@ -21,6 +21,7 @@ from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, lm_loss, load_generator, sample, save_generator
+from minirlhf.models.policy import SamplingConfig
 from minirlhf.training import EpochPlan, length_grouped, length_sorted_batches, make_optimizer, optimizer_step
 
 __all__ = ["GeneratorConfig", "train", "load_generator", "generate_texts", "perplexity", "unigram_perplexity"]
@@ -50,21 +51,19 @@ class GeneratorTrainConfig(OptimConfig):
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SamplingConfig):
+    """The samples written to samples.md at the end, seeded by the run's seed."""
+
+    max_new_tokens: int = 30
+    """words per sample at most"""
+    top_p: float = 0.9
+    """nucleus sampling: the smallest set of words reaching this probability (1: all)"""
     prompts: list[str] = field(default_factory=lambda: ["i think", "this is", "i love", "driverless cars"])
     """prompts whose continuations are written to samples.md at the end"""
     n: int = 3
     """samples per prompt"""
-    max_new_tokens: int = 30
-    """words per sample at most"""
-    temperature: float = 1.0
-    """softmax temperature"""
-    top_k: int = 0
-    """sample from the k most likely words only (0: all)"""
-    top_p: float = 0.9
-    """nucleus sampling: the smallest set of words reaching this probability (1: all)"""
 
-    checks = {"n": ">= 1", "max_new_tokens": ">= 1", "temperature": "> 0", "top_k": ">= 0", "top_p": "(0, 1]"}
+    checks = {"n": ">= 1"}
 
 
 @dataclass

@@ -20,14 +20,6 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError, distributed, runner, sharding
-from minirlhf.rl import registry
-from minirlhf.stages.evaluate import (distinct_n, evaluate_episodes, evaluate_policy, held_out_reward, in_minibatches,
-                                          perplexity,
-                                          response_nll, sample_table, training_plots, write_episode_report, write_report)
-from minirlhf.rl.guards import Guards
-from minirlhf.stages import rl_episodes
-from minirlhf.rl.core import (AdaptiveKLController, Algorithm, Batch, RLConfig, default_lr, kl_terms,
-                                         policy_loss, value_loss, explained_variance)
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
 from minirlhf.envs.base import env_prompts
@@ -36,7 +28,15 @@ from minirlhf.models.policy import Rollout, distinct_rows
 from minirlhf.models import rewards
 from minirlhf.models.rewards import Reward, RunningMoments
 from minirlhf.ops import masked_mean
+from minirlhf.rl import registry
+from minirlhf.rl.core import (AdaptiveKLController, Algorithm, Batch, RLConfig, default_lr, explained_variance,
+                              kl_terms, policy_loss, value_loss)
+from minirlhf.rl.guards import Guards
 from minirlhf.rundir import RunDir
+from minirlhf.stages import rl_episodes
+from minirlhf.stages.evaluate import (distinct_n, evaluate_episodes, evaluate_policy, held_out_reward, in_minibatches,
+                                      perplexity, response_nll, sample_table, training_plots, write_episode_report,
+                                      write_report)
 from minirlhf.runtime import memory_report, release_freed_memory
 from minirlhf.training import optimizer_step
 

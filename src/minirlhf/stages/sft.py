@@ -19,7 +19,7 @@ import torch
 from minirlhf import ConfigError, runner
 from minirlhf.stages.evaluate import md_cell, plot_links
 from minirlhf.checkpoint import atomic_write_text
-from minirlhf.config import MicroBatchOptimConfig, TrainingRunConfig
+from minirlhf.config import MicroBatchOptimConfig, SplitConfig, TrainingRunConfig
 from minirlhf.data.sft import Example, read_examples, split_examples
 from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
 from minirlhf.training import EpochPlan, backward, clipped_step, make_optimizer, shuffled_batches
@@ -33,7 +33,7 @@ class SFTTrainConfig(MicroBatchOptimConfig):
 
 
 @dataclass
-class SFTConfig(TrainingRunConfig):
+class SFTConfig(SplitConfig, TrainingRunConfig):
     policy: str = "smollm2"
     """the policy to fine-tune: a causal LM folder or hub name, `smollm2`, or a generator, RL, DPO or SFT run"""
     policy_options: PolicyOptions = field(default_factory=PolicyOptions)
@@ -41,16 +41,7 @@ class SFTConfig(TrainingRunConfig):
     data: str = ""
     """examples: a .jsonl file or hf:NAME[:split] of {"prompt", "response"}, {"messages"}, {"text"} or preference
     pairs (their chosen side)"""
-    eval_file: str | None = None
-    """held-out examples (.jsonl or hf:NAME[:split]); default: hold out `eval_fraction` of the prompts of `data`"""
-    eval_fraction: float = 0.1
-    """share of the prompts (of plain texts: of the texts) held out"""
-    max_train: int | None = None
-    """use at most this many training examples (None: all)"""
     max_eval: int | None = 200
-    """use at most this many held-out examples (None: all)"""
-    split_seed: int = 0
-    """seed of the shuffle that splits the examples"""
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     """the optimiser and the passes over the examples"""
     max_prompt_tokens: int = 256
@@ -63,8 +54,7 @@ class SFTConfig(TrainingRunConfig):
     samples: int = 4
     """held-out prompts the trained policy answers in report.md (0: none)"""
 
-    checks = {"eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1",
-              "max_prompt_tokens": ">= 1", "max_response_tokens": ">= 1", "eval_every": ">= 0", "samples": ">= 0"}
+    checks = {"max_prompt_tokens": ">= 1", "max_response_tokens": ">= 1", "eval_every": ">= 0", "samples": ">= 0"}
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
