@@ -38,6 +38,9 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    def __fspath__(self) -> str:  # a RunDir is a path too: Path(run), open(run / "x"), RunDir(run)
+        return str(self.path)
+
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
