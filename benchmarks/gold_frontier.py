@@ -47,7 +47,11 @@ SHARED = ROOT.parent / "shared" / "data" / "imdb"
 CACHE = ROOT / "runs" / "bench-cache"
 SETTINGS = ("labels", "rounds", "steps", "kl", "lr", "members", "ensemble_mode", "uwo_lambda", "response_len",
             "eval_prompts_n", "eval_samples", "agreement", "gold_train", "sft_examples", "dpo_beta", "dpo_lr",
-            "dpo_passes")
+            "dpo_passes", "rm_model")
+LEGACY = {"rm_model": "minilm"}
+"""settings added since a work folder was made: what its runs used"""
+RM_OPTIONS = {"minilm": [], "smollm2": ["--reward_model.name=smollm2", "--reward_model.freeze_layers=26"]}
+"""the reward models' base: MiniLM, as the gold judge (they share its features), or SmolLM2 (top 4 of 30 blocks)"""
 
 
 def say(*what) -> None:
@@ -153,6 +157,10 @@ def arguments():
     p.add_argument("--agreement", type=float, default=0.75, help="the simulated annotators' agreement with the gold")
     p.add_argument("--gold-train", type=int, default=4000, help="IMDB train reviews the gold judge learns from")
     p.add_argument("--sft-examples", type=int, default=480)
+    p.add_argument("--rm-model", choices=list(RM_OPTIONS), default="minilm",
+                   help="the reward models' base (smollm2: features the MiniLM gold judge does not share)")
+    p.add_argument("--parts", default="offline,ensemble,oracle,online,best-of-n",
+                   help="which per-seed runs and shared parts to run (DPO: --dpo-seeds)")
     p.add_argument("--more-steps", type=int, default=0, help="continue each seed's runs this many steps further")
     p.add_argument("--more-arms", default="offline,ensemble,oracle", help="which runs --more-steps continues")
     p.add_argument("--active-seeds", type=int, default=0, help="seeds of random against active choice (0: not run)")
@@ -163,7 +171,9 @@ def arguments():
     if args.quick:
         args.__dict__.update(labels=16, steps=4, eval_prompts_n=4, eval_samples=1, heldout_pairs=16, gold_train=300,
                              sft_examples=32, response_len=8, seeds=1, dpo_passes=1, members=2)
-    args.work = Path(args.out) if args.out else ROOT / "runs" / ("bench-gold-frontier" + "-quick" * args.quick)
+    name = "bench-gold-frontier" + f"-{args.rm_model}" * (args.rm_model != "minilm") + "-quick" * args.quick
+    args.work = Path(args.out) if args.out else ROOT / "runs" / name
+    args.rm_options, args.parts = RM_OPTIONS[args.rm_model], args.parts.split(",")
     return args
 
 
@@ -171,7 +181,7 @@ def check_settings(args) -> None:
     """A work folder's parts are only comparable under one set of settings: refuse to mix."""
     path, mine = args.work / "settings.json", {k: getattr(args, k) for k in SETTINGS}
     if path.is_file():
-        theirs = json.loads(path.read_text())
+        theirs = LEGACY | json.loads(path.read_text())
         changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if changed:
             k, (old, new) = next(iter(changed.items()))
@@ -205,12 +215,15 @@ def run_seed(parts: Parts, seed: int, args) -> None:
     rm = offline["reward_model"]
     parts(f"rm-s{seed}", lambda: steps.reward_model_accuracy(rm, args.heldout))
     mode = [f"--reward.ensemble={args.ensemble_mode}", f"--reward.uwo_lambda={args.uwo_lambda}"]
-    parts(f"ensemble-s{seed}", lambda: steps.rl_run(work, f"ensemble-s{seed}", [f"--reward.reward_model={rm}",
-                                                                             *mode], seed, args))
-    parts(f"oracle-s{seed}", lambda: steps.rl_run(work, f"oracle-s{seed}", [
-        f"--reward.classifier={args.gold}", f"--reward.reward_model={rm}", "--reward.reward_model_weight=0",
-        "--reward.ensemble=single"], seed, args))
-    parts(f"online-s{seed}", lambda: steps.loop_run(work, f"online-s{seed}", args.rounds, seed, args))
+    if "ensemble" in args.parts:
+        parts(f"ensemble-s{seed}", lambda: steps.rl_run(work, f"ensemble-s{seed}", [f"--reward.reward_model={rm}",
+                                                                                 *mode], seed, args))
+    if "oracle" in args.parts:
+        parts(f"oracle-s{seed}", lambda: steps.rl_run(work, f"oracle-s{seed}", [
+            f"--reward.classifier={args.gold}", f"--reward.reward_model={rm}", "--reward.reward_model_weight=0",
+            "--reward.ensemble=single"], seed, args))
+    if "online" in args.parts:
+        parts(f"online-s{seed}", lambda: steps.loop_run(work, f"online-s{seed}", args.rounds, seed, args))
 
 
 def run_more(parts: Parts, seed: int, args) -> None:
@@ -237,8 +250,8 @@ def measure(args) -> dict:
         run_seed(parts, seed, args)
     for seed in range(args.seeds if args.more_steps else 0):
         run_more(parts, seed, args)
-    samples = parts("samples-best-of-n", lambda: steps.bon_samples(args, 0))
-    for seed in range(args.seeds):
+    samples = parts("samples-best-of-n", lambda: steps.bon_samples(args, 0)) if "best-of-n" in args.parts else None
+    for seed in range(args.seeds if samples else 0):
         rm = parts.get(f"offline-s{seed}")["reward_model"]
         parts(f"bon-s{seed}", lambda: steps.bon_curves(samples, rm, ("single", args.ensemble_mode)))
     for seed in range(args.dpo_seeds):

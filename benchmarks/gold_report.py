@@ -220,9 +220,11 @@ def save(out: dict, args) -> None:
 
     (args.work / "result.json").write_text(json.dumps(out, indent=1))
     quick = "quick" in args.work.name
-    plot(out, args.work / "gold_frontier.png" if quick else ROOT / "docs" / "gold_frontier.png")
+    variant = args.work.name.removeprefix("bench-gold-frontier")  # "" for the default run, "-smollm2", ...
+    variant = variant if variant in ("", "-smollm2") else f"-{args.work.name}"
+    plot(out, args.work / "gold_frontier.png" if quick else ROOT / "docs" / f"gold_frontier{variant}.png")
     if not quick:
-        (ROOT / "benchmarks" / "results" / "gold_frontier.json").write_text(json.dumps(out, indent=1))
+        (ROOT / "benchmarks" / "results" / f"gold_frontier{variant}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def loop_run(work: Path, name: str, rounds: int, seed: int, args) -> dict:
         f"--beta={args.beta}", "--annotators=2", f"--gold={args.gold}", f"--ensemble={args.members}",
         f"--prompts.file={args.train_prompts}", f"--prompts.eval_file={args.eval_prompts}",
         f"--prompts.max_eval={args.eval_prompts_n}", f"--response_len={args.response_len}", f"--kl_coef={args.kl}",
-        "--reward_model.max_length=96", *getattr(args, "rm_options", []), "--reward_model_train.epochs=3",
+        "--reward_model.max_length=96", *args.rm_options, "--reward_model_train.epochs=3",
         f"--seed={seed}",
         "--policy_args=[" + ", ".join(rl_recipe(args) + ["--reward.ensemble=single"]) + "]",
         f"--out={work / name}", "--device=cpu"])
