@@ -174,7 +174,7 @@ def report(parts: dict, args) -> dict:
         out["guard"] = guards
         out["guard_early_seeds"] = sum(g["early"] for g in guards)
         out["guard_oracle_false_alarms"] = sum(any(h["guard"] == "over_optimisation" for h in c["health"])
-                                               for c in curves["oracle"])
+                                               for c in curves["oracle"]) if curves["oracle"] else None  # none run
     if curves["offline"] and curves["ensemble"]:
         single, ens = across(curves["offline"], "gold")[0], across(curves["ensemble"], "gold")[0]
         gain = max(single) - sft_gold
@@ -183,6 +183,8 @@ def report(parts: dict, args) -> dict:
     if curves["online"]:
         out["online_offline"] = online_offline(parts, curves["offline"], curves["online"])
         out["online_minus_offline_gold"] = out["online_offline"]["online_minus_offline_gold"]
+    out["per_seed"] = {arm: [{k: c[k] for k in ("kl", "gold", "proxy", "ensemble_std")} for c in cs]
+                       for arm, cs in curves.items() if cs}  # binned, seed by seed
     out["continued"] = continuations(parts, width)
     out["reward_models"] = {n: p for n, p in sorted(parts.items()) if n.startswith("rm-s")}
     if any(n.startswith("bon-s") for n in parts):
