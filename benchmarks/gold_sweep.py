@@ -8,10 +8,10 @@ Run from the repository root: `.venv/bin/python benchmarks/gold_sweep.py --label
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from common import ROOT
+import gold_report
 import gold_steps as steps
 
 from minirlhf.checkpoint import atomic_write_text
@@ -21,9 +21,12 @@ FRONTIER = ROOT / "runs" / "bench-gold-frontier"
 
 
 def binned(curve: dict, width: int = 8) -> list[dict]:
-    return [{"steps": f"{curve['step'][i]}-{curve['step'][min(i + width, len(curve['step'])) - 1]}",
-             **{k: round(statistics.mean(curve[k][i: i + width]), 3) for k in ("kl", "gold", "proxy", "ensemble_std")}}
-            for i in range(0, len(curve["step"]), width)]
+    """Means of `width` steps (gold_report.binned) of each series, a row per bin."""
+    series = {k: gold_report.binned(curve[k], width) for k in ("kl", "gold", "proxy", "ensemble_std")}
+    steps = curve["step"]
+    return [{"steps": f"{steps[i * width]}-{steps[min((i + 1) * width, len(steps)) - 1]}",
+             **{k: round(v[i], 3) for k, v in series.items()}} for i in range(len(series["gold"]))]
+
 
 
 def main() -> None:

@@ -181,8 +181,9 @@ def write_report(run_dir: Path, results: dict, cfg) -> Path:
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['reference'])} | {s['reference_reward']:+.2f} | "
               f"{md_cell(s['policy'])} | {s['policy_reward']:+.2f} |" for s in results["samples"]]
-    atomic_write_text(RunDir(run_dir).report, "\n".join(lines) + "\n")
-    return RunDir(run_dir).report
+    report = RunDir(run_dir).report
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    return report
 
 
 def in_minibatches(fn, rollout, size: int) -> torch.Tensor:
