@@ -37,11 +37,11 @@ $(STAMP): requirements.txt requirements-offline.txt pyproject.toml
 	@touch $(STAMP)
 
 bench: $(STAMP)
-	$(PY) benchmarks/classifier_imdb.py
-	$(PY) benchmarks/generator_tweets.py
-	$(PY) benchmarks/rlhf_demo.py
-	$(PY) benchmarks/smollm2_sentiment.py
-	$(PY) benchmarks/sentiment_rlhf.py
+	$(PY) -m benchmarks.classifier_imdb
+	$(PY) -m benchmarks.generator_tweets
+	$(PY) -m benchmarks.rlhf_demo
+	$(PY) -m benchmarks.smollm2_sentiment
+	$(PY) -m benchmarks.sentiment_rlhf
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,13 +2,13 @@
 
 Bar: test accuracy >= 0.88 within 10 minutes (training and the full test evaluation) on a 2-core
 CPU, peak memory at most 2 GB. Prints one JSON object. Extra arguments are passed to train-classifier.
-Run from the repository root: `.venv/bin/python benchmarks/classifier_imdb.py`.
+Run from the repository root: `.venv/bin/python -m benchmarks.classifier_imdb`.
 """
 
 import json
 import sys
 
-from common import ROOT, failed, new_run_dir, run_minirlhf
+from benchmarks.common import ROOT, failed, new_run_dir, run_minirlhf, save_result
 
 IMDB = ROOT.parent / "shared" / "data" / "imdb"
 
@@ -35,7 +35,7 @@ def main() -> int:
         "cache_seconds": res["cache_seconds"], "train_seconds": res["train_seconds"], "wall_seconds": round(wall, 1), "peak_memory_mb": round(peak_mb),
         "bar": {"accuracy>=0.88": res["test_accuracy"] >= 0.88, "wall<=600s": wall <= 600, "peak<=2GB": peak_mb <= 2048},
     }
-    print(json.dumps(report, indent=2))
+    save_result("classifier_imdb", report)
     return 0
 
 

@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (4-bit-rounded weights, offline; the lower 15 blocks froze
 samples 16 replies of 40 tokens, twice per precision, interleaved; the probe (`precision.probe`) runs beside it.
 A decode step multiplies a few rows by every weight, so under autocast (whose weight cast is not cached, see
 precision.py) it can cost more in bf16 than in fp32 even where bf16 matmuls are twice as fast.
-Run from the repository root: `.venv/bin/python benchmarks/decode_precision.py`; prints one JSON object and saves it
+Run from the repository root: `.venv/bin/python -m benchmarks.decode_precision`; prints one JSON object and saves it
 to benchmarks/results/decode_precision.json.
 """
 
@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from common import save_result
-from multiturn import cpu
+from benchmarks.common import save_result
+from benchmarks.multiturn import cpu
 
 from minirlhf.models.load import load_policy
 from minirlhf.precision import probe

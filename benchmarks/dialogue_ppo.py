@@ -6,7 +6,7 @@ Training prompts come from the reward model's training pairs and held-out dialog
 (the same split by prompt), so neither model saw the held-out conversations.
 Bar: the held-out mean reward rises over the reference's with KL under 10 nats per response; prints samples
 before and after. Prints one JSON object.
-Run from the repository root: `.venv/bin/python benchmarks/dialogue_ppo.py [--reward-model RUN] [overrides ...]`
+Run from the repository root: `.venv/bin/python -m benchmarks.dialogue_ppo [--reward-model RUN] [overrides ...]`
 (without --reward-model it uses the newest runs/bench-reward-model-hh-* run, training one first if there is none).
 """
 
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from common import ROOT, failed, new_run_dir, run_minirlhf
+from benchmarks.common import ROOT, failed, new_run_dir, run_minirlhf, save_result
 
 HH = ROOT.parent / "shared" / "data" / "preferences" / "hh_rlhf.jsonl"
 PPO = ["--policy=smollm2", "--policy_options.freeze_layers=15", "--steps=30", "--batch_size=16", "--response_len=32",
@@ -29,7 +29,7 @@ def reward_model() -> str:
 
     runs = sorted((ROOT / "runs").glob("bench-reward-model-hh-*/results.json"))
     if not runs:
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reward_model_hh.py")], stdout=sys.stderr)
+        subprocess.run([sys.executable, "-m", "benchmarks.reward_model_hh"], cwd=ROOT, stdout=sys.stderr)
         runs = sorted((ROOT / "runs").glob("bench-reward-model-hh-*/results.json"))
     return str(runs[-1].parent)
 
@@ -66,7 +66,7 @@ def main() -> int:
               "reward_reference": round(res["reward_reference"], 3), "reward_policy": round(res["reward_policy"], 3),
               "reward_rise": round(rise, 3), "win_rate": round(res["win_rate"], 3), "kl_nats": round(res["kl"], 2),
               "samples": samples, "bar": {"reward_rises": rise > 0, "kl<10": res["kl"] < 10}}
-    print(json.dumps(report, indent=2, ensure_ascii=False))
+    save_result("dialogue_ppo", report)
     return 0 if all(report["bar"].values()) else 1
 
 

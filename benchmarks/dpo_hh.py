@@ -5,7 +5,7 @@ responses to 64; the lowest 24 of the 30 layers are frozen (their output is comp
 log-probs). Bar: on the held-out pairs the implicit-reward accuracy is above chance (0.5; at step 0 it is 0 by
 construction, every implicit reward being 0, so "above step 0" would prove nothing) and the policy's log-prob
 margin, log pi(chosen) - log pi(rejected), grows; reported besides: accuracy against the longer-response baseline.
-Prints one JSON object. Run from the repository root: `.venv/bin/python benchmarks/dpo_hh.py [--lr=1e-4 ...]`
+Prints one JSON object. Run from the repository root: `.venv/bin/python -m benchmarks.dpo_hh [--lr=1e-4 ...]`
 (overrides go to `minirlhf dpo`); the pairs are ../shared/data/preferences/hh_rlhf.jsonl, or $DPO_PAIRS.
 """
 
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from common import ROOT, failed, new_run_dir, run_minirlhf
+from benchmarks.common import ROOT, failed, new_run_dir, run_minirlhf, save_result
 
 PAIRS = Path(os.environ.get("DPO_PAIRS", ROOT.parent / "shared" / "data" / "preferences" / "hh_rlhf.jsonl"))
 SETTINGS = ["--policy=smollm2", "--max_train=256", "--max_eval=128", "--policy_options.freeze_layers=24",
@@ -51,7 +51,7 @@ def main() -> int:
         "also": {"accuracy_above_length_baseline": after["rewards/accuracy"] > res["length_baseline"],
                  "wall<=900s": wall <= 900},
     }
-    print(json.dumps(report, indent=2))
+    save_result("dpo_hh", report)
     return 0 if all(report["bar"].values()) else 1
 
 

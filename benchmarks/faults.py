@@ -36,7 +36,7 @@ Prints progress on stderr and one JSON object on stdout, also saved to --out (de
 Works under a fresh runs/bench-faults-TIME/: the references, the logs of every attempt, and the run folders of the
 cases that were not equal (of every case with --keep-runs) stay there. With BENCH_LOCK=FILE, the reference runs
 (whose wall time is reported) hold that flock.
-Run from the repository root: `.venv/bin/python benchmarks/faults.py [--kills 56] [--seed 0] [--stages dpo,rl]
+Run from the repository root: `.venv/bin/python -m benchmarks.faults [--kills 56] [--seed 0] [--stages dpo,rl]
 [--quick] [--keep-runs]`. The default run (74 kills: 56 at random moments, 18 at chosen ones) took 13 minutes on
 2 cores nobody else was using, several times that while another job loads them; --quick (one kill a stage, at a
 random moment; 8 x 10 judgements) about 3 minutes.
@@ -62,7 +62,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import ROOT, cpu_lock, new_run_dir
+from benchmarks.common import ROOT, cpu_lock, machine, new_run_dir, save_result
 
 STAGES = ("classifier", "generator", "reward_model", "sft", "dpo", "rl", "loop")
 SHARE = {"classifier": 8, "generator": 9, "reward_model": 8, "sft": 9, "dpo": 9, "rl": 8, "loop": 5}
@@ -764,9 +764,9 @@ def when(moment: dict, last_step: int) -> str:
 
 
 def cpu() -> dict:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
-    return {"model": model, "avx512_bf16": "avx512_bf16" in text, "cores": os.cpu_count()}
+    """The CPU, as the saved results have it (common.machine: lscpu)."""
+    m = machine()
+    return {"model": m["cpu"], "avx512_bf16": m["avx512_bf16"], "cores": m["cores"]}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -812,11 +812,9 @@ def main(argv: list[str]) -> int:
     result = {**kill_summary(cases, inputs), "loop_equal_means": LOOP_EQUAL,
               "disk_full": {"ok": all(d["ok"] for d in disk), "stages": disk}, "judgements": judgements,
               "reference_seconds": walls, "seconds": round(time.monotonic() - t0), "cpu": cpu(),
-              "command": " ".join([".venv/bin/python", "benchmarks/faults.py", *argv]), "seed": args.seed,
+              "command": " ".join([".venv/bin/python", "-m", "benchmarks.faults", *argv]), "seed": args.seed,
               "work": str(work.relative_to(ROOT))}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result(args.out.name.removesuffix(".json"), result, argv, folder=args.out.parent)
     good = not result["not_equal"] and result["disk_full"]["ok"] and judgements["lost"] == 0 and \
         judgements["doubled"] == 0 and judgements["stored"] == judgements["expected"]
     return 0 if good else 1

@@ -2,13 +2,13 @@
 
 Bar: trains in under 5 minutes on a 2-core CPU, and its validation perplexity is at most half that
 of a unigram model of the same vocabulary. Prints one JSON object.
-Run from the repository root: `.venv/bin/python benchmarks/generator_tweets.py`.
+Run from the repository root: `.venv/bin/python -m benchmarks.generator_tweets`.
 """
 
 import json
 import sys
 
-from common import ROOT, failed, new_run_dir, run_minirlhf
+from benchmarks.common import ROOT, failed, new_run_dir, run_minirlhf, save_result
 
 
 def main() -> int:
@@ -27,7 +27,7 @@ def main() -> int:
         "samples": samples,
         "bar": {"ratio<=0.5": res["ratio_to_unigram"] <= 0.5, "train<300s": res["train_seconds"] < 300},
     }
-    print(json.dumps(report, indent=2))
+    save_result("generator_tweets", report)
     return 0
 
 

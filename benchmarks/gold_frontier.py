@@ -17,7 +17,7 @@ Resumable: every part writes parts/NAME.json in the work folder (default runs/be
 skips finished parts; `--report` rebuilds result.json, the plot and the README's tables (gold_report.py) from the
 part files alone. Prints the result JSON. Heavy variants behind flags: `--active-seeds 3` (random against
 active pair choice, gold_labels.py), `--seeds`, `--dpo-seeds`.
-Run from the repository root: `.venv/bin/python benchmarks/gold_frontier.py [--quick] [--report]`.
+Run from the repository root: `.venv/bin/python -m benchmarks.gold_frontier [--quick] [--report]`.
 """
 
 import argparse
@@ -25,14 +25,13 @@ import contextlib
 import json
 import random
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT
-from gold_report import report
-import gold_steps as steps
+from benchmarks import gold_steps as steps
+from benchmarks.common import ROOT, commit
+from benchmarks.gold_report import report
 
 from minirlhf.stages import classifier, sft
 from minirlhf.checkpoint import atomic_write_text
@@ -199,7 +198,7 @@ def setup(parts: Parts, args) -> None:
     args.eval_prompts = write_jsonl(args.work / "eval_prompts.jsonl", [{"prompt": p} for p in held])
 
     def heldout() -> dict:
-        from gold_labels import gold_heldout
+        from benchmarks.gold_labels import gold_heldout
 
         prompts = [opening(r["text"]) for r in reviews("test.jsonl", args.heldout_pairs, skip=5000)]
         ns = argparse.Namespace(seed=0, response_len=args.response_len)
@@ -264,7 +263,7 @@ def measure(args) -> dict:
 
 def active_choice(args) -> dict:
     """Random against active pair choice (gold_labels.py) on 400 labels over `args.active_seeds` seeds."""
-    from gold_labels import collect_labels
+    from benchmarks.gold_labels import collect_labels
 
     ns = argparse.Namespace(labels=400, pool=4, active_seeds=args.active_seeds, active_select="ensemble",
                             agreement=args.agreement, response_len=args.response_len, seed=0)
@@ -273,13 +272,6 @@ def active_choice(args) -> dict:
     out = collect_labels(args.work / "active", {"sft": Path(args.sft), "train_prompt_list": train}, Path(args.gold),
                          heldout, ns, say)
     return {k: out[k] for k in ("curves", "random_curve", "active_curve", "active_label_ratio")}
-
-
-def commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "src", "benchmarks")
-                                                  else "")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 import math
 from pathlib import Path
 
-from gold_report import ARMS
+from benchmarks.gold_report import ARMS
 
 
 def plot(out: dict, path: Path) -> None:
@@ -61,8 +61,8 @@ def tables(out: dict, source: str) -> str:
     """The README's tables of a result JSON, with the command and commit that made it."""
     s = out["settings"]
     lines = [f"From `{source}` (report by commit {out['commit']}, parts by {', '.join(out.get('part_commits', []))}; "
-             "`.venv/bin/python benchmarks/gold_frontier.py`, then "
-             f"`benchmarks/gold_report.py {source}`): {s['labels']} labels per seed, {s['steps']} PPO steps of 16, "
+             "`.venv/bin/python -m benchmarks.gold_frontier`, then "
+             f"`.venv/bin/python -m benchmarks.gold_report {source}`): {s['labels']} labels per seed, {s['steps']} PPO steps of 16, "
              f"kl_coef {s['kl']}, {s['members']} members, wall {out['wall_seconds']:,} s.", "",
              "| run (mean of seeds) | gold at SFT | gold peak | gold at the end | KL at the end (nats) |", "|---|---|---|---|---|"]
     for arm, c in out["curves"].items():

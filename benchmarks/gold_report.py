@@ -1,5 +1,5 @@
 """The gold-judge frontier's figures, from its part files alone (gold_frontier.py calls `report`), and the README's
-tables from its result JSON: `.venv/bin/python benchmarks/gold_report.py benchmarks/results/gold_frontier.json`.
+tables from its result JSON: `.venv/bin/python -m benchmarks.gold_report benchmarks/results/gold_frontier.json`.
 
 Curves are per PPO step (the gold judge's mean score of the step's 16 samples, KL per response from the SFT
 policy), averaged in bins of `bin` steps, then over seeds; standard errors are over seeds (the seeds differ in
@@ -218,18 +218,19 @@ def bars(out: dict) -> dict:
 
 
 def save(out: dict, args) -> None:
-    from gold_plot import plot
+    from benchmarks.common import save_result
+    from benchmarks.gold_plot import plot
 
-    (args.work / "result.json").write_text(json.dumps(out, indent=1))
     quick = "quick" in args.work.name
     variant = args.work.name.removeprefix("bench-gold-frontier")  # "" for the default run, "-smollm2", ...
     variant = variant if variant in ("", "-smollm2") else f"-{args.work.name}"
+    if not quick:  # (gold_frontier prints the result itself, on stdout)
+        save_result(f"gold_frontier{variant}", out, show=False)
+    (args.work / "result.json").write_text(json.dumps(out, indent=1))
     plot(out, args.work / "gold_frontier.png" if quick else ROOT / "docs" / f"gold_frontier{variant}.png")
-    if not quick:
-        (ROOT / "benchmarks" / "results" / f"gold_frontier{variant}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
-    from gold_plot import tables
+    from benchmarks.gold_plot import tables
 
     print(tables(json.loads(Path(sys.argv[1]).read_text()), sys.argv[1]))

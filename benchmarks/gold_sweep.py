@@ -1,20 +1,19 @@
 """Fewer labels, longer PPO: does the single reward model's gold reward peak and fall? One seed of the gold frontier's
 offline arm (`minirlhf loop`, one round) per label count, reusing the frontier's gold judge, SFT policy, openings
-and annotator noise (run `gold_frontier.py` first). Prints and saves per-8-step means of KL, gold, proxy and the
-ensemble's disagreement, and the guards that fired.
+and annotator noise (run `.venv/bin/python -m benchmarks.gold_frontier` first). Prints and saves per-8-step means
+of KL, gold, proxy and the ensemble's disagreement, and the guards that fired.
 
-Run from the repository root: `.venv/bin/python benchmarks/gold_sweep.py --labels 40,80 --steps 64 --lr 2e-4 --kl 0.001`
+Run from the repository root: `.venv/bin/python -m benchmarks.gold_sweep --labels 40,80 --steps 64 --lr 2e-4 --kl 0.001`
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from common import ROOT
-import gold_report
-import gold_steps as steps
+from benchmarks import gold_report
+from benchmarks import gold_steps as steps
+from benchmarks.common import ROOT, save_result
 
-from minirlhf.checkpoint import atomic_write_text
 from minirlhf.runtime import configure_process
 
 FRONTIER = ROOT / "runs" / "bench-gold-frontier"
@@ -55,8 +54,7 @@ def main() -> None:
     path = ROOT / "benchmarks" / "results" / "gold_sweep.json"  # runs of other settings already there stay
     saved = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     result["runs"] = saved["runs"] | result["runs"]
-    atomic_write_text(path, json.dumps(result, indent=1))
-    print(json.dumps(result))
+    save_result("gold_sweep", result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ run directory, and to docs/ only from a run of every size and mode.
 
 With BENCH_LOCK=FILE it flocks FILE around each model build and each child (do not wrap it in flock): other jobs
 that flock FILE do not run beside a timed cell.
-Run from the repository root: `.venv/bin/python benchmarks/model_size.py [--sizes 135m,360m,1b] [--modes ...]`.
+Run from the repository root: `.venv/bin/python -m benchmarks.model_size [--sizes 135m,360m,1b] [--modes ...]`.
 """
 
 import argparse
@@ -38,7 +38,7 @@ import matplotlib
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common import ROOT, cpu_lock, new_run_dir
+from benchmarks.common import ROOT, cpu_lock, new_run_dir, run_child, save_result
 
 from minirlhf.checkpoint import atomic_dir
 from minirlhf.models.pretrained import smollm2_path
@@ -147,42 +147,24 @@ def last_row(metrics: Path, step: int) -> dict | None:
     return next((r for r in rows if r["step"] == step), None)
 
 
-def run_child(cmd: list[str], env: dict, log: Path, metrics: Path, steps: int) -> tuple[int, float, float]:
-    """(exit code, wall seconds, the child's peak resident MiB); the caller holds the CPU lock. The child is stopped
-    once its last step's row is written: its final checkpoint (GBs of weights and Adam state, which safetensors
-    serialises through a whole copy in memory) and held-out evaluation are not what this measures."""
-    deadline = time.time() + 600  # a locked job stays well under the machine's 12-minute rule
-    with log.open("w") as out:
-        t = time.time()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps it here, so Popen.poll is never used
-            if pid:
-                code = os.waitstatus_to_exitcode(status)
-                break
-            done = last_row(metrics, steps) is not None
-            if done or time.time() > deadline:
-                code = 0 if done else 124
-                proc.kill()
-                _, _, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.5)
-        proc.returncode = code  # reaped by os.wait4: tell Popen, which would wait for it again
-        return code, time.time() - t, usage.ru_maxrss / 1024
-
-
 def run_cell(name: str, folder: Path, args: list[str], work: Path, prompts: tuple[Path, Path], steps: int) -> dict:
     train, held = prompts
     cmd = [sys.executable, "-m", "minirlhf", "grpo", f"--policy={folder}", *args,
-           "--reward.classifier_weight=0", "--reward.function=size_reward:length", f"--prompts.file={train}",
+           "--reward.classifier_weight=0", "--reward.function=benchmarks.size_reward:length", f"--prompts.file={train}",
            f"--prompts.eval_file={held}", f"--prompts.max_eval={len(EVAL_PROMPTS)}", f"--batch_size={BATCH}",
            f"--group_size={GROUP}", f"--response_len={RESPONSE_LEN}", f"--steps={steps}", f"--save_every={steps}",
            "--sample_every=1000", "--device=cpu", "--dtype=fp32", f"--out={work / name}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
+    # the child runs in the repository root (run_child's cwd), where `benchmarks.size_reward` imports
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
     say(f"== {name}")
     metrics = work / name / "metrics.jsonl"
-    code, wall, peak_mb = run_child(cmd, env, work / f"{name}.log", metrics, steps)
+    # The caller holds the CPU lock. The child is stopped once its last step's row is written (exit code 0): its
+    # final checkpoint (GBs of weights and Adam state, which safetensors serialises through a whole copy in memory)
+    # and held-out evaluation are not what this measures; after 10 minutes it is stopped with exit code 124 (a
+    # locked job stays well under the machine's 12-minute rule).
+    with (work / f"{name}.log").open("w") as log:
+        code, _, wall, peak_mb = run_child(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, poll_s=0.5,
+                                           until=lambda: last_row(metrics, steps) is not None, timeout_s=600)
     for part in (work / name).glob("*checkpoint*"):  # a checkpoint stopped half-written, if any
         shutil.rmtree(part, ignore_errors=True)
     if code != 0:
@@ -284,7 +266,7 @@ def main() -> int:
               "cells": cells, "fit_seconds_per_step": fits, "wall_seconds": round(time.time() - t0),
               "seconds_in_children": round(sum(r.get("wall_s", 0) for r in cells.values()))}
     (work / "results.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    save_result("model_size", report)
     return 0 if all("error" not in r for r in cells.values()) else 1
 
 

@@ -8,49 +8,34 @@ seeds 0..127, the same sampling seeds. Bars: the share of episodes with every in
 minutes and the process's peak memory is <= 4 GB on 2 CPU cores; the replies' perplexity under the reference stays
 <= 1.5x the reference's own replies' (fluent, not gamed).
 
-Run from the repository root: `.venv/bin/python benchmarks/multiturn.py [--steps=60 ...]` (extra arguments go to
+Run from the repository root: `.venv/bin/python -m benchmarks.multiturn [--steps=60 ...]` (extra arguments go to
 `minirlhf grpo`). Prints one JSON object and saves it to benchmarks/results/multiturn.json.
 """
 
 import json
-import platform
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from common import ROOT, new_run_dir, save_result
+from benchmarks.common import ROOT, commit, machine, new_run_dir, run_child, save_result
 
 BARS = {"all_turns_rise": 0.20, "turn3_rise": 0.15, "train_seconds": 1800, "peak_mb": 4096, "ppl_ratio": 1.5}
 
 
 def cpu() -> dict:
-    """The CPU the figures came from (lscpu), and whether it has AVX-512 BF16."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {"model": fields.get("Model name", platform.processor()).strip(), "cores": int(fields.get("CPU(s)", "0")),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
-
-
-def commit() -> str:
-    """HEAD's short hash, "+dirty" when tracked files differ from it (the run's code was not that commit's)."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    """The CPU the figures came from (common.machine: lscpu), and whether it has AVX-512 BF16 and AMX."""
+    m = machine()
+    return {"model": m["cpu"], "cores": m["cores"], "avx512_bf16": m["avx512_bf16"], "amx_bf16": m["amx_bf16"]}
 
 
 def train(run: Path, extra: list[str]) -> tuple[int, float, float, str]:
     """The run as a child process (its progress bars on this terminal); (exit code, wall s, peak MiB, command)."""
     cmd = [sys.executable, "-m", "minirlhf", "grpo", "--config", str(ROOT / "configs" / "smollm2_constraints.yaml"),
            "--prompts.max_eval=128", "--out", str(run), *extra]
-    t0 = time.time()
     with (run.parent / "stdout.log").open("w") as log:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=log).returncode
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return code, time.time() - t0, peak, " ".join(["minirlhf", *cmd[3:]])
+        code, _, wall, peak = run_child(cmd, stdout=log)
+    return code, wall, peak, " ".join(["minirlhf", *cmd[3:]])
 
 
 def main() -> int:

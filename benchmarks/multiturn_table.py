@@ -1,6 +1,6 @@
 """The README's tables of the multi-turn benchmark, from its saved JSON, so no figure is typed by hand: the run of
 configs/smollm2_constraints.yaml (benchmarks/results/multiturn.json) and, with `--kl`, one row per KL weight tried
-(multiturn.json and multiturn-kl*.json). `.venv/bin/python benchmarks/multiturn_table.py [--kl | FILE.json]`."""
+(multiturn.json and multiturn-kl*.json). `.venv/bin/python -m benchmarks.multiturn_table [--kl | FILE.json]`."""
 
 import json
 import sys

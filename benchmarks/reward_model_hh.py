@@ -3,14 +3,14 @@
 
 Bar: held-out pair accuracy at least 0.03 above the length-only baseline (the longer response wins) on the same
 pairs. Prints one JSON object with both, the margin, time and peak memory.
-Run from the repository root: `.venv/bin/python benchmarks/reward_model_hh.py [--max_train=3000 ...]`
+Run from the repository root: `.venv/bin/python -m benchmarks.reward_model_hh [--max_train=3000 ...]`
 (extra arguments are config overrides of `minirlhf train-reward-model`).
 """
 
 import json
 import sys
 
-from common import ROOT, failed, new_run_dir, run_minirlhf
+from benchmarks.common import ROOT, failed, new_run_dir, run_minirlhf, save_result
 
 HH = ROOT.parent / "shared" / "data" / "preferences" / "hh_rlhf.jsonl"
 # MiniLM (the default reward model): embeddings and layers 0-3 frozen and computed once, the top 2 trained. Measured
@@ -36,7 +36,7 @@ def main() -> int:
               "accuracy_step0": round(res["eval_accuracy_step0"], 4), "eval_margin": round(res["eval_margin"], 3),
               "wall_seconds": round(wall, 1), "peak_memory_mb": round(peak_mb),
               "bar": {"accuracy>=length_baseline+0.03": gain >= 0.03}}
-    print(json.dumps(report, indent=2))
+    save_result("reward_model_hh", report)
     return 0 if all(report["bar"].values()) else 1
 
 

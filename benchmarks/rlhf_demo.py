@@ -4,13 +4,13 @@ Bar: whole demo at most 10 minutes on a 2-core CPU, peak memory under 4 GB, and 
 win: the PPO policy beats the reference (win rate at least 0.8) while keeping at least half the reference's
 distinct-2 (no collapse onto one answer), with KL from the reference under 10 nats per response and no health
 check fired during training.
-Prints one JSON object. Run from the repository root: `.venv/bin/python benchmarks/rlhf_demo.py`.
+Prints one JSON object. Run from the repository root: `.venv/bin/python -m benchmarks.rlhf_demo`.
 """
 
 import json
 import sys
 
-from common import ROOT, failed, new_run_dir, run_minirlhf
+from benchmarks.common import ROOT, failed, new_run_dir, run_minirlhf, save_result
 
 
 def main() -> int:
@@ -35,7 +35,7 @@ def main() -> int:
                 "distinct_2>=0.5x_reference": res["policy"]["distinct_2"] >= 0.5 * res["reference"]["distinct_2"],
                 "kl<10": res["kl"] < 10, "no_health_check_fired": not res.get("health")},
     }
-    print(json.dumps(report, indent=2))
+    save_result("rlhf_demo", report)
     return 0 if all(report["bar"].values()) else 1
 
 

@@ -24,7 +24,7 @@ update's model FLOP/s over the matmul peak (benchmarks/limits.py).
 Bars: minirlhf reaches the target at least 3x sooner than each TRL recipe (the lower bound), with no more peak
 memory than the lowest TRL run; sampling at 50% or more of the bandwidth bound; the update at 60% or more of the
 matmul peak; the start's standard error at most 0.05; two or more seeds.
-Run from the repository root: `.venv/bin/python benchmarks/sentiment_rlhf.py [--systems a,b] [--seeds 1,2]
+Run from the repository root: `.venv/bin/python -m benchmarks.sentiment_rlhf [--systems a,b] [--seeds 1,2]
 [--lock /tmp/cpu.lock]`.
 """
 
@@ -37,15 +37,15 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from common import ROOT, cpu_lock, new_run_dir
-from limits import decode_matmul_rate, matmul_peak, memory_bandwidth, model_shape, sampling_fractions, update_flops
-from verdict import lower_bound_speedup, reference_start, seconds_to, spread
+from benchmarks.common import ROOT, cpu_lock, new_run_dir, run_child, save_result
+from benchmarks.limits import (decode_matmul_rate, matmul_peak, memory_bandwidth, model_shape, sampling_fractions,
+                               update_flops)
+from benchmarks.verdict import lower_bound_speedup, reference_start, seconds_to, spread
 
 from minirlhf.models.pretrained import smollm2_path
 from minirlhf.models.rewards import RewardConfig
@@ -99,15 +99,6 @@ def classifier() -> Path:
     return path
 
 
-def run_child(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[int, float, float]:
-    """(exit code, wall seconds, this child's own peak resident MiB)."""
-    t = time.time()
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.time() - t, usage.ru_maxrss / 1024
-
-
 def minirlhf_result(out: Path, shape: dict, bandwidth: float, peak: float, decode: float) -> dict:
     """Per-step times, held-out checks, memory, and the sampling and update phases against the machine's limits
     (the first step, which warms up, left out, as TRL's)."""
@@ -128,14 +119,15 @@ def command(name: str, seed: int, args, work: Path, prompts: tuple[Path, Path], 
     train, held = prompts
     out = work / f"{name}@seed{seed}"
     if name in TRL:
-        return [sys.executable, str(ROOT / "benchmarks" / "trl_grpo_runner.py"), "--model", str(smollm2_path()),
-                "--prompts", str(train), "--eval-prompts", str(held), "--reward", "sentiment_reward:positive_logit",
+        return [sys.executable, "-m", "benchmarks.trl_grpo_runner", "--model", str(smollm2_path()),
+                "--prompts", str(train), "--eval-prompts", str(held),
+                "--reward", "benchmarks.sentiment_reward:positive_logit",
                 "--steps", str(args.trl_steps), "--num-generations", "4", "--per-step", "16",
                 "--max-completion-length", "24", "--lr", "3e-5", "--beta", "0.04", "--threads", "2",
                 "--eval-every", str(args.eval_every), "--seed", str(seed), "--stop-at", str(stop_at), "--out", str(out),
                 *TRL[name]]
     return [sys.executable, "-m", "minirlhf", *SYSTEMS[name], "--policy=smollm2", "--reward.classifier_weight=0",
-            "--reward.function=sentiment_reward:positive_logit", f"--prompts.file={train}",
+            "--reward.function=benchmarks.sentiment_reward:positive_logit", f"--prompts.file={train}",
             f"--prompts.eval_file={held}", "--batch_size=16", "--response_len=24", f"--steps={args.steps}",
             f"--eval_every={args.eval_every}", f"--save_every={args.steps}", "--sample_every=10", "--device=cpu",
             f"--seed={seed}", f"--out={out}"]
@@ -150,7 +142,8 @@ def run_system(name: str, seed: int, cmd: list[str], work: Path, env: dict, limi
         limits["decode_matmul_gflops"].append(decode_matmul_rate())
         print(f"== {name} seed {seed}", file=sys.stderr, flush=True)
         log = work / f"{name}@seed{seed}.log"
-        code, wall, peak_mb = run_child(cmd, work, env, log)
+        with log.open("w") as out:
+            code, _, wall, peak_mb = run_child(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         return {"error": f"exit {code}; see {log}", "log_tail": log.read_text()[-800:]}
     if name in TRL:
@@ -180,8 +173,9 @@ def main() -> int:
     work.mkdir(parents=True)
     prompts = write_prompts(work, args.eval_prompts)
     os.environ["MINIRLHF_BENCH_CLASSIFIER"] = str(classifier())  # the reward, here (the start) and in every child
+    # the children run in the work folder: the repository root on their path, for `benchmarks.sentiment_reward`
     env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "BENCH_LOCK": args.lock or "",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if args.start:  # measured by an earlier run with these openings (the measurement is seeded: it repeats)
         start = json.loads(Path(args.start).read_text())
     else:
@@ -209,7 +203,7 @@ def main() -> int:
     report = {"benchmark": "sentiment_rlhf", "run_dir": str(work.relative_to(ROOT)), "steps": args.steps,
               "trl_steps": args.trl_steps, "seeds": seeds, "start": start, "target_reward": round(target, 3),
               **{k: [round(x, 1) for x in v] for k, v in limits.items()}, **summarise(results, target, start)}
-    print(json.dumps(report, indent=2, default=str))
+    save_result("sentiment_rlhf", report)
     return 0 if all(report.get("bar", {"ran": False}).values()) else 1
 
 

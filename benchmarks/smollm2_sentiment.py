@@ -4,13 +4,13 @@ It runs in a new folder, so the reward classifier the config names does not exis
 the time includes that. Bar: within 15 minutes on a 2-core CPU the held-out mean reward (positive logit)
 rises by at least 1.0 over the reference's, with KL under 10 nats per response and peak memory under 6 GB;
 the samples show the responses still read as English. Prints one JSON object.
-Run from the repository root: `.venv/bin/python benchmarks/smollm2_sentiment.py [--steps=40 ...]`.
+Run from the repository root: `.venv/bin/python -m benchmarks.smollm2_sentiment [--steps=40 ...]`.
 """
 
 import json
 import sys
 
-from common import ROOT, failed, new_run_dir, run_minirlhf
+from benchmarks.common import ROOT, failed, new_run_dir, run_minirlhf, save_result
 
 
 def main() -> int:
@@ -37,7 +37,7 @@ def main() -> int:
         "samples": res["samples"],
         "bar": {"wall<=900s": wall <= 900, "rise>=1.0": rise >= 1.0, "kl<10": res["kl"] < 10, "peak<6GB": peak_mb < 6144},
     }
-    print(json.dumps(report, indent=2))
+    save_result("smollm2_sentiment", report)
     return 0 if all(report["bar"].values()) else 1
 
 

@@ -9,6 +9,8 @@ step (default one optimizer step per batch), DAPO token-mean loss, k3 KL with we
 Adam (no weight decay) at a constant learning rate, gradient norm clipped to 1, chat template applied.
 
 A "step" below is one generation batch, as in minirlhf, whatever the optimizer steps it takes.
+Run as `.venv/bin/python -m benchmarks.trl_grpo_runner --model ... --reward benchmarks.sentiment_reward:positive_logit
+...` (benchmarks/sentiment_rlhf.py runs it so, in a run folder, with the repository root on PYTHONPATH).
 Writes DIR/steps.jsonl (step, seconds since training began, mean reward) and prints one JSON line:
 trl_version, steps, seconds_per_step (mean over steps after the first), total_seconds, peak_memory_mb,
 rewards (per step) and, with --eval-prompts, eval_reward (one sampled completion per prompt, after training).
@@ -40,9 +42,9 @@ def read_prompts(path: str) -> list[str]:
 
 
 def load_reward(spec: str):
-    """`module:function` with f(prompts: list[str], completions: list[str]) -> list[float], wrapped for TRL."""
+    """`module:function` with f(prompts: list[str], completions: list[str]) -> list[float], wrapped for TRL; the
+    module importable here (`-m` puts the working directory on the path; PYTHONPATH the rest)."""
     module, _, name = spec.partition(":")
-    sys.path.insert(0, os.getcwd())
     fn = getattr(importlib.import_module(module), name)
 
     def text(x):  # conversational samples come as [{"role": ..., "content": ...}, ...]

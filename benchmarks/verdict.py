@@ -7,7 +7,7 @@ import statistics
 import torch
 
 from minirlhf.models.load import load_policy
-from sentiment_reward import positive_logit
+from benchmarks.sentiment_reward import positive_logit
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ def test_help_lists_config_keys_with_docs(cli):
     (["--train.lr=-1"], ["train.lr must be > 0"]),
     (["--train.epochs=two"], ["train.epochs must be int"]),
     (["--train.nope=1"], ["unknown config key 'train.nope'"]),
-    (["--device", "tpu"], ["device must be {auto,cpu,cuda,mps}"]),
+    (["--device", "tpu"], ["device must be one of auto, cpu, cuda, mps"]),
     (["--config", "missing.yaml"], ["missing.yaml does not exist"]),
     (["--data", "nowhere.jsonl"], ["neither a corpus name"]),
 ])
@@ -158,7 +158,7 @@ def test_rl_commands_reject_bad_input_in_one_line(cli, tmp_path, tiny_generator)
     assert_one_line_error(cli("ppo", "--policy", str(tiny_generator), "--reward", "nowhere"),
                           "reward classifier nowhere is not a trained classifier run")
     assert_one_line_error(cli("grpo", "--policy", str(tiny_generator), "--batch_size=6"), "multiple of group_size=4")
-    assert_one_line_error(cli("ppo", "--critic=shared"), "critic must be {head,separate}")
+    assert_one_line_error(cli("ppo", "--critic=shared"), "critic must be one of head, separate")
     assert_one_line_error(cli("evaluate", str(tiny_generator)), "is not an RL run with a checkpoint")
     proc = cli("grpo", "--help")
     assert proc.returncode == 0 and "--group_size" in proc.stdout and "--reward.unended_weight" in proc.stdout

@@ -20,9 +20,9 @@ The README's notation, turned into lines to run:
   saved config.
 
 A line then runs through `cli.build_parser()`; a training stage through `cli._stage_config` (config keys and values,
-as the CLI resolves them); then the checks the command makes before loading a model: `cli._check_sampling`, for an
-RL algorithm `registry.get`, `rl.check` and the reward's `rewards.check`, for `loop` `loop.check`. Nothing is read
-or loaded beyond that (data files, runs and models named are not opened), so this runs in about a second.
+as the CLI resolves them); then the checks the command makes before loading a model: `cli.tool_config` (a tool's
+config, typed and bounded), for an RL algorithm `registry.get`, `rl.check` and the reward's `rewards.check`, for
+`loop` `loop.check`. Nothing is read or loaded beyond that (data files, runs and models named are not opened), so this runs in about a second.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def check(argv: list[str], tmp: Path):
     if extra and not getattr(args, "stage", False):
         raise CommandError(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        cli._check_sampling(args)
+        cli.tool_config(args)
         if not getattr(args, "stage", False):
             return None
         cfg = cli._stage_config(STAGES[args.command], args, extra)
@@ -307,7 +307,7 @@ def test_every_readme_command_line_is_accepted(line, tmp_path, monkeypatch):
     ("minirlhf loop --policy P --annotator people", "--annotator must be web or simulate:JUDGE"),
     ("minirlhf generate RUN_DIR --no-such-flag", "unrecognized arguments: --no-such-flag"),
     ("minirlhf generate RUN_DIR --temperature 0", "--temperature must be > 0"),
-    ("minirlhf feedback serve --select best", "argparse refused it"),
+    ("minirlhf feedback serve --select best", "--select must be one of random, uncertain"),
     ("minirlhf nope RUN_DIR", "argparse refused it"),
     ("minirlhf evaluate --prompts FILE.jsonl", "argparse refused it"),  # no RUN_DIR
     ("minirlhf sft --policy MODEL --data FILES", "unknown placeholder 'FILES'"),

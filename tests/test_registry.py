@@ -20,17 +20,15 @@ TOY = textwrap.dedent('''
     import torch
 
     from minirlhf import runner
-    from minirlhf.config import OptimConfig, TrainingRunConfig
+    from minirlhf.config import OptimConfig, TrainingRunConfig, setting
 
 
     @dataclasses.dataclass
     class ToyConfig(TrainingRunConfig):
-        steps: int = 6
+        steps: int = setting(6, ge=1)
         """updates"""
         train: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.1, warmup_ratio=0.0))
         """the optimiser"""
-
-        checks = {"steps": ">= 1"}
 
 
     class ToyJob(runner.ModelJob):

@@ -19,7 +19,8 @@ LAYERS = {
     "envs": ("minirlhf.envs",),
     "rl": ("minirlhf.rl",),
     "stages": ("minirlhf.stages",),
-    "commands": ("minirlhf.cli", "minirlhf.pipeline", "minirlhf.doctor", "minirlhf.feedback", "minirlhf.__main__"),
+    "commands": ("minirlhf.cli", "minirlhf.tools", "minirlhf.pipeline", "minirlhf.doctor", "minirlhf.feedback",
+                 "minirlhf.__main__"),
 }
 ORDER = list(LAYERS)
 LAZY_ALLOWED = {("minirlhf.feedback.commands", "minirlhf.feedback.app"), ("minirlhf.feedback.loop", "minirlhf.feedback.app")}

@@ -12,38 +12,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
-import math
 import os
 import sqlite3
 import sys
 import traceback
 
-import torch
-
 from minirlhf import ConfigError, MachineError, UserError, __version__, distributed, doctor
-from minirlhf.rl import registry
-from minirlhf.stages import classifier, reward_model
-from minirlhf.stages.evaluate import evaluate_run
-from minirlhf.config import DataConfig, describe, load_config, load_saved
-from minirlhf.data.prompts import PromptConfig
-from minirlhf.envs.base import EnvConfig, env_factory, env_prompts
-from minirlhf.data.sentiment import read_source
+from minirlhf.config import describe, fixed_on_resume, from_args, load_config, load_saved
 from minirlhf.feedback import commands
-from minirlhf.feedback.pairs import Sampling, add_sampling_flags
-from minirlhf.models.classifier import SentimentClassifier
-from minirlhf.models.episodes import need_chat, sample_episodes
 from minirlhf.models.judge import judge_kind
-from minirlhf.models.load import load_policy
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
 from minirlhf.registry import STAGES
+from minirlhf.rl import registry
 from minirlhf.rundir import RunDir, check_new
-from minirlhf.runtime import configure_process, pick_device, seed_everything
-
-RESUME_FIXED = {"out", "seed", "policy", "ref_policy", "policy_options", "reward", "data", "prompts", "batch_size",
-                "group_size", "model", "vocab", "preferences", "eval_file", "eval_fraction", "max_train", "max_eval",
-                "split_seed", "train.batch_size", "train.micro_batch_size", "ensemble", "bootstrap"}
-"""what a resumed run may not change: it would no longer repeat the uninterrupted run"""
+from minirlhf.runtime import configure_process
+from minirlhf.tools import add_tools
 
 
 def _overrides(extra: list[str]) -> list[str]:
@@ -84,7 +67,7 @@ def _stage_config(cls, args, extra):
 def _resume_config(cls, args, overrides: list[str]):
     """The config a run was started with, under the overrides that keep it the same run (e.g. --steps=200)."""
     keys = [o[2:].split("=")[0] for o in overrides]
-    fixed = [f"--{k}" for k in keys if k in RESUME_FIXED or k.split(".")[0] in RESUME_FIXED]
+    fixed = [f"--{k}" for k in keys if fixed_on_resume(cls, k)]
     if args.config is not None or fixed:
         raise ConfigError(f"--resume repeats the run as it was configured; {(fixed or ['--config'])[0]} cannot "
                           "change (others, such as --steps, can)")
@@ -158,107 +141,6 @@ def _demo(cfg, resume, overwrite: bool) -> int:
     return 0
 
 
-def _evaluate(args, extra) -> int:
-    evaluate_run(args.run_dir, args.prompts, args.n, args.seed, args.device)
-    return 0
-
-
-def _eval_reward_model(args, extra) -> int:
-    reward_model.evaluate_run(args.run_dir, args.preferences, args.device, args.batch_size)
-    return 0
-
-
-def _classify(args, extra) -> int:
-    run = RunDir.open(args.run_dir, "classifier", command="train-classifier")
-    clf = SentimentClassifier.from_run(run.path, pick_device(args.device)[0])
-    probs, logits = clf.score(args.texts)
-    for text, p, z in zip(args.texts, probs.tolist(), logits.tolist()):
-        print(json.dumps({"text": text, "p_positive": round(p, 4), "positive_logit": round(z, 4)}, ensure_ascii=False))
-    return 0
-
-
-def _eval_classifier(args, extra) -> int:
-    parts = read_source(args.data)
-    rows = parts.get("all") or parts["test"]
-    run = RunDir.open(args.run_dir, "classifier", command="train-classifier")
-    clf = SentimentClassifier.from_run(run.path, pick_device(args.device)[0])
-    logits = clf.logits([t for t, _ in rows], batch_size=args.batch_size, show_progress=True)
-    scores = classifier.binary_scores(logits, torch.tensor([y for _, y in rows]))
-    print(json.dumps({"data": args.data, "n": len(rows), "accuracy": round(scores["accuracy"], 4),
-                      "f1": round(scores["f1"], 4)}))
-    return 0
-
-
-def _generate(args, extra) -> int:
-    seed_everything(args.seed)
-    device = pick_device(args.device)[0]
-    policy = load_policy(args.run_dir, device, value_head=False)
-    prompts = [p for p in args.prompt or [""] for _ in range(args.n)]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    if args.env:
-        return _generate_episodes(args, policy, device)
-    rollout = policy.sample(prompts, args.max_new_tokens, gen, args.temperature, args.top_k, args.top_p)
-    for prompt, text in zip(prompts, rollout.texts):
-        print(policy.as_text(prompt, text))
-    return 0
-
-
-def _generate_episodes(args, policy, device) -> int:
-    """`generate --env NAME`: n conversations (seeds seed..seed+n-1), each turn labelled, with its rewards."""
-    need_chat(policy)
-    env = EnvConfig(name=args.env, turns=args.turns)
-    make = env_factory(env, env_prompts(env, PromptConfig(), DataConfig())[1], args.seed, device)
-    seeds = list(range(args.seed, args.seed + args.n))
-    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    episodes = sample_episodes(policy, [make() for _ in seeds], seeds, args.turns, args.max_new_tokens, gens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    for seed, messages, rewards in zip(seeds, episodes.rollout.messages, episodes.rewards.tolist()):
-        print(f"--- episode {seed} (turn rewards {', '.join(f'{r:.2f}' for r in rewards)})")
-        for m in messages:
-            print(f"{m['role']}: {m['content']}")
-    return 0
-
-
-def _add_tools(sub) -> None:
-    """The commands that read a run rather than train one."""
-    p = sub.add_parser("evaluate", help="an RL run's policy vs its reference on held-out prompts: JSON and report.md")
-    p.add_argument("run_dir")
-    p.add_argument("--prompts", help="held-out prompts, a .jsonl file of {\"prompt\": ...} or hf:NAME[:split] "
-                   "(default: the run's own)")
-    p.add_argument("-n", type=int, help="use at most this many held-out prompts (default: the run's prompts.max_eval)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_evaluate)
-    p = sub.add_parser("eval-reward-model", help="held-out pair accuracy, mean margin and the length baseline (JSON)")
-    p.add_argument("run_dir")
-    p.add_argument("--preferences", required=True,
-                   help=".jsonl or hf:NAME[:split] of preference pairs (any layout DPO takes)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_eval_reward_model)
-    p = sub.add_parser("classify", help="P(positive) and positive logit of texts under a classifier run")
-    p.add_argument("run_dir")
-    p.add_argument("texts", nargs="+")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_classify)
-    p = sub.add_parser("eval-classifier", help="accuracy and F1 (JSON) of a classifier run on labelled data")
-    p.add_argument("run_dir")
-    p.add_argument("--data", required=True,
-                   help="labelled .jsonl/.csv file, hf:NAME[:split], aclImdb folder or corpus name")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_eval_classifier)
-    p = sub.add_parser("generate", help="sample responses from a generator run, an RL run, or a causal LM")
-    p.add_argument("run_dir")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
-    p.add_argument("-n", type=int, default=5, help="samples per prompt")
-    p.add_argument("--env", metavar="NAME", help="play conversations with an environment (constraints, judge or "
-                   "module:Class) on its held-out openings instead of answering prompts; one per -n")
-    p.add_argument("--turns", type=int, default=3, help="with --env: assistant turns per conversation")
-    add_sampling_flags(p, Sampling(max_new_tokens=30))
-    p.set_defaults(func=_generate)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minirlhf", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"minirlhf {__version__}")
@@ -267,25 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the environment: versions, device, offline models and data")
     p.set_defaults(func=lambda args, extra: doctor.run())
     _add_stages(sub)
-    _add_tools(sub)
+    add_tools(sub)
     commands.add_feedback(sub)
     return parser
 
 
-def _check_sampling(args) -> None:
-    n = getattr(args, "n", 1)
-    if (n is not None and n < 1) or getattr(args, "max_new_tokens", 1) < 1:
-        raise ConfigError("-n and --max-new-tokens must be at least 1")
-    numbers = {k: v for k, v in vars(args).items() if isinstance(v, float)}
-    bad = next((k for k, v in numbers.items() if not math.isfinite(v)), None)
-    if bad is not None:
-        raise ConfigError(f"--{bad.replace('_', '-')} must be a finite number, got {numbers[bad]}")
-    if getattr(args, "temperature", 1.0) <= 0:
-        raise ConfigError(f"--temperature must be > 0, got {args.temperature}")
-    if not 0 < getattr(args, "top_p", 1.0) <= 1 or getattr(args, "top_k", 0) < 0:
-        raise ConfigError("--top-p must be in (0, 1] and --top-k >= 0")
-    if getattr(args, "batch_size", 1) < 1:
-        raise ConfigError("--batch-size must be at least 1")
+def tool_config(args):
+    """A tool's config from its flags (checked: a bad value is one line, exit 2); None for a stage's command."""
+    return from_args(args.tool, args) if getattr(args, "tool", None) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("MINIRLHF_DEBUG", "") not in ("", "0")
     try:
         configure_process()
-        _check_sampling(args)
-        return args.func(args, extra)
+        cfg = tool_config(args)
+        return args.func(args, extra) if cfg is None else args.func(cfg)
     except UserError as e:
         return _error(str(e), 2, debug)
     except MachineError as e:

@@ -1,13 +1,15 @@
 """Configuration: one dataclass per stage, layered as defaults < YAML file < dotted overrides.
 
-A stage config is a dataclass whose fields are plain values or nested dataclasses; each field
-has a docstring right below it (cleanrl style). Range and choice rules live next to the fields
-in a `checks` class variable, e.g. `checks = {"lr": "> 0", "device": "{auto,cpu,cuda,mps}"}`; a subclass lists
-only its own rules: those of its bases apply too (`checks_of`), and a rule of the same key replaces theirs.
+A stage config is a dataclass whose fields are plain values or nested dataclasses; each field has a docstring right
+below it (cleanrl style), which is its `--help`. Choices are `Literal` types (`device: Literal["auto", "cpu"]`);
+bounds, and whether a resumed run may change a field, are in its metadata through `setting` (`lr: float =
+setting(1e-4, gt=0)`, `seed: int = setting(0, fixed_on_resume=True)`). A subclass that declares a field again keeps
+the bounds its bases gave it, unless it gives its own (`rules_of`).
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -16,12 +18,27 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Literal
 
 import yaml
 
 from minirlhf import ConfigError, RunError
 from minirlhf.checkpoint import atomic_write_text
+
+
+BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def setting(default=dataclasses.MISSING, *, default_factory=dataclasses.MISSING, gt=None, ge=None, lt=None, le=None,
+            fixed_on_resume: bool = False, **flag):
+    """A config field with its bounds (`gt=0`: above 0; `ge=0, le=1`: in [0, 1]) and whether `--resume` refuses to
+    change it (a resumed run would then no longer repeat the uninterrupted one); None bounds are left out. A tool's
+    field (`add_flags`) may say how its flag is written: `flag="-n"`, `positional=True`, `nargs="+"`,
+    `required=True`, `metavar="RUN_DIR"`."""
+    meta = {k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le).items() if v is not None} | flag
+    if fixed_on_resume:
+        meta["fixed_on_resume"] = True
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
 @dataclasses.dataclass
@@ -35,100 +52,87 @@ class DataConfig:
     test_source: str | None = None
     """optional separate test set (same kinds as `source`; one with splits gives its test split); then `source` is
     split into train/val only"""
-    val_fraction: float = 0.1
+    val_fraction: float = setting(0.1, gt=0, le=0.5)
     """fraction of the labelled texts held out for validation"""
-    test_fraction: float = 0.1
+    test_fraction: float = setting(0.1, ge=0, le=0.5)
     """fraction held out for the final test (ignored when the source or test_source has its own test set)"""
-    max_train: int | None = None
+    max_train: int | None = setting(None, ge=1)
     """use at most this many training texts (None: all)"""
-    max_eval: int | None = None
+    max_eval: int | None = setting(None, ge=1)
     """use at most this many validation and test texts each (None: all)"""
     split_seed: int = 0
     """seed of the deterministic shuffle that makes the splits"""
 
-    checks: ClassVar[dict] = {
-        "val_fraction": "(0, 0.5]",
-        "test_fraction": "[0, 0.5]",
-        "max_train": ">= 1",
-        "max_eval": ">= 1",
-    }
-
-
-DEVICES = "{auto,cpu,cuda,mps}"
 
 
 @dataclasses.dataclass
-class RunConfig:
+class DeviceConfig:
+    """What every command that runs a model has: the device."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto (CUDA, then MPS, then CPU), cpu, cuda or mps"""
+
+
+@dataclasses.dataclass
+class RunConfig(DeviceConfig):
     """What every stage's top-level config has: where the run goes, on what device, with what seed."""
 
-    out: str | None = None
+    out: str | None = setting(None, fixed_on_resume=True)
     """run directory (default: a new folder under runs/)"""
-    device: str = "auto"
-    """auto (CUDA, then MPS, then CPU), cpu, cuda or mps"""
-    seed: int = 0
+    seed: int = setting(0, fixed_on_resume=True)
     """seed of every random choice: initialisation, dropout, data order, sampling"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """arithmetic of the forward passes: auto (bf16 autocast on a CUDA card that has it, else fp32), fp32, bf16 or
     fp16 (autocast; the weights and optimizer state stay fp32)"""
     report_to: str = "none"
     """dashboards beside metrics.jsonl: tensorboard, wandb, trackio (several, comma-separated) or none"""
-
-    checks: ClassVar[dict] = {"device": DEVICES, "dtype": "{auto,fp32,bf16,fp16}"}
 
 
 @dataclasses.dataclass
 class TrainingRunConfig(RunConfig):
     """A stage that trains in steps: it checkpoints, and `--resume RUN_DIR` continues it from its last checkpoint."""
 
-    save_every: int = 200
+    save_every: int = setting(200, ge=1)
     """checkpoint every this many steps (and at the end)"""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = setting(2, ge=1)
     """checkpoints kept: the last (checkpoint/) and those before it (checkpoint-STEP/), so that one damaged or
     unwanted checkpoint still leaves an earlier one to resume from"""
-    guards: str = "warn"
+    guards: Literal["warn", "strict", "off"] = "warn"
     """what a run does on trouble. An update whose gradients are not finite is always skipped, the weights untouched:
     warn says so at the first, counts them (`train/skipped_updates`) and stops after 10 in a row; strict stops the
     run at the first (its last checkpoint intact); off only counts. RL also runs its health checks (guards.py):
     warn prints each once, strict stops, off checks none"""
-    strategy: str = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     """how the RL and DPO policy trains under torchrun: ddp (a whole copy in every process) or fsdp (PyTorch's FSDP2:
     each process keeps 1/K of the trained weights, their gradients and Adam state); one process: no difference"""
-    dist_timeout_s: float = 1800.0
+    dist_timeout_s: float = setting(1800.0, gt=0)
     """under torchrun, how long a process waits for the others at a collective before the run stops with one line"""
-
-    checks: ClassVar[dict] = {"save_every": ">= 1", "keep_checkpoints": ">= 1",
-                              "guards": "{warn,strict,off}", "strategy": "{ddp,fsdp}", "dist_timeout_s": "> 0"}
 
 
 @dataclasses.dataclass
 class OptimizerConfig:
     """The optimiser, under `train.` in every stage: what RL needs of it."""
 
-    lr: float = 1e-4
+    lr: float = setting(1e-4, gt=0)
     """peak AdamW learning rate"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = setting(1.0, gt=0)
     """clip the global gradient norm to this"""
-
-    checks: ClassVar[dict] = {"lr": "> 0", "max_grad_norm": "> 0"}
 
 
 @dataclasses.dataclass
 class OptimConfig(OptimizerConfig):
     """AdamW with linear warm-up and decay over passes of a fixed data set: what every supervised stage shares."""
 
-    epochs: int = 3
+    epochs: int = setting(3, ge=1)
     """passes over the training split"""
-    batch_size: int = 32
+    batch_size: int = setting(32, ge=1, fixed_on_resume=True)
     """texts per optimizer step"""
-    weight_decay: float = 0.01
+    weight_decay: float = setting(0.01, ge=0)
     """AdamW decoupled weight decay"""
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = setting(0.1, ge=0, le=1)
     """fraction of steps with linear warm-up; the rest decays linearly to zero"""
-    log_every: int = 20
+    log_every: int = setting(20, ge=1)
     """write the training loss to metrics.jsonl every this many steps"""
-
-    checks: ClassVar[dict] = {"epochs": ">= 1", "batch_size": ">= 1", "weight_decay": ">= 0",
-                              "warmup_ratio": "[0, 1]", "log_every": ">= 1"}
 
 
 @dataclasses.dataclass
@@ -136,38 +140,34 @@ class MicroBatchOptimConfig(OptimConfig):
     """OptimConfig for stages whose step batch is read in smaller forward passes (SFT, DPO), logged every step."""
 
     epochs: int = 1
-    micro_batch_size: int = 4
+    micro_batch_size: int = setting(4, ge=1, fixed_on_resume=True)
     """examples per forward pass; a step accumulates the gradients of batch_size / micro_batch_size passes"""
     weight_decay: float = 0.0
     log_every: int = 1
-
-    checks: ClassVar[dict] = {"micro_batch_size": ">= 1"}
 
 
 @dataclasses.dataclass
 class SplitConfig:
     """Which examples train and which are held out: what SFT, DPO and the reward model share."""
 
-    eval_file: str | None = None
+    eval_file: str | None = setting(None, fixed_on_resume=True)
     """held-out examples or pairs (.jsonl or hf:NAME[:split], any layout the training data takes); default: hold
     out `eval_fraction` of the prompts of the training data"""
-    eval_fraction: float = 0.1
+    eval_fraction: float = setting(0.1, gt=0, le=0.5, fixed_on_resume=True)
     """share of the prompts (of plain texts: of the texts) held out"""
-    max_train: int | None = None
+    max_train: int | None = setting(None, ge=1, fixed_on_resume=True)
     """use at most this many training examples or pairs (None: all)"""
-    max_eval: int | None = None
+    max_eval: int | None = setting(None, ge=1, fixed_on_resume=True)
     """use at most this many held-out examples or pairs (None: all)"""
-    split_seed: int = 0
+    split_seed: int = setting(0, fixed_on_resume=True)
     """seed of the shuffle that splits them by prompt"""
-
-    checks: ClassVar[dict] = {"eval_fraction": "(0, 0.5]", "max_train": ">= 1", "max_eval": ">= 1"}
 
 
 @dataclasses.dataclass
 class PreferenceDataConfig(SplitConfig):
     """Preference pairs and how they are split: what DPO and the reward model share."""
 
-    preferences: str = ""
+    preferences: str = setting("", fixed_on_resume=True)
     """preference pairs: a .jsonl file or hf:NAME[:split] (default split: train) of {"prompt", "chosen", "rejected"}
     (e.g. from `minirlhf feedback export`), Anthropic HH text {"chosen", "rejected"}, or TRL conversational /
     UltraFeedback-binarized message lists"""
@@ -230,6 +230,9 @@ def _build(cls: type, values: dict, prefix: str, base=None):
     """Lay `values` over `base` (default: the class defaults), checking keys, types and ranges."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.')} is a section; give it a mapping, not {values!r}")
+    if "checks" in vars(cls):
+        raise TypeError(f"{cls.__name__}.checks: write a field's rule where it is declared, as setting(default, ge=1) "
+                        "or a Literal type")
     base = cls() if base is None else base
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -248,8 +251,16 @@ def _build(cls: type, values: dict, prefix: str, base=None):
     return obj
 
 
+def _members(hint) -> tuple:
+    """The types of a union (`int | None` -> int, NoneType); a plain type alone."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return typing.get_args(hint) if union else (hint,)
+
+
 def _coerce(value: Any, hint: Any, key: str):
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    allowed = _members(hint)
+    if (options := choices(hint)) is not None:
+        return _choose(value, options, type(None) in allowed, key)
     if isinstance(value, _Raw):
         if str in allowed:
             return str(value)
@@ -271,6 +282,15 @@ def _coerce(value: Any, hint: Any, key: str):
     raise ConfigError(f"{key} must be {want}, got {value!r}")
 
 
+def _choose(value: Any, options: tuple, nullable: bool, key: str):
+    """A `Literal` field's value: one of `options` as typed (a command line's text is taken as it stands)."""
+    if nullable and (value is None or (isinstance(value, _Raw) and value.strip() in ("", "null", "~"))):
+        return None
+    if value in options:
+        return str(value) if isinstance(value, _Raw) else value
+    raise ConfigError(f"{key} must be one of {', '.join(map(str, options))}, got {str(value)!r}")
+
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _NOT_FINITE = re.compile(r"[-+]?\.?(inf|infinity|nan)", flags=re.I)
 """inf and nan as typed (`inf`, `-Infinity`, `NaN`; YAML's `.inf` and `.nan`), read as numbers to refuse them by name"""
@@ -289,37 +309,97 @@ def _number(value) -> float | None:
     return None
 
 
-_RANGE = re.compile(r"([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])")
-
-
-def checks_of(cls: type) -> dict[str, str]:
-    """The rules of `cls` and of every base it inherits, the nearest class's rule winning."""
-    merged: dict[str, str] = {}
+def rules_of(cls: type) -> dict[str, dict]:
+    """Each field's bounds and resume rule, those a base gave it under those of the nearest class that gives any."""
+    merged: dict[str, dict] = {}
     for klass in reversed(cls.__mro__):
-        merged.update(vars(klass).get("checks", {}))
+        for name, f in vars(klass).get("__dataclass_fields__", {}).items():
+            if f.metadata and name in vars(klass).get("__annotations__", {}):
+                merged.setdefault(name, {}).update(f.metadata)
     return merged
 
 
+def choices(hint) -> tuple | None:
+    """The values a `Literal[...]` field (or `Literal[...] | None`) allows; None for any other type."""
+    for t in _members(hint):
+        if typing.get_origin(t) is typing.Literal:
+            return typing.get_args(t)
+    return None
+
+
+def rule_text(meta: dict) -> str | None:
+    """A field's bounds as a reader writes them: `> 0`, `>= 1`, `in [0, 1]`, `in (0, 0.5]`."""
+    lo = next(((k, meta[k]) for k in ("gt", "ge") if k in meta), None)
+    hi = next(((k, meta[k]) for k in ("lt", "le") if k in meta), None)
+    if lo and hi:
+        return f"in {'(' if lo[0] == 'gt' else '['}{lo[1]}, {hi[1]}{')' if hi[0] == 'lt' else ']'}"
+    one = lo or hi
+    return f"{BOUNDS[one[0]]} {one[1]}" if one else None
+
+
+def _within(value, meta: dict) -> bool:
+    tests = {"gt": value.__gt__, "ge": value.__ge__, "lt": value.__lt__, "le": value.__le__}
+    return all(tests[k](meta[k]) for k in BOUNDS if k in meta)
+
+
 def _check(obj, prefix: str) -> None:
-    for name, rule in checks_of(type(obj)).items():
+    for name, meta in rules_of(type(obj)).items():
         value = getattr(obj, name)
-        if value is None:
+        if value is not None and not _within(value, meta):
+            raise ConfigError(f"{prefix}{name} must be {rule_text(meta)}, got {value!r}")
+
+
+def fixed_on_resume(cls: type, key: str) -> bool:
+    """Whether the dotted `key` names a field, or lies in a section, that a resumed run may not change."""
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        if rules_of(cls).get(part, {}).get("fixed_on_resume"):
+            return True
+        cls = typing.get_type_hints(cls)[part]
+    return False
+
+
+# ---------------------------------------------------------------------------- tools' flags
+
+
+def flag_name(cls: type, name: str) -> str:
+    """How a tool config's field is written on the command line: `--max-new-tokens`, `-n`, or `run_dir`."""
+    meta = rules_of(cls).get(name, {})
+    return name if meta.get("positional") else meta.get("flag") or "--" + name.replace("_", "-")
+
+
+def add_flags(parser, cls: type) -> None:
+    """An argparse argument per field of the flat config `cls` of a tool (a command that trains nothing), its help
+    the field's docstring with its choices, bounds and default; values are read and checked by `from_args`."""
+    defaults, hints = cls(), typing.get_type_hints(cls)
+    docs = {key: doc for key, _, doc in describe(defaults)}
+    for name, meta in ((f.name, rules_of(cls).get(f.name, {})) for f in dataclasses.fields(cls)):
+        shown = "" if meta.get("required") or meta.get("positional") else f" (default: {getattr(defaults, name)!r})"
+        kw = {"help": (docs[name] + shown).replace("%", "%%"), "metavar": meta.get("metavar")}
+        if meta.get("positional"):
+            parser.add_argument(name, nargs=meta.get("nargs"), **kw)
             continue
-        if not _passes(value, rule):
-            raise ConfigError(f"{prefix}{name} must be {rule}, got {value!r}")
+        if hints[name] is bool:
+            kw = {"help": kw["help"], "action": "store_const", "const": True}
+        elif typing.get_origin(hints[name]) is list:
+            kw["action"] = "append"
+        parser.add_argument(flag_name(cls, name), dest=name, default=argparse.SUPPRESS,
+                            required=meta.get("required", False), **kw)
 
 
-def _passes(value, rule: str) -> bool:
-    if rule.startswith("{"):
-        return value in [c.strip() for c in rule.strip("{}").split(",")]
-    if m := _RANGE.fullmatch(rule):
-        lo, hi = float(m.group(2)), float(m.group(3))
-        above = value >= lo if m.group(1) == "[" else value > lo
-        below = value <= hi if m.group(4) == "]" else value < hi
-        return above and below
-    op, bound = rule.split()
-    return {">": value > float(bound), ">=": value >= float(bound),
-            "<": value < float(bound), "<=": value <= float(bound)}[op]
+def from_args(cls: type, args):
+    """The tool config `cls` from parsed flags (those not given keep their defaults), typed and checked as a stage's
+    config is; an error names the flag as typed (`--top-p must be (0, 1], got 2.0`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: _Raw(v) if isinstance(v, str) else v for k, v in vars(args).items() if k in names}
+    try:
+        return _build(cls, values, prefix="")
+    except ConfigError as e:
+        key, _, rest = str(e).partition(" ")
+        if key not in names:
+            raise
+        raise ConfigError(f"{flag_name(cls, key)} {rest}") from None
 
 
 # ---------------------------------------------------------------------------- output
@@ -345,16 +425,21 @@ def load_saved(cls: type, path: Path):
     return _build(cls, _read_yaml(str(path)), prefix="")
 
 
-def describe(cfg, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, value, docstring) for every field of a config instance, for `--help`."""
-    docs = _field_docs(type(cfg))
+def describe(cfg, prefix: str = "", fixed: bool = False) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, docstring with its choices, bounds and resume rule) for every field of a config instance,
+    for `--help`; `fixed`: the section is fixed on resume."""
+    docs, rules, hints = _field_docs(type(cfg)), rules_of(type(cfg)), typing.get_type_hints(type(cfg))
     rows = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            rows += describe(value, prefix + f.name + ".")
-        else:
-            rows.append((prefix + f.name, value, docs.get(f.name, "")))
+            rows += describe(value, prefix + f.name + ".", fixed or rules.get(f.name, {}).get("fixed_on_resume", False))
+            continue
+        rule = rules.get(f.name, {}) | ({"fixed_on_resume": True} if fixed else {})
+        limits = [f"one of {', '.join(map(str, choices(hints[f.name])))}" if choices(hints[f.name]) else None,
+                  rule_text(rule), "fixed on --resume" if rule.get("fixed_on_resume") else None]
+        doc = "; ".join(x for x in [docs.get(f.name, "")] + [x for x in limits if x])
+        rows.append((prefix + f.name, value, doc))
     return rows
 
 

@@ -288,7 +288,7 @@ OPTIMIZER_KEYS = {"train.lr": "lr", "train.weight_decay": "weight_decay"}
 
 
 def apply_changes(run_: Run, job: Job, saved: dict) -> None:
-    """The settings a resume changed (the overrides that RESUME_FIXED allows, such as --steps or --train.lr) take
+    """The settings a resume changed (the overrides of fields not `fixed_on_resume`, such as --steps or --train.lr) take
     effect from the next step: those the checkpoint's state would have undone are set again (the optimizer's lr and
     weight decay; `job.resumed` for the job's own, such as RL's kl_coef). Each is said and recorded."""
     before, after = flatten(saved), flatten(to_dict(run_.cfg))

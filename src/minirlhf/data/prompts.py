@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minirlhf import DataError
-from minirlhf.config import DataConfig
+from minirlhf.config import DataConfig, setting
 from minirlhf.data import hub
 from minirlhf.data.dialogue import prompt_of
 from minirlhf.data.sentiment import jsonl_objects, load_splits
@@ -27,14 +27,12 @@ class PromptConfig:
     words of the corpus texts, see `data`)"""
     eval_file: str | None = None
     """held-out prompts (.jsonl or hf:NAME[:split]); default: held out from the same source"""
-    words: int = 2
+    words: int = setting(2, ge=1)
     """words of each corpus text used as its prompt"""
     template: str = "{prompt}"
     """how each prompt is put to the policy; {prompt} is replaced, e.g. "Write a tweet that starts with: {prompt}" """
-    max_eval: int = 64
+    max_eval: int = setting(64, ge=1)
     """held-out prompts used for evaluation"""
-
-    checks = {"words": ">= 1", "max_eval": ">= 1"}
 
 
 def first_words(texts: list[str], words: int) -> list[str]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol
 
 from minirlhf import ConfigError
-from minirlhf.config import DataConfig
+from minirlhf.config import DataConfig, setting
 from minirlhf.data.prompts import PromptConfig, load_prompts
 from minirlhf.envs import requests
 from minirlhf.envs.constraints import ConstraintsEnv
@@ -42,21 +42,19 @@ class EnvConfig:
     name: str = ""
     """the environment: `constraints` (a scripted user adds a verifiable instruction each turn), `judge` (each turn
     scored by the run's reward), or `module:Class` (your own); empty: single replies"""
-    turns: int = 3
+    turns: int = setting(3, ge=1)
     """assistant turns per episode at most (the environment may end it sooner)"""
-    reward: str = "mean"
+    reward: Literal["last", "mean"] = "mean"
     """the episode's reward from its turns' rewards: their `mean`, or the `last` turn's"""
-    turn_credit: str = "turn"
+    turn_credit: Literal["turn", "episode"] = "turn"
     """where rewards sit: each turn's reward on that turn's last token (`turn`; the return of turn 1 is then the
     episode reward) or the episode's reward on its last token (`episode`)"""
-    max_instructions: int = 0
+    max_instructions: int = setting(0, ge=0)
     """constraints: instructions a user gives at most (0: one per turn)"""
     kinds: str = ""
     """constraints: the instruction kinds a user draws from, comma-separated (empty: all of envs/verifiers.KINDS)"""
     judge: str = ""
     """judge: what scores each turn, a reward-model run, a classifier run or module:function"""
-
-    checks = {"turns": ">= 1", "reward": "{last,mean}", "turn_credit": "{turn,episode}", "max_instructions": ">= 0"}
 
     def check(self) -> None:
         """What the field ranges cannot say."""

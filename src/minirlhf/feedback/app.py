@@ -271,14 +271,6 @@ def _finish(pool) -> None:
         os._exit(130)
 
 
-def _check(args) -> None:
-    if args.ahead < 1 or not 0 <= args.overlap <= 1:
-        raise UserError(f"--ahead must be >= 1 and --overlap in [0, 1], got {args.ahead} and {args.overlap}")
-    if not 0 < args.token_days <= 3650:
-        raise UserError(f"--token-days must be in (0, 3650], got {args.token_days}")
-    check_selection(args.select, args.reward_model)
-
-
 def _announce(args, source, sampling: Sampling, store: Store, page: Page) -> None:
     """The lines serve starts with: what it compares and where it stores it first, then warnings, then the links."""
     print(f"feedback: {source.describe()}; database {store.path}"
@@ -302,8 +294,9 @@ def _announce(args, source, sampling: Sampling, store: Store, page: Page) -> Non
 
 
 def serve(args) -> int:
-    """`minirlhf feedback serve`: the page, the generator thread and the progress lines, until Ctrl-C."""
-    _check(args)
+    """`minirlhf feedback serve` (args: a commands.ServeConfig): the page, the generator thread and the progress
+    lines, until Ctrl-C."""
+    check_selection(args.select, args.reward_model)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # a core left to the web server keeps pages quick
     env = env_config(args)  # None: pairs of single replies
     source = resolve_source(args.policy, args.prompts)

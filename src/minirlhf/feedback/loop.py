@@ -37,14 +37,14 @@ from minirlhf.stages.reward_model import RewardModelConfig, RewardModelModelConf
 from minirlhf.stages.reward_model import train as train_reward_model
 from minirlhf.stages.evaluate import evaluate_policy, md_cell
 from minirlhf.checkpoint import atomic_write_text, load_json
-from minirlhf.config import DataConfig, TrainingRunConfig, load_config
+from minirlhf.config import DataConfig, TrainingRunConfig, load_config, setting
 from minirlhf.data.preferences import read_pairs, split_pairs
 from minirlhf.data.prompts import PromptConfig, load_prompts
 from minirlhf.envs.base import EnvConfig
 from minirlhf.feedback import loop_episodes
 from minirlhf.feedback.episode_pairs import make_pool
 from minirlhf.feedback.loop_stages import POLICY_ROUNDS, rl_stage, run_settings
-from minirlhf.feedback.pairs import Sampling, Source
+from minirlhf.feedback.pairs import AnnotatorConfig, PageConfig, Sampling, Source
 from minirlhf.feedback.simulate import judge_agreement, reward_of, simulate
 from minirlhf.feedback.store import Store, export_jsonl
 from minirlhf.models.judge import load_judge
@@ -53,15 +53,15 @@ from minirlhf.rundir import RunDir
 
 
 @dataclass
-class LoopConfig(TrainingRunConfig):
-    policy: str = ""
+class LoopConfig(PageConfig, AnnotatorConfig, TrainingRunConfig):
+    policy: str = setting("", fixed_on_resume=True)
     """the first round's policy, and every round's reference: a generator run, an RL/DPO/SFT run, a causal LM
     folder or hub name, or `smollm2`"""
-    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    policy_options: PolicyOptions = setting(default_factory=PolicyOptions, fixed_on_resume=True)
     """how a causal LM policy is set up"""
-    rounds: int = 3
+    rounds: int = setting(3, ge=1)
     """rounds of pairs, labels, reward model and policy training"""
-    labels: int = 100
+    labels: int = setting(100, ge=2)
     """judgements collected per round"""
     method: str = "ppo"
     """how the policy learns: an RL algorithm against the reward model (ppo, grpo, rloo, a2c, dr-grpo), or `dpo`
@@ -69,23 +69,15 @@ class LoopConfig(TrainingRunConfig):
     annotator: str = "web"
     """`web` (people on the page: the round prints the admin link and waits) or `simulate:JUDGE` (the simulated
     annotator, JUDGE a classifier run, a reward-model run or module:function)"""
-    beta: float = 1.0
-    """the simulated annotator's beta: it prefers A with probability sigmoid(beta (r_A - r_B))"""
-    annotators: int = 1
-    """simulated annotators, taking turns"""
     gold: str = ""
     """the judge whose reward report.md gives (default: the simulated annotator's judge; none for `web`)"""
-    select: str = "random"
-    """which fresh pair is served first after the first round: `random` or `uncertain` (the last reward model's)"""
-    ahead: int = 16
-    """fresh pairs kept ready (with select=uncertain: the candidates the most uncertain is served from)"""
-    temperature: float = 1.0
+    temperature: float = setting(1.0, gt=0)
     """sampling temperature of the pairs"""
-    response_len: int = 16
+    response_len: int = setting(16, ge=1)
     """tokens per response at most (pairs, RL and evaluation)"""
-    heldout_fraction: float = 0.2
+    heldout_fraction: float = setting(0.2, gt=0, le=0.5)
     """share of each round's labels, by prompt, held out to measure the reward model"""
-    steps: int = 20
+    steps: int = setting(20, ge=1)
     """policy steps per round"""
     kl_coef: float | None = None
     """the strength of the KL constraint: RL's kl_coef or DPO's beta (None: the method's default)"""
@@ -95,27 +87,22 @@ class LoopConfig(TrainingRunConfig):
     """the reward model (its `init` is set by the loop)"""
     reward_model_train: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
     """how each round's reward model is trained"""
-    ensemble: int = 1
+    ensemble: int = setting(1, ge=1, le=16, fixed_on_resume=True)
     """members of each round's reward model (`train-reward-model --ensemble`); the policy stage combines them as
     policy_args say (e.g. [--reward.ensemble=uwo]; default their mean)"""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = setting(default_factory=DataConfig, fixed_on_resume=True)
     """the corpus whose texts' first words are the prompts (unless prompts.file is set)"""
-    prompts: PromptConfig = field(default_factory=PromptConfig)
+    prompts: PromptConfig = setting(default_factory=PromptConfig, fixed_on_resume=True)
     """training prompts answer the pairs and train the policy; held-out prompts evaluate it"""
     env: EnvConfig = field(default_factory=EnvConfig)
     """`--env constraints|judge`: rounds on whole episodes (loop_episodes.py); `response_len` is then per turn"""
-    eval_batch_size: int = 32
+    eval_batch_size: int = setting(32, ge=1)
     """responses sampled at once when evaluating"""
-    host: str = "127.0.0.1"
     port: int = 0
-    """where the page listens (0: a free port, printed)"""
-    wait_s: float = 86400.0
+    """the port the page listens on (0: a free one, printed)"""
+    wait_s: float = setting(86400.0, gt=0)
     """how long a round waits for its labels, in seconds"""
     save_every: int = 1
-
-    checks = {"rounds": ">= 1", "ensemble": "[1, 16]", "labels": ">= 2", "beta": ">= 0", "annotators": ">= 1",
-              "select": "{random,uncertain}", "ahead": ">= 1", "temperature": "> 0", "response_len": ">= 1",
-              "heldout_fraction": "(0, 0.5]", "steps": ">= 1", "eval_batch_size": ">= 1", "wait_s": "> 0"}
 
 
 def _judge_spec(cfg: LoopConfig) -> str:

@@ -17,13 +17,14 @@ import random
 import re
 import threading
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
 
 from minirlhf import ConfigError, ModelError
 from minirlhf.stages.evaluate import rl_run
-from minirlhf.config import DataConfig
+from minirlhf.config import DataConfig, setting
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.prompts import PromptConfig, first_words, load_prompts, read_prompts
 from minirlhf.data.sentiment import load_splits
@@ -48,22 +49,28 @@ class Sampling(SamplingConfig):
     """seeds the stream each response's own seed is drawn from (with the number of pairs stored: a restart goes on)"""
 
 
-PAGE_SAMPLING = Sampling(temperature=0.7, top_p=0.9)
-"""`feedback serve`'s defaults, for a person to judge: common chat defaults (Jan's llama.cpp preset for SmolLM2).
-At temperature 1, SmolLM2-135M-Instruct with its 4-bit-rounded weights writes word salad in about half of its
-tweets ("host vangylo initiative incorporated ...", stray CJK and Hebrew); at 0.7 and top_p 0.9 nearly all are
-English a person can judge, still different enough that no pair of 24 was identical. Plain `Sampling()` (the
-policy's own distribution, temperature 1) is what the iterated loop samples its pairs with."""
+@dataclass
+class PageConfig:
+    """How the page serves pairs: what `feedback serve` and `loop` share."""
+
+    host: str = "127.0.0.1"
+    """where the page listens: 0.0.0.0 shares it on your network (tokens still needed)"""
+    select: Literal["random", "uncertain"] = "random"
+    """which fresh pair is served first: `random` (the oldest) or `uncertain` (the one the reward model(s) are least
+    sure about; `loop`: the last round's, from its second round)"""
+    ahead: int = setting(16, ge=1)
+    """fresh pairs kept ready (with select=uncertain: the candidates the most uncertain is served from)"""
 
 
-def add_sampling_flags(parser, defaults: Sampling) -> None:
-    """The sampling flags of `generate` and `feedback serve`, with `defaults`."""
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="(default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="(default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default="auto")
+@dataclass
+class AnnotatorConfig:
+    """The simulated annotators: what `feedback simulate` and `loop --annotator simulate:JUDGE` share."""
+
+    beta: float = setting(1.0, ge=0)
+    """the simulated annotator prefers A with probability sigmoid(beta (r_A - r_B)): higher agrees with the judge
+    more often"""
+    annotators: int = setting(1, ge=1)
+    """simulated annotators, taking turns"""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from minirlhf.config import setting
 from minirlhf import RunError
 from minirlhf.checkpoint import load_json
 from minirlhf.models.causal_lm import CausalLMPolicy
@@ -22,13 +23,13 @@ from minirlhf.rundir import RunDir
 class PolicyOptions:
     chat_template: bool = True
     """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one)"""
-    freeze_layers: int = 0
+    freeze_layers: int = setting(0, ge=0)
     """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs); the
     reference and a separate critic share them, and their output is computed once per rollout"""
-    lora_rank: int = 0
+    lora_rank: int = setting(0, ge=0)
     """train LoRA adapters of this rank (peft) instead of the weights; the reference is the model with its
     adapters off, so no second copy (causal LMs; 0: off)"""
-    lora_alpha: float = 16.0
+    lora_alpha: float = setting(16.0, gt=0)
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank)"""
     gradient_checkpointing: bool = False
     """keep only each trainable block's input in the update's forward pass and recompute the block in the backward
@@ -36,8 +37,6 @@ class PolicyOptions:
     train_head: bool = False
     """train the LM head as weights of its own (untied from the input embeddings, which stay frozen with the lower
     blocks), with the upper blocks (causal LMs)"""
-
-    checks = {"freeze_layers": ">= 0", "lora_rank": ">= 0", "lora_alpha": "> 0"}
 
     def as_kwargs(self) -> dict:
         return dict(chat_template=self.chat_template, freeze_layers=self.freeze_layers, lora_rank=self.lora_rank,

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minirlhf.config import setting
 from minirlhf import RunError, sharding
 from minirlhf.checkpoint import load_json, load_weights, save_json, save_weights
 from minirlhf.data.vocab import Vocab
@@ -18,18 +19,16 @@ from minirlhf.precision import keep_fp32
 
 @dataclass
 class LSTMConfig:
-    emb_dim: int = 256
+    emb_dim: int = setting(256, ge=1)
     """word embedding size (also the output projection size when weights are tied)"""
-    hidden_dim: int = 448
+    hidden_dim: int = setting(448, ge=1)
     """LSTM state size"""
-    n_layers: int = 2
+    n_layers: int = setting(2, ge=1)
     """stacked LSTM layers"""
-    dropout: float = 0.3
+    dropout: float = setting(0.3, ge=0, lt=1)
     """dropout on embeddings, between layers and before the output"""
     tie_weights: bool = True
     """share the input embedding with the output layer (fewer parameters, lower perplexity)"""
-
-    checks = {"emb_dim": ">= 1", "hidden_dim": ">= 1", "n_layers": ">= 1", "dropout": "[0, 1)"}
 
 
 class LSTMLanguageModel(nn.Module):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minirlhf.config import setting
 from minirlhf import sharding
 from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
 from minirlhf.data.vocab import Vocab
@@ -34,16 +35,14 @@ class SamplingConfig:
     """How text is sampled from a policy outside RL's own rollouts: the generator's samples.md, `generate` and the
     feedback page's pairs (which add a seed per response)."""
 
-    max_new_tokens: int = 48
+    max_new_tokens: int = setting(48, ge=1)
     """tokens (an LSTM: words) per sample at most"""
-    temperature: float = 1.0
+    temperature: float = setting(1.0, gt=0)
     """softmax temperature"""
-    top_p: float = 1.0
+    top_p: float = setting(1.0, gt=0, le=1)
     """nucleus sampling: the smallest set of tokens reaching this probability (1: all)"""
-    top_k: int = 0
+    top_k: int = setting(0, ge=0)
     """sample from the k most likely tokens only (0: all)"""
-
-    checks = {"max_new_tokens": ">= 1", "temperature": "> 0", "top_k": ">= 0", "top_p": "(0, 1]"}
 
 
 @dataclass

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from minirlhf.config import setting
 from minirlhf import ConfigError, ModelError, RunError
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.vocab import tokenize
@@ -41,12 +43,12 @@ class RewardConfig:
     reward_model_weight: float = 1.0
     """weight of the reward model's score; at 0 it is still scored and logged (reward/reward_model, and an
     ensemble's reward/ensemble_std), so a run trained on another reward can be watched by the guard"""
-    ensemble: str = "mean"
+    ensemble: Literal["mean", "wco", "uwo", "single"] = "mean"
     """how a reward-model ensemble's (`train-reward-model --ensemble K`) standardised scores become one: `mean`,
     `wco` (worst case: their minimum) or `uwo` (uncertainty-weighted: mean - uwo_lambda x variance), Coste et al.
     (ICLR 2024), or `single` (the first member alone: one reward model, the others only watched for the
     over-optimisation guard); every step logs reward/ensemble_std, the members' disagreement on the policy's samples"""
-    uwo_lambda: float = 1.0
+    uwo_lambda: float = setting(1.0, ge=0)
     """the variance's weight under ensemble=uwo (standardised members: 1 costs a response as much as one std of
     reward per unit of variance)"""
     unended_weight: float = 0.0
@@ -65,8 +67,6 @@ class RewardConfig:
     monitor: str = ""
     """a judge (classifier run, reward-model run or module:function) scored on every step's samples and logged as
     reward/monitor, never added to the total: a held-out gold judge to see over-optimisation against"""
-
-    checks = {"ensemble": "{mean,wco,uwo,single}", "uwo_lambda": ">= 0"}
 
 
 def repetition(text: str) -> float:

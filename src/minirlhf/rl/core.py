@@ -9,11 +9,11 @@ that builds an `Algorithm` from the pieces here; registry.py lists them. The loo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Literal
 
 import torch
 
-from minirlhf.config import DataConfig, OptimizerConfig, TrainingRunConfig
+from minirlhf.config import DataConfig, OptimizerConfig, TrainingRunConfig, setting
 from minirlhf.data.prompts import PromptConfig
 from minirlhf.envs.base import EnvConfig
 from minirlhf.models.load import PolicyOptions
@@ -44,74 +44,68 @@ def default_lr(kind: str, algo: Algorithm) -> float:
 
 @dataclass
 class RLConfig(TrainingRunConfig):
-    policy: str = ""
+    policy: str = setting("", fixed_on_resume=True)
     """the starting policy: an LSTM generator run, an RL run, a causal LM folder or hub name, or `smollm2`
     (SmolLM2-135M-Instruct, offline)"""
-    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    policy_options: PolicyOptions = setting(default_factory=PolicyOptions, fixed_on_resume=True)
     """how a causal LM policy is set up"""
-    ref_policy: str = ""
+    ref_policy: str = setting("", fixed_on_resume=True)
     """the reference the KL is measured against, if not the starting policy (`loop` keeps its first policy)"""
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardConfig = setting(default_factory=RewardConfig, fixed_on_resume=True)
     """the reward: a weighted sum of named terms (`--reward RUN` sets reward.classifier)"""
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = setting(default_factory=DataConfig, fixed_on_resume=True)
     """the corpus whose texts' first words are the prompts (unless prompts.file is set)"""
-    prompts: PromptConfig = field(default_factory=PromptConfig)
+    prompts: PromptConfig = setting(default_factory=PromptConfig, fixed_on_resume=True)
     """where the prompts come from (with an environment: the openings of its episodes)"""
     env: EnvConfig = field(default_factory=EnvConfig)
     """multi-turn episodes: the environment that answers each assistant turn and scores it (`--env NAME`; default
     none: single replies scored by `reward`)"""
     train: RLOptimizerConfig = field(default_factory=RLOptimizerConfig)
     """the optimiser (Adam: no weight decay, a constant learning rate)"""
-    steps: int = 60
+    steps: int = setting(60, ge=1)
     """iterations of rollout, then update"""
-    batch_size: int = 64
+    batch_size: int = setting(64, ge=1, fixed_on_resume=True)
     """responses sampled per iteration"""
-    response_len: int = 16
+    response_len: int = setting(16, ge=1)
     """tokens per response (per assistant turn in an episode) at most"""
-    ppo_epochs: int = 4
+    ppo_epochs: int = setting(4, ge=1)
     """passes over each batch of rollouts"""
-    minibatch_size: int = 16
+    minibatch_size: int = setting(16, ge=1)
     """responses per gradient step"""
-    clip_eps: float = 0.2
+    clip_eps: float = setting(0.2, gt=0)
     """clip range of the probability ratio"""
-    kl_coef: float = 0.1
+    kl_coef: float = setting(0.1, ge=0)
     """(initial) coefficient of the KL penalty against the reference; where the penalty goes is the algorithm's"""
-    kl_estimator: str = "k1"
+    kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator in the penalty: k1 (log-ratio) or k3 (always >= 0)"""
     adaptive_kl: bool = True
     """adapt kl_coef towards kl_target (Ziegler et al., 2019); false keeps it fixed"""
-    kl_target: float = 6.0
+    kl_target: float = setting(6.0, gt=0)
     """target KL per response, in nats, of the adaptive controller"""
-    kl_horizon: int = 10000
+    kl_horizon: int = setting(10000, ge=1)
     """horizon of the adaptive controller, in responses"""
-    target_kl: float = 0.1
+    target_kl: float = setting(0.1, gt=0)
     """stop a step's epochs early once the approximate KL to the rollout policy exceeds 1.5 x this"""
-    sample_every: int = 10
+    sample_every: int = setting(10, ge=1)
     """add a table of sample responses to samples.md at the start and every this many steps"""
     save_every: int = 20
-    eval_every: int = 0
+    eval_every: int = setting(0, ge=0)
     """log `eval/reward`, the mean reward on the held-out prompts, before training and every this many steps,
     with `time/train_s`, the training time so far (0: evaluate at the end only)"""
 
     algorithm: ClassVar[str] = ""
-    checks = {"steps": ">= 1", "batch_size": ">= 1", "response_len": ">= 1",
-              "ppo_epochs": ">= 1", "minibatch_size": ">= 1", "clip_eps": "> 0", "kl_coef": ">= 0",
-              "kl_estimator": "{k1,k3}", "kl_target": "> 0", "kl_horizon": ">= 1", "target_kl": "> 0",
-              "sample_every": ">= 1", "eval_every": ">= 0"}
 
 
 @dataclass
 class GroupConfig:
     """What the group-baseline algorithms (GRPO, RLOO, Dr. GRPO) add: several samples per prompt."""
 
-    group_size: int = 4
+    group_size: int = setting(4, ge=2, fixed_on_resume=True)
     """responses sampled per prompt; batch_size must be a multiple of it"""
     ppo_epochs: int = 1
     """passes over each batch of rollouts"""
     adaptive_kl: bool = False
     """adapt kl_coef towards kl_target (off: a fixed coefficient)"""
-
-    checks = {"group_size": ">= 2"}
 
 
 @dataclass

@@ -9,7 +9,9 @@ the adaptive KL controller are shared with the other algorithms (rl.py, rl_core.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from minirlhf.config import setting
 from minirlhf import ConfigError
 from minirlhf.rl.core import Algorithm, Batch, RLConfig, value_loss
 from minirlhf.ops import gae, masked_whiten, token_rewards
@@ -19,20 +21,18 @@ __all__ = ["PPOConfig", "A2CConfig", "PPO", "A2C", "advantages", "value_loss"]  
 
 @dataclass
 class PPOConfig(RLConfig):
-    critic: str = "head"
+    critic: Literal["head", "separate"] = "head"
     """value estimates from a `head` on the policy's trunk, or from a `separate` copy of the starting model"""
-    vf_coef: float = 0.5
+    vf_coef: float = setting(0.5, ge=0)
     """weight of the value loss"""
-    clip_value: float = 0.2
+    clip_value: float = setting(0.2, gt=0)
     """value-prediction clip range around the old values"""
-    gamma: float = 1.0
+    gamma: float = setting(1.0, ge=0, le=1)
     """discount"""
-    gae_lambda: float = 0.95
+    gae_lambda: float = setting(0.95, ge=0, le=1)
     """GAE lambda"""
 
     algorithm = "ppo"
-    checks = {"critic": "{head,separate}", "vf_coef": ">= 0", "clip_value": "> 0",
-              "gamma": "[0, 1]", "gae_lambda": "[0, 1]"}
 
 
 @dataclass
@@ -40,13 +40,12 @@ class A2CConfig(PPOConfig):
     """A2C (Mnih et al., 2016) is PPO with one gradient step per rollout: the probability ratio is then
     exactly 1, so the clipped objective is the plain policy gradient A * grad log pi."""
 
-    ppo_epochs: int = 1
+    ppo_epochs: int = setting(1, ge=1, le=1)
     """passes over each batch of rollouts (1 for A2C)"""
     minibatch_size: int = 64
     """responses per gradient step (at least batch_size for A2C: one step per rollout)"""
 
     algorithm = "a2c"
-    checks = {"ppo_epochs": "[1, 1]"}
 
 
 def advantages(cfg, rollout, scores, kl, kl_coef: float) -> Batch:

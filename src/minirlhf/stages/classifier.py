@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from array import array
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from minirlhf import runner
 from minirlhf.checkpoint import atomic_dir
-from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
+from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig, setting
 from minirlhf.data.sentiment import load_splits
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained, set_dropout
 from minirlhf.models.trunk import FrozenCache, cached_forward, lower_hidden, start_at_layer
@@ -30,36 +31,31 @@ from minirlhf.training import EpochPlan, length_grouped, length_sorted_batches, 
 class ClassifierModelConfig:
     name: str = DEFAULT_ENCODER
     """transformers encoder: hub name or local folder (`minilm`: the offline all-MiniLM-L6-v2)"""
-    freeze_layers: int = 4
+    freeze_layers: int = setting(4, ge=0)
     """freeze the embeddings and this many lowest layers"""
     cache_frozen: bool = True
     """compute the frozen layers' output once and train only the upper layers on it"""
-    max_length: int = 128
+    max_length: int = setting(128, ge=8, le=8192)
     """tokens per text, special tokens included"""
-    truncation: str = "head_tail"
+    truncation: Literal["head", "head_tail", "tail"] = "head_tail"
     """what to keep of a longer text: `head` (the start), `tail` (the end) or `head_tail` (first quarter + end)"""
-    dropout: float | None = None
+    dropout: float | None = setting(None, ge=0, lt=1)
     """dropout probability of every dropout layer while training (None: the encoder's own, 0.1 for MiniLM); 0 makes
     a CPU step about twice as fast, as drawing the masks costs about as much as the layers"""
-
-    checks = {"freeze_layers": ">= 0", "max_length": "[8, 8192]", "truncation": "{head,head_tail,tail}",
-              "dropout": "[0, 1)"}
 
 
 @dataclass
 class ClassifierTrainConfig(OptimConfig):
     epochs: int = 3
     lr: float = 1e-4
-    eval_batch_size: int = 64
+    eval_batch_size: int = setting(64, ge=1)
     """texts per forward pass when evaluating and caching"""
-
-    checks = {"eval_batch_size": ">= 1"}
 
 
 @dataclass
 class ClassifierConfig(TrainingRunConfig):
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ClassifierModelConfig = field(default_factory=ClassifierModelConfig)
+    data: DataConfig = setting(default_factory=DataConfig, fixed_on_resume=True)
+    model: ClassifierModelConfig = setting(default_factory=ClassifierModelConfig, fixed_on_resume=True)
     train: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
 
 

@@ -18,6 +18,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.stages.evaluate import md_cell, plot_links
 from minirlhf.checkpoint import atomic_write_text
-from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig
+from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig, setting
 from minirlhf.data.preferences import Pair, length_baseline, load_split
 from minirlhf.models.load import PolicyOptions, load_policy, load_reference, restore_policy
 from minirlhf.models.policy import Rollout
@@ -36,50 +37,45 @@ from minirlhf.rundir import RunDir
 
 @dataclass
 class DPOTrainConfig(MicroBatchOptimConfig):
-    steps: int = 0
+    steps: int = setting(0, ge=0)
     """optimizer steps (0: `epochs` passes); more than a pass goes round the pairs again"""
     batch_size: int = 16
     """pairs per optimizer step"""
     lr: float = 5e-5
 
-    checks = {"steps": ">= 0"}
-
 
 @dataclass
 class DPOConfig(PreferenceDataConfig, TrainingRunConfig):
-    policy: str = ""
+    policy: str = setting("", fixed_on_resume=True)
     """the starting policy, also the reference: an LSTM generator run, an RL or DPO run, a causal LM folder or hub
     name, or `smollm2` (SmolLM2-135M-Instruct, offline)"""
-    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    policy_options: PolicyOptions = setting(default_factory=PolicyOptions, fixed_on_resume=True)
     """how a causal LM policy is set up (with LoRA the reference is the model with its adapters off)"""
-    ref_policy: str = ""
+    ref_policy: str = setting("", fixed_on_resume=True)
     """the reference, if not the starting policy (`loop` keeps its first policy)"""
     max_eval: int | None = 200
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     """the optimiser and the passes over the pairs"""
-    beta: float = 0.1
+    beta: float = setting(0.1, gt=0)
     """strength of the implicit KL constraint: the implicit reward is beta * log(pi / pi_ref)"""
-    loss_type: str = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """`sigmoid` (DPO's logistic loss) or `ipo` (IPO's squared loss, which does not push margins to infinity)"""
-    label_smoothing: float = 0.0
+    label_smoothing: float = setting(0.0, ge=0, lt=0.5)
     """assumed probability that a pair's label is flipped (conservative DPO; sigmoid loss only)"""
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = setting(256, ge=1)
     """tokens per prompt (after any chat template); a longer prompt keeps its end"""
-    max_response_tokens: int = 128
+    max_response_tokens: int = setting(128, ge=1)
     """tokens per response, end-of-text included; a longer response is cut"""
     cache_frozen: bool = True
     """keep every pair's output of a causal LM's frozen blocks in memory (computed once, with the reference
     log-probs) instead of recomputing it each epoch; memory ~ tokens x hidden size x 4 bytes per pair"""
-    eval_every: int = 20
+    eval_every: int = setting(20, ge=0)
     """log the held-out `eval/` metrics every this many steps (0: only before training and at the end)"""
     save_every: int = 100
-    samples: int = 4
+    samples: int = setting(4, ge=0)
     """held-out prompts that the reference and the trained policy answer in report.md (0: none)"""
 
     algorithm = "dpo"
-    checks = {"beta": "> 0",
-              "loss_type": "{sigmoid,ipo}", "label_smoothing": "[0, 0.5)", "max_prompt_tokens": ">= 1",
-              "max_response_tokens": ">= 1", "eval_every": ">= 0", "samples": ">= 0"}
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from minirlhf import runner
 from minirlhf.checkpoint import atomic_write_text
-from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig
+from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig, setting
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, lm_loss, load_generator, sample, save_generator
@@ -29,12 +29,10 @@ __all__ = ["GeneratorConfig", "train", "load_generator", "generate_texts", "perp
 
 @dataclass
 class VocabConfig:
-    min_freq: int = 2
+    min_freq: int = setting(2, ge=1)
     """keep words seen at least this many times in the training texts"""
-    max_size: int = 6000
+    max_size: int = setting(6000, ge=5)
     """at most this many entries, the four specials included"""
-
-    checks = {"min_freq": ">= 1", "max_size": ">= 5"}
 
 
 @dataclass
@@ -44,10 +42,8 @@ class GeneratorTrainConfig(OptimConfig):
     lr: float = 3e-3
     warmup_ratio: float = 0.05
     log_every: int = 50
-    max_tokens: int = 40
+    max_tokens: int = setting(40, ge=2)
     """words per text used for training (longer texts are cut)"""
-
-    checks = {"max_tokens": ">= 2"}
 
 
 @dataclass
@@ -60,17 +56,15 @@ class SampleConfig(SamplingConfig):
     """nucleus sampling: the smallest set of words reaching this probability (1: all)"""
     prompts: list[str] = field(default_factory=lambda: ["i think", "this is", "i love", "driverless cars"])
     """prompts whose continuations are written to samples.md at the end"""
-    n: int = 3
+    n: int = setting(3, ge=1)
     """samples per prompt"""
-
-    checks = {"n": ">= 1"}
 
 
 @dataclass
 class GeneratorConfig(TrainingRunConfig):
-    data: DataConfig = field(default_factory=DataConfig)
-    vocab: VocabConfig = field(default_factory=VocabConfig)
-    model: LSTMConfig = field(default_factory=LSTMConfig)
+    data: DataConfig = setting(default_factory=DataConfig, fixed_on_resume=True)
+    vocab: VocabConfig = setting(default_factory=VocabConfig, fixed_on_resume=True)
+    model: LSTMConfig = setting(default_factory=LSTMConfig, fixed_on_resume=True)
     train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from minirlhf import ConfigError, distributed, runner
 from minirlhf.checkpoint import atomic_dir, save_json
-from minirlhf.config import OptimConfig, PreferenceDataConfig, TrainingRunConfig
+from minirlhf.config import OptimConfig, PreferenceDataConfig, TrainingRunConfig, setting
 from minirlhf.data.dialogue import dialogue_text
 from minirlhf.data.preferences import Pair, length_baseline, load_split, read_pairs
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower
@@ -34,20 +35,18 @@ class RewardModelModelConfig:
     name: str = DEFAULT_ENCODER
     """pretrained model given a scalar head: an encoder or a causal LM, by hub name or folder (`minilm`: the offline
     all-MiniLM-L6-v2; `smollm2`: the offline SmolLM2-135M-Instruct)"""
-    freeze_layers: int = 4
+    freeze_layers: int = setting(4, ge=0)
     """freeze the embeddings and this many lowest layers"""
     cache_frozen: bool = True
     """compute the frozen layers' output once and train only the upper layers on it (encoders)"""
-    max_length: int = 192
+    max_length: int = setting(192, ge=8, le=8192)
     """tokens per dialogue, special tokens included; a longer one keeps its end, where the judged reply is"""
-    pooling: str = "auto"
+    pooling: Literal["auto", "mean", "reply_mean", "last"] = "auto"
     """what the scalar head reads: `mean` of all token states, `reply_mean` of the reply's (after the last
     "Assistant:"), `last` token (causal LMs); auto: mean for encoders, last for causal LMs"""
     init: str = ""
     """a reward-model run of the same `name` and pooling to start from, its scalar head included (a warm start:
     `minirlhf loop` retrains each round's reward model from the last round's)"""
-
-    checks = {"freeze_layers": ">= 0", "max_length": "[8, 8192]", "pooling": "{auto,mean,reply_mean,last}"}
 
 
 @dataclass
@@ -56,25 +55,21 @@ class RewardModelTrainConfig(OptimConfig):
     batch_size: int = 16
     """pairs per optimizer step"""
     lr: float = 1e-4
-    eval_batch_size: int = 64
+    eval_batch_size: int = setting(64, ge=1)
     """texts per forward pass when evaluating and caching"""
-
-    checks = {"eval_batch_size": ">= 1"}
 
 
 @dataclass
 class RewardModelConfig(PreferenceDataConfig, TrainingRunConfig):
-    model: RewardModelModelConfig = field(default_factory=RewardModelModelConfig)
+    model: RewardModelModelConfig = setting(default_factory=RewardModelModelConfig, fixed_on_resume=True)
     train: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
-    ensemble: int = 1
+    ensemble: int = setting(1, ge=1, le=16, fixed_on_resume=True)
     """members trained together (Coste et al., ICLR 2024): each starts from the same pretrained weights with a head
     of its own seed and, with `bootstrap`, sees each pair a Poisson(1) number of times; the frozen lower layers
     are shared. RL combines them with --reward.ensemble=mean|wco|uwo. One pretrained model is all there is offline,
     so members differ by head seed and data, not by pretraining seed (Eisenstein et al. 2023 found that weaker)"""
-    bootstrap: bool = True
+    bootstrap: bool = setting(True, fixed_on_resume=True)
     """with an ensemble, weigh each member's pairs by its own Poisson(1) draws (a bootstrap resample)"""
-
-    checks = {"ensemble": "[1, 16]"}
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from minirlhf import ConfigError, runner
 from minirlhf.stages.evaluate import md_cell, plot_links
 from minirlhf.checkpoint import atomic_write_text
-from minirlhf.config import MicroBatchOptimConfig, SplitConfig, TrainingRunConfig
+from minirlhf.config import MicroBatchOptimConfig, SplitConfig, TrainingRunConfig, setting
 from minirlhf.data.sft import Example, read_examples, split_examples
 from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
 from minirlhf.training import EpochPlan, backward, clipped_step, make_optimizer, shuffled_batches
@@ -34,27 +34,25 @@ class SFTTrainConfig(MicroBatchOptimConfig):
 
 @dataclass
 class SFTConfig(SplitConfig, TrainingRunConfig):
-    policy: str = "smollm2"
+    policy: str = setting("smollm2", fixed_on_resume=True)
     """the policy to fine-tune: a causal LM folder or hub name, `smollm2`, or a generator, RL, DPO or SFT run"""
-    policy_options: PolicyOptions = field(default_factory=PolicyOptions)
+    policy_options: PolicyOptions = setting(default_factory=PolicyOptions, fixed_on_resume=True)
     """how a causal LM policy is set up (freeze_layers, LoRA, chat template)"""
-    data: str = ""
+    data: str = setting("", fixed_on_resume=True)
     """examples: a .jsonl file or hf:NAME[:split] of {"prompt", "response"}, {"messages"}, {"text"} or preference
     pairs (their chosen side)"""
     max_eval: int | None = 200
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     """the optimiser and the passes over the examples"""
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = setting(256, ge=1)
     """tokens per prompt (after any chat template); a longer prompt keeps its end"""
-    max_response_tokens: int = 256
+    max_response_tokens: int = setting(256, ge=1)
     """tokens per response, end-of-text included; a longer response is cut"""
-    eval_every: int = 20
+    eval_every: int = setting(20, ge=0)
     """log the held-out loss and perplexity every this many steps (0: only before training and at the end)"""
     save_every: int = 100
-    samples: int = 4
+    samples: int = setting(4, ge=0)
     """held-out prompts the trained policy answers in report.md (0: none)"""
-
-    checks = {"max_prompt_tokens": ">= 1", "max_response_tokens": ">= 1", "eval_every": ">= 0", "samples": ">= 0"}
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
