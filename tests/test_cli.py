@@ -1,6 +1,7 @@
 """The command line, run in real subprocesses."""
 
 import json
+import shutil
 
 import pytest
 
@@ -115,6 +116,23 @@ def test_demo_runs_every_stage_end_to_end(cli, tmp_path):
                  "generator/perplexity.png", "generator/samples.md", "ppo/reward.png", "ppo/results.json",
                  "ppo/report.md", "ppo/samples.md", "ppo/checkpoint/policy/model.safetensors"):
         assert (tmp_path / "demo" / name).is_file(), name
+    # --resume: a demo cut short goes on where it stopped. Here PPO lost its closing files after its last checkpoint
+    # and the generator never finished: the classifier is kept as it was, the generator starts anew (its leftover
+    # moved aside, nothing deleted) and PPO continues from its checkpoint.
+    demo = tmp_path / "demo"
+    classifier_weights = (demo / "classifier/model/model.safetensors").read_bytes()
+    (demo / "ppo/results.json").unlink()
+    (demo / "generator/results.json").unlink()
+    for folder in (demo / "generator").glob("checkpoint*/"):  # as if killed before its first checkpoint
+        shutil.rmtree(folder)
+    proc = cli("demo", "--resume", "demo")
+    assert proc.returncode == 0, proc.stderr
+    assert "finished before: demo/classifier" in proc.stdout and "win rate" in proc.stdout
+    assert (demo / "classifier/model/model.safetensors").read_bytes() == classifier_weights
+    assert (demo / "ppo/results.json").is_file() and (demo / "generator/results.json").is_file()
+    assert list(tmp_path.glob("demo/generator.replaced*"))
+    refused = cli("demo", "--resume", "demo", "--ppo.steps=5")
+    assert refused.returncode == 2 and "--ppo.steps cannot change" in refused.stderr
 
 
 def test_demo_explains_kl_and_distinct_2_and_calls_out_collapse():

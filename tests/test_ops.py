@@ -152,3 +152,18 @@ def test_beirami_kl_is_the_exact_kl_of_best_of_n_over_one_top_atom_and_a_continu
     assert got == pytest.approx(bon_kl_exact(eps, n), abs=2e-3)
     assert got <= math.log(n) - (n - 1) / n + 1e-9  # the usual formula bounds it
     assert beirami_kl(torch.tensor([-80.0]), n).item() == pytest.approx(math.log(n) - (n - 1) / n)
+
+
+def test_win_rate_is_wins_plus_half_the_ties_over_all_for_rewards_and_for_judgements_alike():
+    """One formula for the policy-vs-reference win rate: evaluation's (rewards compared) and the feedback page's
+    (people's judgements, 1 / 0.5 / 0) go through ops.win_rate; checked against a plain count."""
+    from minirlhf.feedback.figures import win_rate as judged
+    from minirlhf.ops import win_outcomes, win_rate
+
+    g = torch.Generator().manual_seed(0)
+    policy, reference = torch.randint(0, 3, (50,), generator=g).float(), torch.randint(0, 3, (50,), generator=g).float()
+    wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy.tolist(), reference.tolist()))
+    assert win_rate(win_outcomes(policy, reference)) == pytest.approx(wins / 50)
+    scores = win_outcomes(policy, reference).tolist()
+    assert judged(scores)["win_rate"] == pytest.approx(wins / 50)
+    assert win_rate([]) is None and judged([])["win_rate"] is None

@@ -11,7 +11,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "minirlhf"
 LAYERS = {
     "base": ("minirlhf", "minirlhf.registry", "minirlhf.ops", "minirlhf.strict", "minirlhf.sharding", "minirlhf.tracking",
-             "minirlhf.modelcard", "minirlhf.checkpoint", "minirlhf.runtime", "minirlhf.config",
+             "minirlhf.modelcard", "minirlhf.checkpoint", "minirlhf.runtime", "minirlhf.config", "minirlhf.flags",
              "minirlhf.metrics", "minirlhf.precision", "minirlhf.training", "minirlhf.distributed", "minirlhf.rundir",
              "minirlhf.runner"),
     "data": ("minirlhf.data",),
@@ -171,3 +171,18 @@ def test_the_layer_check_fails_on_an_upward_import_and_an_unplaced_module(tmp_pa
     graph = {m: imports(m) for m in this.MODULES}
     assert upward(graph) == ["minirlhf.data.wrong -> minirlhf.stages.sft"]
     assert [m for m in this.MODULES if layer(m) is None] == ["minirlhf.newthing"]
+
+
+def test_both_kinds_of_policy_have_the_whole_policy_interface():
+    """models.policy.Policy is the one interface the stages use: the LSTM and the causal LM each have all of it."""
+    import typing
+
+    from minirlhf.models.causal_lm import CausalLMPolicy
+    from minirlhf.models.policy import LSTMPolicy, Policy
+
+    members = [name for name in vars(Policy) if not name.startswith("_")] + list(typing.get_type_hints(Policy))
+    methods = [name for name in members if callable(getattr(Policy, name, None))]
+    assert {"sample", "teacher_forced", "forward", "save", "frozen_copy"} <= set(methods)
+    for cls in (LSTMPolicy, CausalLMPolicy):
+        assert all(callable(getattr(cls, m, None)) for m in methods), cls
+        assert cls.kind in ("lstm", "causal_lm")

@@ -18,8 +18,9 @@ import sys
 import traceback
 
 from minirlhf import ConfigError, MachineError, UserError, __version__, distributed, doctor
-from minirlhf.config import describe, fixed_on_resume, from_args, load_config, load_saved
+from minirlhf.config import describe, fixed_on_resume, load_config, load_saved
 from minirlhf.feedback import commands
+from minirlhf.flags import from_args
 from minirlhf.models.judge import judge_kind
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
 from minirlhf.registry import STAGES
@@ -124,7 +125,7 @@ def _train(train, what: str, cfg, resume, overwrite: bool) -> int:
 
 def _add_stages(sub) -> None:
     """A command per stage of the registry that has one, and one per RL algorithm."""
-    _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo, resume=False)
+    _add_stage(sub, "demo", DemoConfig, "the whole pipeline on the offline default, end to end", _demo)
     for stage in STAGES.values():
         if stage.command:
             _add_stage(sub, stage.command, stage.load_config(), stage.help,
@@ -137,7 +138,9 @@ def _add_stages(sub) -> None:
 
 
 def _demo(cfg, resume, overwrite: bool) -> int:
-    run_demo(cfg, overwrite)
+    if resume is not None and overwrite:
+        raise ConfigError("--overwrite starts a run anew and --resume continues one; give one of them")
+    run_demo(cfg, overwrite, resume)
     return 0
 
 

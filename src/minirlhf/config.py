@@ -9,7 +9,6 @@ the bounds its bases gave it, unless it gives its own (`rules_of`).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import inspect
@@ -184,7 +183,7 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
     for item in overrides or []:
         key, raw = _split_override(item)
         _set_dotted(values, key, raw)
-    return _build(cls, values, prefix="", base=base)
+    return build(cls, values, prefix="", base=base)
 
 
 def _read_yaml(path: str) -> dict:
@@ -208,10 +207,10 @@ def _split_override(item: str) -> tuple[str, Any]:
     m = re.fullmatch(r"--([A-Za-z_][\w.]*)(?:=(.*))?", item, flags=re.S)
     if not m:
         raise ConfigError(f"cannot read option {item!r}; write overrides as --section.key=value")
-    return m.group(1), _Raw("true" if m.group(2) is None else m.group(2))
+    return m.group(1), Raw("true" if m.group(2) is None else m.group(2))
 
 
-class _Raw(str):
+class Raw(str):
     """A value typed on the command line: parsed as YAML unless the field is a string."""
 
 
@@ -226,7 +225,7 @@ def _set_dotted(values: dict, key: str, raw: Any) -> None:
     node[parts[-1]] = raw
 
 
-def _build(cls: type, values: dict, prefix: str, base=None):
+def build(cls: type, values: dict, prefix: str, base=None):
     """Lay `values` over `base` (default: the class defaults), checking keys, types and ranges."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.')} is a section; give it a mapping, not {values!r}")
@@ -243,7 +242,7 @@ def _build(cls: type, values: dict, prefix: str, base=None):
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, prefix + name + ".", getattr(base, name))
+            kwargs[name] = build(hint, value, prefix + name + ".", getattr(base, name))
         else:
             kwargs[name] = _coerce(value, hint, prefix + name)
     obj = dataclasses.replace(base, **kwargs)
@@ -261,7 +260,7 @@ def _coerce(value: Any, hint: Any, key: str):
     allowed = _members(hint)
     if (options := choices(hint)) is not None:
         return _choose(value, options, type(None) in allowed, key)
-    if isinstance(value, _Raw):
+    if isinstance(value, Raw):
         if str in allowed:
             return str(value)
         value = yaml.safe_load(value) if value.strip() else None
@@ -284,10 +283,10 @@ def _coerce(value: Any, hint: Any, key: str):
 
 def _choose(value: Any, options: tuple, nullable: bool, key: str):
     """A `Literal` field's value: one of `options` as typed (a command line's text is taken as it stands)."""
-    if nullable and (value is None or (isinstance(value, _Raw) and value.strip() in ("", "null", "~"))):
+    if nullable and (value is None or (isinstance(value, Raw) and value.strip() in ("", "null", "~"))):
         return None
     if value in options:
-        return str(value) if isinstance(value, _Raw) else value
+        return str(value) if isinstance(value, Raw) else value
     raise ConfigError(f"{key} must be one of {', '.join(map(str, options))}, got {str(value)!r}")
 
 
@@ -360,48 +359,6 @@ def fixed_on_resume(cls: type, key: str) -> bool:
     return False
 
 
-# ---------------------------------------------------------------------------- tools' flags
-
-
-def flag_name(cls: type, name: str) -> str:
-    """How a tool config's field is written on the command line: `--max-new-tokens`, `-n`, or `run_dir`."""
-    meta = rules_of(cls).get(name, {})
-    return name if meta.get("positional") else meta.get("flag") or "--" + name.replace("_", "-")
-
-
-def add_flags(parser, cls: type) -> None:
-    """An argparse argument per field of the flat config `cls` of a tool (a command that trains nothing), its help
-    the field's docstring with its choices, bounds and default; values are read and checked by `from_args`."""
-    defaults, hints = cls(), typing.get_type_hints(cls)
-    docs = {key: doc for key, _, doc in describe(defaults)}
-    for name, meta in ((f.name, rules_of(cls).get(f.name, {})) for f in dataclasses.fields(cls)):
-        shown = "" if meta.get("required") or meta.get("positional") else f" (default: {getattr(defaults, name)!r})"
-        kw = {"help": (docs[name] + shown).replace("%", "%%"), "metavar": meta.get("metavar")}
-        if meta.get("positional"):
-            parser.add_argument(name, nargs=meta.get("nargs"), **kw)
-            continue
-        if hints[name] is bool:
-            kw = {"help": kw["help"], "action": "store_const", "const": True}
-        elif typing.get_origin(hints[name]) is list:
-            kw["action"] = "append"
-        parser.add_argument(flag_name(cls, name), dest=name, default=argparse.SUPPRESS,
-                            required=meta.get("required", False), **kw)
-
-
-def from_args(cls: type, args):
-    """The tool config `cls` from parsed flags (those not given keep their defaults), typed and checked as a stage's
-    config is; an error names the flag as typed (`--top-p must be (0, 1], got 2.0`)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: _Raw(v) if isinstance(v, str) else v for k, v in vars(args).items() if k in names}
-    try:
-        return _build(cls, values, prefix="")
-    except ConfigError as e:
-        key, _, rest = str(e).partition(" ")
-        if key not in names:
-            raise
-        raise ConfigError(f"{flag_name(cls, key)} {rest}") from None
-
-
 # ---------------------------------------------------------------------------- output
 
 
@@ -422,7 +379,7 @@ def load_saved(cls: type, path: Path):
     """Read a config a run wrote (`config.yaml`) back into its dataclass."""
     if not path.is_file():
         raise RunError(f"{path} is missing; is {path.parent} a run directory of this stage?")
-    return _build(cls, _read_yaml(str(path)), prefix="")
+    return build(cls, _read_yaml(str(path)), prefix="")
 
 
 def describe(cfg, prefix: str = "", fixed: bool = False) -> list[tuple[str, Any, str]]:

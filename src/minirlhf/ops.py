@@ -127,6 +127,18 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
 
 
+def win_outcomes(policy_reward: torch.Tensor, reference_reward: torch.Tensor) -> torch.Tensor:
+    """Each comparison's outcome for the policy: 1 a win, 0.5 a tie, 0 a loss. (N,), (N,) -> (N,)."""
+    return (policy_reward > reference_reward).float() + 0.5 * (policy_reward == reference_reward).float()
+
+
+def win_rate(outcomes) -> float | None:
+    """The share of comparisons the policy won, a tie counting half: (#wins + 0.5 #ties) / N over outcomes of 1,
+    0.5 and 0 (a tensor or a list: rewards compared by `win_outcomes`, or people's judgements); None for none."""
+    outcomes = torch.as_tensor(outcomes, dtype=torch.float32)
+    return outcomes.mean().item() if outcomes.numel() else None
+
+
 def response_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(policy || reference) of each response, nats: the k1 estimate log pi(y_t) - log pi_ref(y_t) of its
     sampled tokens, summed over its real tokens. logprobs, ref_logprobs, mask (B, T) -> (B,). What RL logs as

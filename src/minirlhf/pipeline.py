@@ -10,20 +10,20 @@ import os
 import shutil
 import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from minirlhf import distributed
-from minirlhf.stages import classifier, generator, rl
 from minirlhf.stages.classifier import ClassifierConfig, ClassifierModelConfig, ClassifierTrainConfig
 from minirlhf.stages.generator import GeneratorConfig
 from minirlhf.rl.ppo import PPOConfig
 from minirlhf.rl.core import RLOptimizerConfig
 from minirlhf.checkpoint import load_json
-from minirlhf.config import DataConfig, RunConfig
+from minirlhf.config import DataConfig, RunConfig, setting
 from minirlhf.data.prompts import PromptConfig
 from minirlhf.models import rewards
 from minirlhf.models.rewards import RewardConfig
+from minirlhf.registry import STAGES
 from minirlhf.rundir import RunDir
 from minirlhf.runtime import peak_memory_mb, pick_device
 
@@ -57,7 +57,7 @@ def load_classifier(cfg: RewardConfig, device, data: DataConfig | None = None):
                 data, max_train=fewer(data.max_train, clf.data.max_train), max_eval=fewer(data.max_eval, clf.data.max_eval)))
         tmp = path.with_name(f".{path.name}.training")  # renamed into place only when complete
         shutil.rmtree(tmp, ignore_errors=True)
-        classifier.train(dataclasses.replace(clf, out=str(tmp), device=str(device)))
+        STAGES["classifier"].load_train()(dataclasses.replace(clf, out=str(tmp), device=str(device)))
         os.replace(tmp, path)
     return rewards.load_classifier(cfg, device)
 
@@ -77,13 +77,13 @@ def train_missing_reward(cfg) -> None:
 
 @dataclass
 class DemoConfig(RunConfig):
-    data: str = "tweets"
+    data: str = setting("tweets", fixed_on_resume=True)
     """corpus for every stage (name, folder or file; see --data)"""
-    classifier: ClassifierConfig = field(default_factory=demo_classifier)
+    classifier: ClassifierConfig = setting(default_factory=demo_classifier, fixed_on_resume=True)
     """stage 1, with quicker defaults than train-classifier's"""
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    generator: GeneratorConfig = setting(default_factory=GeneratorConfig, fixed_on_resume=True)
     """stage 3, as train-generator's defaults"""
-    ppo: PPOConfig = field(default_factory=demo_ppo)
+    ppo: PPOConfig = setting(default_factory=demo_ppo, fixed_on_resume=True)
     """RLHF on the generator against the classifier, with settings that keep it healthy (policy and reward are
     filled in by the demo)"""
 
@@ -94,18 +94,21 @@ def _stage(cfg, demo: DemoConfig, out: Path):
                                device=demo.device, seed=demo.seed, dtype=demo.dtype, report_to=demo.report_to)
 
 
-def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
+def run_demo(cfg: DemoConfig, overwrite: bool = False, resume: str | None = None) -> Path:
+    """The demo: three stages of the registry, one after another, each a run in its own folder. `resume` (the demo's
+    folder) goes on where it stopped: finished stages are kept, the one cut short continues from its checkpoint."""
     t0 = time.time()
-    run_dir = RunDir.create(cfg.out, "demo", overwrite=overwrite, config=cfg)
+    run_dir = RunDir.open(resume, "demo", command="demo") if resume else RunDir.create(
+        cfg.out, "demo", overwrite=overwrite, config=cfg)
     print(f"== 1/3 reward classifier -> {run_dir / 'classifier'}")
-    clf_dir = classifier.train(_stage(cfg.classifier, cfg, run_dir / "classifier"))
+    clf_dir = part("classifier", _stage(cfg.classifier, cfg, run_dir / "classifier"), resume is not None)
     print(f"== 2/3 LSTM generator -> {run_dir / 'generator'}")
-    gen_dir = generator.train(_stage(cfg.generator, cfg, run_dir / "generator"))
+    gen_dir = part("generator", _stage(cfg.generator, cfg, run_dir / "generator"), resume is not None)
     print(f"== 3/3 PPO: the generator learns to write what the classifier scores as positive -> {run_dir / 'ppo'}")
     ppo_cfg = _stage(cfg.ppo, cfg, run_dir / "ppo")
     ppo_cfg = dataclasses.replace(ppo_cfg, policy=str(gen_dir), reward=dataclasses.replace(ppo_cfg.reward,
                                                                                            classifier=str(clf_dir)))
-    ppo_dir = rl.train(ppo_cfg)
+    ppo_dir = part("rl", ppo_cfg, resume is not None)
     _summary(load_json(ppo_dir / "results.json"))
     print(f"\ndemo finished in {time.time() - t0:.0f}s, peak memory {peak_memory_mb():.0f} MB")
     print(f"run directory: {run_dir}")
@@ -114,6 +117,21 @@ def run_demo(cfg: DemoConfig, overwrite: bool = False) -> Path:
     print(f"  samples: {gen_dir / 'samples.md'}, {ppo_dir / 'samples.md'}")
     print(f"  report:  {ppo_dir / 'report.md'}")
     return run_dir.path
+
+
+def part(stage: str, cfg, resuming: bool) -> Path:
+    """One stage of a composite run, in `cfg.out`: trained; or, `resuming`, kept when it finished, continued from its
+    checkpoint when it has one, else started anew (what a kill before its first checkpoint left is moved aside)."""
+    train = STAGES[stage].load_train()
+    run = RunDir.find(cfg.out) if resuming else None
+    if run is None:
+        return train(cfg)
+    if run.results.is_file():
+        print(f"   finished before: {run}")
+        return run.path
+    if run.checkpoint_step() > 0 or run.earlier_checkpoints():
+        return train(cfg, str(run.path))
+    return train(cfg, None, True)
 
 
 def _summary(after: dict) -> None:

@@ -9,6 +9,7 @@
       checkpoint-STEP/  the checkpoints before it (`--keep_checkpoints`), the latest first to resume from when
                       checkpoint/ cannot be read
       resumes.jsonl   each resume that changed a setting: the step, and each setting's old and new value
+      round-K/        a `loop` run's round K: feedback.sqlite, labels.jsonl, train/heldout pairs, reward_model/, policy/
 A generator run keeps its LSTM (model.safetensors, vocab.json, checkpoint.json) at the top, the policy folder that
 `--policy RUN` loads. Readers never guess a run's kind from its files: they ask `RunDir.find(path).stage`.
 """
@@ -60,6 +61,10 @@ class RunDir:
 
     def plot(self, name: str) -> Path:
         return self.path / f"{name}.png"
+
+    def round(self, k: int) -> Path:
+        """Round k's folder of a `loop` run: its pairs' database, labels, reward-model and policy runs."""
+        return self.path / f"round-{k}"
 
     def saved(self, name: str) -> Path:
         """A model folder inside the last checkpoint (`policy`, `value_model`, `model`)."""

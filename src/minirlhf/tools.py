@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minirlhf.config import DataConfig, DeviceConfig, add_flags, setting
+from minirlhf.config import DataConfig, DeviceConfig, setting
+from minirlhf.flags import add_flags
 from minirlhf.data.prompts import PromptConfig
 from minirlhf.data.sentiment import read_source
 from minirlhf.envs.base import EnvConfig, env_factory, env_prompts

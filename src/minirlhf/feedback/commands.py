@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minirlhf import UserError
-from minirlhf.config import DeviceConfig, add_flags, setting
+from minirlhf.config import DeviceConfig, setting
 from minirlhf.feedback import simulate, store
+from minirlhf.flags import add_flags
 from minirlhf.feedback.pairs import DEFAULT_POLICY, AnnotatorConfig, PageConfig, Sampling, default_db
 from minirlhf.feedback.tokens import TOKEN_DAYS
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from itertools import combinations
 
+from minirlhf import ops
+
 
 def policy_score(provenance_a: dict, provenance_b: dict, choice: str) -> float | None:
     """How the policy fared in one judgement; None unless the pair is the policy against its reference."""
@@ -32,6 +34,5 @@ def agreement(labels_per_pair: list[list[str]]) -> dict:
 
 def win_rate(scores: list[float]) -> dict:
     """The policy's win rate over judgements of policy-vs-reference pairs, ties counting half."""
-    n = len(scores)
-    return {"n": n, "win_rate": sum(scores) / n if n else None, "wins": scores.count(1.0),
+    return {"n": len(scores), "win_rate": ops.win_rate(scores), "wins": scores.count(1.0),
             "ties": scores.count(0.5), "losses": scores.count(0.0)}

@@ -195,7 +195,7 @@ class LoopJob:
 
     def step(self, step: int) -> dict:
         t0 = time.time()
-        r = Round(self.run.dir.path / f"round-{step}", step, self.policy, self.reward_model)
+        r = Round(self.run.dir.round(step), step, self.policy, self.reward_model)
         r.folder.mkdir(exist_ok=True)
         self.run.say(f"round {step} of {self.cfg.rounds}: pairs from {r.policy}")
         agreement = self._collect(r)
@@ -264,7 +264,7 @@ class LoopJob:
         train, held = split_pairs(read_pairs(r.labels), self.cfg.heldout_fraction, seed=self.cfg.seed + r.k)
         write_pairs(r.train_pairs, train)
         write_pairs(r.heldout_pairs, held)
-        rounds = [Round(self.run.dir.path / f"round-{k}", k, "", "") for k in range(1, r.k + 1)]
+        rounds = [self._round(k) for k in range(1, r.k + 1)]
         all_train = [p for x in rounds for p in read_pairs(x.train_pairs)]
         all_held = [p for x in rounds for p in read_pairs(x.heldout_pairs)]
         write_pairs(r.folder / "rm_train.jsonl", all_train)
@@ -313,11 +313,15 @@ class LoopJob:
         shape = SimpleNamespace(batch_size=cfg.eval_batch_size, response_len=cfg.response_len)
         return lambda policy, ref: evaluate_policy(policy, ref, reward, self.eval_prompts, shape, seed=cfg.seed)
 
+    def _round(self, k: int) -> Round:
+        """Round k's files, as a finished round reads them."""
+        return Round(self.run.dir.round(k), k, "", "")
+
     # ---------------------------------------------------------------- the runner's side
     def save(self, folder: Path) -> dict:
         """The rows so far and where the next round starts; `policy_run` (relative) lets `--policy LOOP_RUN` work."""
         return {"rows": self.rows, "policy": self.policy, "reward_model": self.reward_model,
-                "policy_run": f"round-{len(self.rows)}/policy"}
+                "policy_run": str(self._round(len(self.rows)).policy_run.relative_to(self.run.dir.path))}
 
     def load(self, folder: Path, state: dict) -> None:
         self.rows, self.policy, self.reward_model = state["rows"], state["policy"], state["reward_model"]

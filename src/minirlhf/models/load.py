@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from minirlhf.config import setting
 from minirlhf import RunError
 from minirlhf.checkpoint import load_json
+from minirlhf.config import setting
 from minirlhf.models.causal_lm import CausalLMPolicy
 from minirlhf.models.lstm import load_generator
 from minirlhf.models.policy import LSTMPolicy, load_value_head

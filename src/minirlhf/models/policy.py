@@ -18,13 +18,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 
-from minirlhf.config import setting
 from minirlhf import sharding
 from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
+from minirlhf.config import setting
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import Generators, LSTMLanguageModel, sample, save_generator
 from minirlhf.ops import entropy_from_logits
@@ -139,6 +140,43 @@ def make_value_head(width: int) -> nn.Linear:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What every stage asks of a policy, the LSTM (`LSTMPolicy`) and any causal LM (`CausalLMPolicy`) alike: sample
+    responses, score given ones, and save to a folder whose policy.json names its kind. A new kind of policy is a
+    class with these, plus a branch in load.py's `load_policy`."""
+
+    kind: str
+    """`lstm` or `causal_lm`: what policy.json records"""
+    value_head: nn.Module | None
+
+    def sample(self, prompts: list[str], max_new_tokens: int, generator=None, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0) -> Rollout:
+        """Responses to `prompts`, with their log-probs (the one sampling path of RL, evaluation, the page)."""
+
+    def teacher_forced(self, prompts: list[str], responses: list[str], max_prompt_tokens: int,
+                       max_response_tokens: int) -> Rollout:
+        """Given responses as a Rollout to score (SFT, DPO, reward of fixed texts)."""
+
+    def forward(self, rollout: Rollout, entropy: bool = True) -> tuple:
+        """Log-probs, values and entropies at the response positions, each (B, T)."""
+
+    def prepare(self, rollout: Rollout) -> None:
+        """Precompute what a rollout's passes share (a frozen trunk's output)."""
+
+    def as_text(self, prompt: str, response: str) -> str:
+        """What a reward reads of a prompt and its response."""
+
+    def frozen_copy(self) -> "Policy":
+        """The reference: a copy that never trains."""
+
+    def critic_copy(self) -> "Policy":
+        """A separate critic: a trainable copy with a fresh value head."""
+
+    def save(self, folder: Path) -> None:
+        """The policy as a folder that `load_policy` reads back, replaced atomically."""
 
 
 class LSTMPolicy(nn.Module):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minirlhf import RunError
+from minirlhf import RunError, ops
 from minirlhf.rl import registry
 from minirlhf.checkpoint import atomic_write_text, load_json, save_json
 from minirlhf.config import load_saved
@@ -41,12 +41,8 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 def win_rate(policy_reward: torch.Tensor, reference_reward: torch.Tensor) -> float:
-    """Share of prompts on which the policy's response out-scores the reference's, a tie counting half.
-
-    policy_reward, reference_reward (N,): (#{policy > reference} + 0.5 #{policy == reference}) / N.
-    """
-    wins = (policy_reward > reference_reward).float() + 0.5 * (policy_reward == reference_reward).float()
-    return wins.mean().item()
+    """Share of prompts on which the policy's response out-scores the reference's, a tie counting half. (N,), (N,)."""
+    return ops.win_rate(ops.win_outcomes(policy_reward, reference_reward))
 
 
 def response_nll(ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

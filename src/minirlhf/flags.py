@@ -1,0 +1,51 @@
+"""A tool's config as command-line flags: `add_flags` makes an argparse argument of each field of a flat config
+dataclass (a command that trains nothing), `from_args` builds the config back from them, typed and checked as a
+stage's config is (config.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from minirlhf import ConfigError
+from minirlhf.config import Raw, build, describe, rules_of
+
+
+def flag_name(cls: type, name: str) -> str:
+    """How a tool config's field is written on the command line: `--max-new-tokens`, `-n`, or `run_dir`."""
+    meta = rules_of(cls).get(name, {})
+    return name if meta.get("positional") else meta.get("flag") or "--" + name.replace("_", "-")
+
+
+def add_flags(parser, cls: type) -> None:
+    """An argparse argument per field of the flat config `cls` of a tool (a command that trains nothing), its help
+    the field's docstring with its choices, bounds and default; values are read and checked by `from_args`."""
+    defaults, hints = cls(), typing.get_type_hints(cls)
+    docs = {key: doc for key, _, doc in describe(defaults)}
+    for name, meta in ((f.name, rules_of(cls).get(f.name, {})) for f in dataclasses.fields(cls)):
+        shown = "" if meta.get("required") or meta.get("positional") else f" (default: {getattr(defaults, name)!r})"
+        kw = {"help": (docs[name] + shown).replace("%", "%%"), "metavar": meta.get("metavar")}
+        if meta.get("positional"):
+            parser.add_argument(name, nargs=meta.get("nargs"), **kw)
+            continue
+        if hints[name] is bool:
+            kw = {"help": kw["help"], "action": "store_const", "const": True}
+        elif typing.get_origin(hints[name]) is list:
+            kw["action"] = "append"
+        parser.add_argument(flag_name(cls, name), dest=name, default=argparse.SUPPRESS,
+                            required=meta.get("required", False), **kw)
+
+
+def from_args(cls: type, args):
+    """The tool config `cls` from parsed flags (those not given keep their defaults), typed and checked as a stage's
+    config is; an error names the flag as typed (`--top-p must be (0, 1], got 2.0`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: Raw(v) if isinstance(v, str) else v for k, v in vars(args).items() if k in names}
+    try:
+        return build(cls, values, prefix="")
+    except ConfigError as e:
+        key, _, rest = str(e).partition(" ")
+        if key not in names:
+            raise
+        raise ConfigError(f"{flag_name(cls, key)} {rest}") from None
