@@ -152,11 +152,17 @@ def machines(folder: Path) -> str:
         meta = r.get("meta") or {"machine": r.get("cpu", {}), "commit": r.get("commit"), "command": r.get("command")}
         m = meta.get("machine") or {}
         bf16 = m.get("avx512_bf16")
-        command = (meta.get("command") or "not recorded").replace("|", "\\|").replace(str(ROOT) + "/", "")
+        command = clean_command(meta.get("command") or "not recorded")
         rows.append(f"| `{f.name}` | {m.get('cpu') or m.get('model') or 'not recorded'} | {m.get('cores', '?')} | "
                     f"{'yes' if bf16 else 'no' if bf16 is False else '?'} | {meta.get('commit') or 'not recorded'} | "
                     f"`{command}` |")
     return "\n".join(rows)
+
+
+def clean_command(command: str) -> str:
+    """A recorded command as it reads from the repository root, wherever that was (`/a/b/configs/x` -> `configs/x`),
+    so the page does not depend on the folder the benchmark ran in; `|` escaped for a table cell."""
+    return re.sub(r"/\S*?/(?=(?:configs|runs|benchmarks)/)", "", command).replace("|", "\\|")
 
 
 BLOCKS = {

@@ -41,3 +41,11 @@ def test_check_mode_says_whether_the_page_is_current():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.render", "--check"], cwd=render.ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_page_does_not_depend_on_where_the_repository_was():
+    """A result records its command with the absolute paths of the machine that ran it; the page shows them from
+    the repository root, so a clone anywhere renders the same page."""
+    recorded = "minirlhf grpo --config /work/main/configs/a.yaml --out /tmp/x/runs/bench-1/grpo --kl_coef=0.1"
+    assert render.clean_command(recorded) == "minirlhf grpo --config configs/a.yaml --out runs/bench-1/grpo --kl_coef=0.1"
+    assert render.clean_command("a | b") == "a \\| b"
