@@ -6,7 +6,8 @@ from test_cli import assert_one_line_error
 from minirlhf.stages.classifier import ClassifierConfig
 from minirlhf.stages.generator import GeneratorConfig
 from minirlhf.rl.ppo import PPOConfig
-from minirlhf.config import ConfigError, describe, load_config, load_saved, save_config
+from minirlhf.config import ConfigError, load_config, load_saved, save_config
+from minirlhf.flags import describe
 from minirlhf.pipeline import DemoConfig
 
 

@@ -18,9 +18,9 @@ import sys
 import traceback
 
 from minirlhf import ConfigError, MachineError, UserError, __version__, distributed, doctor
-from minirlhf.config import describe, fixed_on_resume, load_config, load_saved
+from minirlhf.config import fixed_on_resume, load_config, load_saved
 from minirlhf.feedback import commands
-from minirlhf.flags import from_args
+from minirlhf.flags import describe, from_args
 from minirlhf.models.judge import judge_kind
 from minirlhf.pipeline import DemoConfig, run_demo, train_missing_reward
 from minirlhf.registry import STAGES

@@ -9,9 +9,7 @@ the bounds its bases gave it, unless it gives its own (`rules_of`).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
 import re
 import types
@@ -380,40 +378,3 @@ def load_saved(cls: type, path: Path):
     if not path.is_file():
         raise RunError(f"{path} is missing; is {path.parent} a run directory of this stage?")
     return build(cls, _read_yaml(str(path)), prefix="")
-
-
-def describe(cfg, prefix: str = "", fixed: bool = False) -> list[tuple[str, Any, str]]:
-    """(dotted key, value, docstring with its choices, bounds and resume rule) for every field of a config instance,
-    for `--help`; `fixed`: the section is fixed on resume."""
-    docs, rules, hints = _field_docs(type(cfg)), rules_of(type(cfg)), typing.get_type_hints(type(cfg))
-    rows = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            rows += describe(value, prefix + f.name + ".", fixed or rules.get(f.name, {}).get("fixed_on_resume", False))
-            continue
-        rule = rules.get(f.name, {}) | ({"fixed_on_resume": True} if fixed else {})
-        limits = [f"one of {', '.join(map(str, choices(hints[f.name])))}" if choices(hints[f.name]) else None,
-                  rule_text(rule), "fixed on --resume" if rule.get("fixed_on_resume") else None]
-        doc = "; ".join(x for x in [docs.get(f.name, "")] + [x for x in limits if x])
-        rows.append((prefix + f.name, value, doc))
-    return rows
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Read the docstring under each field from the class source (base classes first)."""
-    docs = {}
-    for base in reversed(cls.__mro__[1:]):
-        if dataclasses.is_dataclass(base):
-            docs.update(_field_docs(base))
-    try:
-        tree = ast.parse(inspect.getsource(cls).lstrip())
-    except (OSError, TypeError, SyntaxError):
-        return docs
-    body = tree.body[0].body
-    for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs

@@ -1,15 +1,19 @@
-"""A tool's config as command-line flags: `add_flags` makes an argparse argument of each field of a flat config
-dataclass (a command that trains nothing), `from_args` builds the config back from them, typed and checked as a
-stage's config is (config.py)."""
+"""Configs on the command line: `describe` lists every field with its docstring, choices, bounds and resume rule (the
+`--help` of every command); `add_flags` makes an argparse argument of each field of a flat config dataclass (a command
+that trains nothing) and `from_args` builds the config back from them, typed and checked as a stage's config is
+(config.py)."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import typing
+from typing import Any
 
 from minirlhf import ConfigError
-from minirlhf.config import Raw, build, describe, rules_of
+from minirlhf.config import Raw, build, choices, rule_text, rules_of
 
 
 def flag_name(cls: type, name: str) -> str:
@@ -49,3 +53,40 @@ def from_args(cls: type, args):
         if key not in names:
             raise
         raise ConfigError(f"{flag_name(cls, key)} {rest}") from None
+
+
+def describe(cfg, prefix: str = "", fixed: bool = False) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, docstring with its choices, bounds and resume rule) for every field of a config instance,
+    for `--help`; `fixed`: the section is fixed on resume."""
+    docs, rules, hints = _field_docs(type(cfg)), rules_of(type(cfg)), typing.get_type_hints(type(cfg))
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, prefix + f.name + ".", fixed or rules.get(f.name, {}).get("fixed_on_resume", False))
+            continue
+        rule = rules.get(f.name, {}) | ({"fixed_on_resume": True} if fixed else {})
+        limits = [f"one of {', '.join(map(str, choices(hints[f.name])))}" if choices(hints[f.name]) else None,
+                  rule_text(rule), "fixed on --resume" if rule.get("fixed_on_resume") else None]
+        doc = "; ".join(x for x in [docs.get(f.name, "")] + [x for x in limits if x])
+        rows.append((prefix + f.name, value, doc))
+    return rows
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Read the docstring under each field from the class source (base classes first)."""
+    docs = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(_field_docs(base))
+    try:
+        tree = ast.parse(inspect.getsource(cls).lstrip())
+    except (OSError, TypeError, SyntaxError):
+        return docs
+    body = tree.body[0].body
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
