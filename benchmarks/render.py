@@ -1,12 +1,13 @@
-"""docs/benchmarks.md from the saved results: `.venv/bin/python -m benchmarks.render [--check] [--figures]`.
+"""docs/benchmarks.md and docs/gold-frontier.md from the saved results: `.venv/bin/python -m benchmarks.render
+[--check] [--figures]`.
 
-The page is benchmarks/templates/benchmarks.md with every figure taken from benchmarks/results/*.json, so none is
-typed by hand and a rerun of a benchmark changes the page only through its result:
+Each page docs/NAME.md is benchmarks/templates/NAME.md with every figure taken from benchmarks/results/*.json, so
+none is typed by hand and a rerun of a benchmark changes the pages only through its result:
 - `{{NAME:a.b.0.c:FMT}}` is the value at that path of NAME.json (a number indexes a list, `*` takes every item of
   one, joined by ", "), formatted by FMT (Python's format spec; none: as it stands);
 - `{{>BLOCK ARGS}}` is a table or passage that a function of BLOCKS below writes from the results.
 A missing result or key stops the render, naming it. `--check` compares instead of writing (exit 1 when the page
-differs); `--figures` also redraws the plots the page shows from the same results.
+differs); `--figures` also redraws the plots the pages show from the same results.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 from benchmarks import gold_plot, multiturn_table
 from benchmarks.common import RESULTS, ROOT
 
-TEMPLATE = ROOT / "benchmarks" / "templates" / "benchmarks.md"
-PAGE = ROOT / "docs" / "benchmarks.md"
+TEMPLATES = ROOT / "benchmarks" / "templates"
+PAGES = {template: ROOT / "docs" / template.name for template in sorted(TEMPLATES.glob("*.md"))}
+"""template -> the page it renders to"""
 VALUE = re.compile(r"\{\{([\w.-]+):([^:}]+)(?::([^}]*))?\}\}")
 BLOCK = re.compile(r"\{\{>(\w+)((?: [^}]+)?)\}\}")
 
@@ -194,21 +196,24 @@ def figures(folder: Path = RESULTS) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.render", description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="compare with docs/benchmarks.md instead of writing it")
+    ap.add_argument("--check", action="store_true", help="compare with the pages in docs/ instead of writing them")
     ap.add_argument("--figures", action="store_true", help="also redraw the figures from the results")
     args = ap.parse_args(argv)
     try:
-        page = render(TEMPLATE.read_text())
+        pages = {page: render(template.read_text()) for template, page in PAGES.items()}
     except Missing as e:
         print(f"render: {e.args[0]}", file=sys.stderr)
         return 2
     if args.check:
-        same = PAGE.is_file() and PAGE.read_text() == page
-        print("docs/benchmarks.md is " + ("up to date" if same else "stale: run python -m benchmarks.render"))
-        return 0 if same else 1
-    PAGE.write_text(page)
-    made = figures() if args.figures else []
-    print(f"wrote {PAGE.relative_to(ROOT)}" + "".join(f", {p.relative_to(ROOT)}" for p in made))
+        stale = [page for page, text in pages.items() if not page.is_file() or page.read_text() != text]
+        for page in pages:
+            print(f"{page.relative_to(ROOT)} is " + ("stale: run python -m benchmarks.render" if page in stale
+                                                    else "up to date"))
+        return 1 if stale else 0
+    for page, text in pages.items():
+        page.write_text(text)
+    made = list(pages) + (figures() if args.figures else [])
+    print("wrote " + ", ".join(str(p.relative_to(ROOT)) for p in made))
     return 0
 
 

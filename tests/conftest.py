@@ -19,7 +19,7 @@ configure_process()  # the test session is an entry point: process-wide settings
 FAST_FILES = {"test_ops.py", "test_structure.py", "test_config.py", "test_registry.py", "test_rundir.py",
               "test_checkpoint.py", "test_data.py", "test_prompts.py", "test_modelcard.py", "test_envs.py",
               "test_rewards.py", "test_kv_cache.py", "test_simulate.py", "test_guards.py", "test_readme.py",
-              "test_benchmarks_harness.py", "test_benchmarks_render.py"}
+              "test_benchmarks_harness.py", "test_benchmarks_render.py", "test_report.py"}
 """the `fast` tier (`make test-fast`): math against naive loops, units, parsing, the package's shape"""
 
 

@@ -1,4 +1,5 @@
-"""docs/benchmarks.md is written by `python -m benchmarks.render` from the saved results alone."""
+"""docs/benchmarks.md and docs/gold-frontier.md are written by `python -m benchmarks.render` from the saved results
+alone."""
 
 import json
 import shutil
@@ -10,9 +11,15 @@ import pytest
 from benchmarks import render
 
 
-def test_the_page_is_the_render_of_the_saved_results_byte_for_byte():
-    assert render.PAGE.read_text() == render.render(render.TEMPLATE.read_text()), \
-        "docs/benchmarks.md differs from its render: run .venv/bin/python -m benchmarks.render (edit the template)"
+TEMPLATE = render.TEMPLATES / "benchmarks.md"
+PAGE = render.PAGES[TEMPLATE]
+
+
+@pytest.mark.parametrize("template", list(render.PAGES), ids=lambda t: t.name)
+def test_each_page_is_the_render_of_the_saved_results_byte_for_byte(template):
+    assert render.PAGES[template].read_text() == render.render(template.read_text()), \
+        f"docs/{template.name} differs from its render: run .venv/bin/python -m benchmarks.render (edit the template)"
+    assert len(render.PAGES) >= 2
 
 
 def test_a_changed_result_changes_the_page_and_a_missing_one_stops_the_render(tmp_path):
@@ -21,11 +28,11 @@ def test_a_changed_result_changes_the_page_and_a_missing_one_stops_the_render(tm
     data = json.loads((folder / "faults.json").read_text())
     data["kills"] = 12345
     (folder / "faults.json").write_text(json.dumps(data))
-    page = render.render(render.TEMPLATE.read_text(), folder)
-    assert "killed with SIGKILL **12345 times**" in page and page != render.PAGE.read_text()
+    page = render.render(TEMPLATE.read_text(), folder)
+    assert "killed with SIGKILL **12345 times**" in page and page != PAGE.read_text()
     (folder / "multiturn.json").unlink()
     with pytest.raises(render.Missing, match="multiturn.json is missing"):
-        render.render(render.TEMPLATE.read_text(), folder)
+        render.render(TEMPLATE.read_text(), folder)
     with pytest.raises(render.Missing, match="faults.json: no judgements.nowhere"):
         render.render("{{faults:judgements.nowhere}}", folder)
 
@@ -40,7 +47,7 @@ def test_values_take_paths_lists_and_formats():
 def test_check_mode_says_whether_the_page_is_current():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.render", "--check"], cwd=render.ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and proc.stdout.count("up to date") == len(render.PAGES), proc.stdout + proc.stderr
 
 
 def test_the_page_does_not_depend_on_where_the_repository_was():

@@ -191,3 +191,12 @@ def test_lora_reference_is_the_model_with_its_adapters_off():
         moved, _, _ = policy(rollout)
         base, _, _ = ref(rollout)
     assert torch.allclose(base, rollout.logprobs, atol=2e-4) and not torch.allclose(moved, base, atol=1e-2)
+
+
+def test_a_saved_policy_is_read_back_with_the_chat_template_it_was_trained_with(tmp_path):
+    plain = load_policy("smollm2", "cpu", value_head=False, chat_template=False)
+    assert not plain.chat and load_policy("smollm2", "cpu", value_head=False).chat  # a name: on unless told
+    plain.save(tmp_path / "policy")
+    assert json.loads((tmp_path / "policy" / "policy.json").read_text())["chat_template"] is False
+    assert not load_policy(str(tmp_path / "policy"), "cpu", value_head=False).chat  # None: as it was trained
+    assert load_policy(str(tmp_path / "policy"), "cpu", value_head=False, chat_template=True).chat  # told: as told

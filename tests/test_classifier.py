@@ -114,6 +114,8 @@ def test_training_two_epochs_changes_only_trainable_layers(tiny_classifier):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "accuracy.png", "results.json"):
         assert (tiny_classifier / name).is_file(), name
+    report = (tiny_classifier / "report.md").read_text()
+    assert "| test accuracy |" in report and "![accuracy](accuracy.png)" in report
     results = json.loads((tiny_classifier / "results.json").read_text())
     assert 0 < results["estimated_seconds"] < results["total_seconds"]  # the timed passes, not the run's overheads
 

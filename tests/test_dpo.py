@@ -73,6 +73,22 @@ def test_at_the_reference_the_loss_is_log_2_and_rewards_are_zero(logps):
     assert (chosen_rewards == 0).all() and (rejected_rewards == 0).all()
 
 
+def test_each_epoch_visits_every_step_batch_once_and_a_resumed_plan_repeats_the_order():
+    from types import SimpleNamespace
+
+    from minirlhf.stages.dpo import plan
+
+    cfg = SimpleNamespace(seed=3, train=SimpleNamespace(batch_size=5, epochs=3, steps=0))
+    batches, schedule = plan(cfg, 37)
+    assert sorted(i for b in batches for i in b) == list(range(37)) and {len(b) for b in batches} == {4, 5}
+    order = [schedule.at(step)[1][0] for step in range(1, schedule.steps + 1)]
+    assert schedule.steps == 3 * len(batches) and order[:len(batches)] != order[len(batches): 2 * len(batches)]
+    for epoch in range(3):
+        assert sorted(order[epoch * len(batches): (epoch + 1) * len(batches)]) == list(range(len(batches)))
+    _, resumed = plan(cfg, 37)  # a resumed run makes its plan anew and starts mid-way
+    assert [resumed.at(step)[1][0] for step in range(12, schedule.steps + 1)] == order[11:]
+
+
 def test_lstm_teacher_forced_logprobs_equal_the_sampled_ones():
     torch.manual_seed(0)
     v = Vocab.build(["the movie was good", "the film was bad", "i love it"] * 2, min_freq=1)

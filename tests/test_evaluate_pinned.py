@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from minirlhf.ops import response_kl
-from minirlhf.stages.evaluate import (HEALTH_CHECKS, _gather, _summary, distinct_n, perplexity, plot_links,
-                                     response_nll, win_rate, write_report)
+from minirlhf.report import plot_links
+from minirlhf.stages.evaluate import (HEALTH_CHECKS, _gather, _summary, distinct_n, perplexity, response_nll,
+                                     rl_report, win_rate)
 from minirlhf.rl.grpo import GRPOConfig
 from minirlhf.rl.ppo import PPOConfig
 from minirlhf.stages.rl import train
@@ -104,7 +105,7 @@ def _linked(report: str) -> list[str]:
 def test_report_links_only_the_plots_that_exist(tmp_path, cfg, as_rundir):
     (tmp_path / "reward.png").write_bytes(b"\x89PNG")  # policy.png and value.png (no critic) absent
     (tmp_path / "kl.png").write_bytes(b"\x89PNG")
-    report = write_report(RunDir(tmp_path) if as_rundir else tmp_path, _results(), cfg).read_text()
+    report = rl_report(RunDir(tmp_path) if as_rundir else tmp_path, _results(), cfg).read_text()
     assert _linked(report) == ["reward.png", "kl.png"]
     assert all((tmp_path / name).is_file() for name in _linked(report))
     assert plot_links(tmp_path, ["loss"]) == [] and plot_links(tmp_path, ["kl"]) == ["![kl](kl.png)"]
@@ -113,7 +114,7 @@ def test_report_links_only_the_plots_that_exist(tmp_path, cfg, as_rundir):
 def test_health_section_lists_each_guard_that_fired(tmp_path, cfg):
     health = [{"step": 3, "guard": "kl", "message": "KL 12.5 nats per response,\nover the 10 allowed"},
               {"step": 7, "guard": "distinct_2", "message": "distinct-2 fell to 0.05"}]
-    report = write_report(tmp_path, _results(health=health), cfg).read_text()
+    report = rl_report(tmp_path, _results(health=health), cfg).read_text()
     section = report.split("## Health\n", 1)[1].split("\n\n", 1)[0]
     assert section.strip().splitlines() == ["- step 3 - kl: KL 12.5 nats per response, over the 10 allowed",
                                             "- step 7 - distinct_2: distinct-2 fell to 0.05"]
@@ -121,13 +122,13 @@ def test_health_section_lists_each_guard_that_fired(tmp_path, cfg):
 
 
 def test_health_section_says_when_no_check_fired_and_is_absent_without_the_key(tmp_path, cfg):
-    report = write_report(tmp_path, _results(health=[]), cfg).read_text()
+    report = rl_report(tmp_path, _results(health=[]), cfg).read_text()
     line = report.split("## Health\n", 1)[1].strip().splitlines()[0]
     assert line.startswith("No health check fired during training")
     assert all(check in line for check in ("responses ending", "group reward variance", "KL", "response length",
                                            "distinct-2", "reward vs reference perplexity"))
     assert len(HEALTH_CHECKS) == 6
-    assert "## Health" not in write_report(tmp_path, _results(), cfg).read_text()  # `minirlhf evaluate` alone
+    assert "## Health" not in rl_report(tmp_path, _results(), cfg).read_text()  # `minirlhf evaluate` alone
 
 
 def test_a_run_without_a_critic_links_only_the_plots_it_wrote(tiny_generator, tmp_path):

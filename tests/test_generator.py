@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from minirlhf import UserError
+from minirlhf.models.policy import SamplingConfig
 from minirlhf.stages.generator import generate_texts, load_generator, perplexity, unigram_perplexity
 from minirlhf.data.vocab import Vocab
 from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, draw
@@ -49,6 +50,8 @@ def test_training_writes_checkpoint_plots_and_beats_uniform_guessing(tiny_genera
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "perplexity.png", "samples.md",
                  "model.safetensors", "vocab.json", "checkpoint.json", "results.json"):
         assert (tiny_generator / name).is_file(), name
+    report = (tiny_generator / "report.md").read_text()
+    assert "![perplexity](perplexity.png)" in report and report.count("\n| i think |") == 3  # 3 samples a prompt
     meta = json.loads((tiny_generator / "checkpoint.json").read_text())
     assert meta["step"] > 0 and meta["vocab_size"] <= 500
     results = json.loads((tiny_generator / "results.json").read_text())
@@ -58,8 +61,9 @@ def test_training_writes_checkpoint_plots_and_beats_uniform_guessing(tiny_genera
 
 def test_generation_from_a_saved_run_is_seeded(tiny_generator):
     model, vocab = load_generator(tiny_generator)
-    a = generate_texts(model, vocab, ["i think", "this"], n=2, max_new_tokens=8, top_p=0.9, seed=1)
-    b = generate_texts(model, vocab, ["i think", "this"], n=2, max_new_tokens=8, top_p=0.9, seed=1)
+    sampling = SamplingConfig(max_new_tokens=8, top_p=0.9)
+    a = generate_texts(model, vocab, ["i think", "this"], n=2, sampling=sampling, seed=1)
+    b = generate_texts(model, vocab, ["i think", "this"], n=2, sampling=sampling, seed=1)
     assert a == b and len(a) == 4 and a[0][0] == "i think"
     assert all(len(text.split()) <= 8 for _, text in a)
 

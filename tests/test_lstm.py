@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minirlhf.data.vocab import Vocab, detokenize, tokenize
-from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, filter_logits, lm_loss, sample
+from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, decode, filter_logits, lm_loss
 
 
 def test_tokenize_and_detokenize():
@@ -70,8 +70,8 @@ def test_batched_sampling_equals_one_by_one():
     torch.manual_seed(0)
     m = LSTMLanguageModel(LSTMConfig(emb_dim=16, hidden_dim=16, dropout=0.5), vocab_size=40).eval()
     prompts = [[2], [2, 7, 9, 11], [2, 5]]
-    batched = sample(m, prompts, 12, eos_id=3, banned=[0, 2], top_k=1)  # greedy: deterministic
-    single = [sample(m, [p], 12, eos_id=3, banned=[0, 2], top_k=1)[0] for p in prompts]
+    batched = decode(m, prompts, 12, eos_id=3, banned=[0, 2], top_k=1)  # greedy: deterministic
+    single = [decode(m, [p], 12, eos_id=3, banned=[0, 2], top_k=1)[0] for p in prompts]
     assert batched == single
     assert all(len(s) <= 12 for s in batched)
 
@@ -82,6 +82,6 @@ def test_sampling_stops_at_eos_and_never_emits_banned_tokens():
         m.head.bias[:] = 0
         m.head.bias[3] = 4.0  # eos likely
         m.head.bias[0] = 50.0  # pad would win, but it is banned
-    outs = sample(m, [[2]] * 16, 50, eos_id=3, banned=[0, 2], generator=torch.Generator().manual_seed(0))
+    outs = decode(m, [[2]] * 16, 50, eos_id=3, banned=[0, 2], generator=torch.Generator().manual_seed(0))
     assert all(0 not in o and 2 not in o for o in outs)
     assert all(o[-1] == 3 and o.count(3) == 1 for o in outs)

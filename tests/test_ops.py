@@ -167,3 +167,17 @@ def test_win_rate_is_wins_plus_half_the_ties_over_all_for_rewards_and_for_judgem
     scores = win_outcomes(policy, reference).tolist()
     assert judged(scores)["win_rate"] == pytest.approx(wins / 50)
     assert win_rate([]) is None and judged([])["win_rate"] is None
+
+
+def test_token_and_response_kl_match_a_loop_over_real_tokens_and_ignore_what_padding_holds(batch):
+    from minirlhf.ops import response_kl, token_kl
+
+    logprobs, ref_logprobs, mask, lengths = batch
+    ref_logprobs = ref_logprobs.masked_fill(mask == 0, float("-inf"))  # padding may hold anything
+    per_token = token_kl(logprobs, ref_logprobs, mask)
+    for b, n in enumerate(lengths):
+        for t in range(mask.size(1)):
+            want = logprobs[b, t].item() - ref_logprobs[b, t].item() if t < n else 0.0
+            assert per_token[b, t].item() == pytest.approx(want, abs=1e-6)
+        assert response_kl(logprobs, ref_logprobs, mask)[b].item() == pytest.approx(
+            sum(logprobs[b, t].item() - ref_logprobs[b, t].item() for t in range(n)), abs=1e-5)

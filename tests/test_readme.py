@@ -48,8 +48,9 @@ from minirlhf.pipeline import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-GUIDES = [README, ROOT / "CONTRIBUTING.md"] + [ROOT / "docs" / f"{name}.md" for name in ("guide", "benchmarks", "layout")]
-"""the user's documents: the README and the guides it points to, read as one text"""
+GUIDES = [README, ROOT / "CONTRIBUTING.md"] + sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "history.md")
+"""the user's documents: the README and the guides it points to, read as one text (history.md records commands as
+they were)"""
 
 
 def user_docs() -> str:
@@ -353,3 +354,14 @@ def test_the_readme_loop_line_takes_dr_grpo(tmp_path, monkeypatch):
     for argv in dr_grpo:
         cfg = check(argv, tmp_path)
         assert cfg.method == "dr-grpo" and registry.get(cfg.method).name == "dr_grpo"
+
+
+def test_every_docs_page_is_linked_from_the_readme_and_every_relative_link_resolves():
+    readme = README.read_text(encoding="utf-8")
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert len(pages) >= 9 and all(f"](docs/{page.name})" in readme for page in pages), \
+        [page.name for page in pages if f"](docs/{page.name})" not in readme]
+    broken = [f"{path.name}: {target}" for path in GUIDES + [ROOT / "docs" / "history.md"]
+              for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8"))
+              if "://" not in target and not (path.parent / target).exists()]
+    assert not broken, broken

@@ -86,6 +86,7 @@ def test_two_steps_change_the_upper_layers_and_reload_the_same(tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["train_pairs"] == 16 and 0 <= results["eval_accuracy"] <= 1
     assert (run / "loss.png").stat().st_size > 0 and (run / "accuracy.png").stat().st_size > 0
+    assert "| accuracy (chosen scores higher) |" in (run / "report.md").read_text()
 
     from minirlhf.models.reward_model import load_scalar_model
 

@@ -224,3 +224,16 @@ def test_update_tokens_count_a_shared_prompt_once():
     rollout = SimpleNamespace(prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6]]),
                               prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]]), response_mask=torch.ones(3, 4))
     assert _positions_read(rollout, [0, 1, 2]) == 2 + 3 + 12 and _positions_read(rollout, [0, 1]) == 2 + 3 + 8
+
+
+def test_train_time_is_wall_time_between_steps_without_the_held_out_evaluations(tiny_generator, tiny_classifier,
+                                                                               tmp_path):
+    """`time/train_s` is timed as the benchmarks time TRL's trainer: wall time from the first step's start to each
+    step's end, the held-out evaluations (here 400 prompts, slower than a step of 8) left out."""
+    run = _run(PPOConfig, tiny_generator, tiny_classifier, tmp_path / "run", "--steps=3", "--batch_size=8",
+               "--minibatch_size=4", "--eval_every=1", "--data.max_eval=400", "--prompts.max_eval=400")
+    rows = _rows(run)
+    timed = [r["time/train_s"] for r in rows if "eval/reward" in r]
+    phases = sum(r["time/rollout_s"] + r["time/update_s"] for r in rows if r["step"] > 0)
+    assert len(timed) == 4 and timed[0] == 0.0 and timed == sorted(timed)
+    assert phases <= timed[-1] <= phases + 1.0, (timed, phases)

@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "minirlhf"
 LAYERS = {
     "base": ("minirlhf", "minirlhf.registry", "minirlhf.ops", "minirlhf.strict", "minirlhf.sharding", "minirlhf.tracking",
              "minirlhf.modelcard", "minirlhf.checkpoint", "minirlhf.runtime", "minirlhf.config", "minirlhf.flags",
-             "minirlhf.metrics", "minirlhf.precision", "minirlhf.training", "minirlhf.distributed", "minirlhf.rundir",
+             "minirlhf.metrics", "minirlhf.report", "minirlhf.precision", "minirlhf.training", "minirlhf.distributed", "minirlhf.rundir",
              "minirlhf.runner"),
     "data": ("minirlhf.data",),
     "models": ("minirlhf.models",),

@@ -139,14 +139,17 @@ def win_rate(outcomes) -> float | None:
     return outcomes.mean().item() if outcomes.numel() else None
 
 
-def response_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(policy || reference) of each response, nats: the k1 estimate log pi(y_t) - log pi_ref(y_t) of its
-    sampled tokens, summed over its real tokens. logprobs, ref_logprobs, mask (B, T) -> (B,). What RL logs as
-    `objective/kl`, evaluation reports and the benchmarks plot against.
+def token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The k1 estimate log pi(y_t) - log pi_ref(y_t) of each real token, 0 on padding, whatever its log-probs hold
+    (`where`, not a product: 0 * inf is nan). logprobs, ref_logprobs, mask (B, T) -> (B, T)."""
+    return torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, "k1"), 0.0)
 
-    Padding (mask 0) adds nothing whatever its log-probs hold (`where`, not a product: 0 * inf is nan).
-    """
-    return torch.where(mask.bool(), kl_estimate(logprobs, ref_logprobs, "k1"), 0.0).sum(1)
+
+def response_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) of each response, nats: `token_kl` summed over its tokens. logprobs, ref_logprobs,
+    mask (B, T) -> (B,). What RL logs as `objective/kl`, evaluation reports (an episode's per turn) and the
+    benchmarks plot against."""
+    return token_kl(logprobs, ref_logprobs, mask).sum(1)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,

@@ -30,6 +30,25 @@ from minirlhf.config import save_config
 from minirlhf.registry import STAGES, noun
 
 @dataclass(frozen=True)
+class RoundDir:
+    """The files of one round of a `loop` run (RUN_DIR/round-K/)."""
+
+    folder: Path
+    db = property(lambda self: self.folder / "feedback.sqlite")
+    """the page's pairs and judgements"""
+    labels = property(lambda self: self.folder / "labels.jsonl")
+    train_pairs = property(lambda self: self.folder / "train_pairs.jsonl")
+    heldout_pairs = property(lambda self: self.folder / "heldout_pairs.jsonl")
+    rm_train = property(lambda self: self.folder / "rm_train.jsonl")
+    """every round's training pairs so far: what the round's reward model trains on"""
+    rm_heldout = property(lambda self: self.folder / "rm_heldout.jsonl")
+    reward_model = property(lambda self: self.folder / "reward_model")
+    """the round's reward-model run"""
+    policy_run = property(lambda self: self.folder / "policy")
+    """the round's policy run (RL or DPO)"""
+
+
+@dataclass(frozen=True)
 class RunDir:
     path: Path
 
@@ -53,6 +72,7 @@ class RunDir:
     report = property(lambda self: self.path / "report.md")
     eval = property(lambda self: self.path / "eval.json")  # `minirlhf evaluate RUN`'s figures
     samples = property(lambda self: self.path / "samples.md")
+    feedback = property(lambda self: self.path / "feedback.sqlite")  # an RL run's page's database, by default
     model = property(lambda self: self.path / "model")
     checkpoint = property(lambda self: self.path / "checkpoint")
     state = property(lambda self: self.path / "checkpoint" / "state.json")
@@ -62,9 +82,9 @@ class RunDir:
     def plot(self, name: str) -> Path:
         return self.path / f"{name}.png"
 
-    def round(self, k: int) -> Path:
+    def round(self, k: int) -> "RoundDir":
         """Round k's folder of a `loop` run: its pairs' database, labels, reward-model and policy runs."""
-        return self.path / f"round-{k}"
+        return RoundDir(self.path / f"round-{k}")
 
     def saved(self, name: str) -> Path:
         """A model folder inside the last checkpoint (`policy`, `value_model`, `model`)."""

@@ -16,7 +16,7 @@ from minirlhf.envs.base import EnvConfig, env_factory, env_prompts
 from minirlhf.models.classifier import SentimentClassifier
 from minirlhf.models.episodes import need_chat, sample_episodes
 from minirlhf.models.load import load_policy
-from minirlhf.models.policy import SamplingConfig
+from minirlhf.models.policy import SamplingConfig, sample_with
 from minirlhf.rundir import RunDir
 from minirlhf.runtime import pick_device, seed_everything
 from minirlhf.stages import classifier, reward_model
@@ -121,7 +121,7 @@ def generate(cfg: GenerateConfig) -> int:
         return _generate_episodes(cfg, policy, device)
     prompts = [p for p in cfg.prompt or [""] for _ in range(cfg.n)]
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    rollout = policy.sample(prompts, cfg.max_new_tokens, gen, cfg.temperature, cfg.top_k, cfg.top_p)
+    rollout = sample_with(policy, prompts, cfg, gen)
     for prompt, text in zip(prompts, rollout.texts):
         print(policy.as_text(prompt, text))
     return 0

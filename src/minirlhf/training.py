@@ -134,22 +134,26 @@ def progress(iterable, desc: str, **kwargs):
 
 
 class EpochPlan:
-    """Which batch each step of a supervised stage trains on. Epoch e's batches are drawn from a stream seeded by
-    (seed, e), so a run resumed at any step sees exactly the batches the uninterrupted run saw.
+    """Which batch each step of a supervised stage trains on, the one batch schedule of every stage. Epoch e's batches
+    are drawn from a stream seeded by (seed, e), so a run resumed at any step sees exactly the batches the
+    uninterrupted run saw.
 
-    `batches_of(rng)` makes one epoch's batches (lists of example indices) from that stream."""
+    `batches_of(rng)` makes one epoch's batches (lists of example indices, or DPO's indices of step batches drawn
+    once) from that stream. `steps`: a number of steps other than `epochs` whole passes (the last pass may be cut
+    short). `stream(e)`: the random stream of epoch e, where a stage's saved runs were made with another one."""
 
-    def __init__(self, batches_of, epochs: int, seed: int):
+    def __init__(self, batches_of, epochs: int, seed: int, steps: int | None = None, stream=None):
         self.batches_of, self.epochs, self.seed = batches_of, epochs, seed
+        self.stream = stream or (lambda epoch: random.Random(f"{seed}-epoch-{epoch}"))
         self.per_epoch = len(batches_of(random.Random(0)))
-        self.steps = epochs * self.per_epoch
+        self.steps = steps or epochs * self.per_epoch
         self._epoch, self._batches = 0, []
 
     def at(self, step: int) -> tuple[int, list[int], bool]:
-        """(epoch, the batch's indices, whether it ends its epoch) of step 1, 2, ..."""
+        """(epoch, the batch of step 1, 2, ..., whether it ends its epoch)"""
         epoch, i = divmod(step - 1, self.per_epoch)
         if epoch + 1 != self._epoch:
-            self._epoch, self._batches = epoch + 1, self.batches_of(random.Random(f"{self.seed}-epoch-{epoch + 1}"))
+            self._epoch, self._batches = epoch + 1, self.batches_of(self.stream(epoch + 1))
         return epoch + 1, self._batches[i], i == self.per_epoch - 1
 
 

@@ -35,7 +35,8 @@ from minirlhf.rl import registry
 from minirlhf.stages import dpo
 from minirlhf.stages.reward_model import RewardModelConfig, RewardModelModelConfig, RewardModelTrainConfig
 from minirlhf.stages.reward_model import train as train_reward_model
-from minirlhf.stages.evaluate import evaluate_policy, md_cell
+from minirlhf.report import md_cell, table, write_report
+from minirlhf.stages.evaluate import evaluate_policy
 from minirlhf.checkpoint import atomic_write_text, load_json
 from minirlhf.config import DataConfig, TrainingRunConfig, load_config, setting
 from minirlhf.data.preferences import read_pairs, split_pairs
@@ -49,7 +50,7 @@ from minirlhf.feedback.simulate import judge_agreement, reward_of, simulate
 from minirlhf.feedback.store import Store, export_jsonl
 from minirlhf.models.judge import load_judge
 from minirlhf.models.load import PolicyOptions, load_policy, load_reference
-from minirlhf.rundir import RunDir
+from minirlhf.rundir import RoundDir, RunDir
 
 
 @dataclass
@@ -137,23 +138,15 @@ def run_stage(train, stage_cfg, folder: Path) -> Path:
     return Path(train(dataclasses.replace(stage_cfg, out=str(folder)), resume=folder if found is not None else None))
 
 
-@dataclass
-class Round:
-    """Where round k's files go, and what it starts from."""
+@dataclass(frozen=True)
+class Round(RoundDir):
+    """Round k: its files (RunDir.round) and what it starts from."""
 
-    folder: Path
     k: int
     policy: str
     """the policy the round samples pairs from and trains further"""
     previous_rm: str
     """the last round's reward model ("" in the first round)"""
-
-    db = property(lambda self: self.folder / "feedback.sqlite")
-    labels = property(lambda self: self.folder / "labels.jsonl")
-    train_pairs = property(lambda self: self.folder / "train_pairs.jsonl")
-    heldout_pairs = property(lambda self: self.folder / "heldout_pairs.jsonl")
-    reward_model = property(lambda self: self.folder / "reward_model")
-    policy_run = property(lambda self: self.folder / "policy")
 
 
 def _ab_labels(store: Store) -> int:
@@ -195,7 +188,7 @@ class LoopJob:
 
     def step(self, step: int) -> dict:
         t0 = time.time()
-        r = Round(self.run.dir.round(step), step, self.policy, self.reward_model)
+        r = Round(self.run.dir.round(step).folder, step, self.policy, self.reward_model)
         r.folder.mkdir(exist_ok=True)
         self.run.say(f"round {step} of {self.cfg.rounds}: pairs from {r.policy}")
         agreement = self._collect(r)
@@ -267,14 +260,14 @@ class LoopJob:
         rounds = [self._round(k) for k in range(1, r.k + 1)]
         all_train = [p for x in rounds for p in read_pairs(x.train_pairs)]
         all_held = [p for x in rounds for p in read_pairs(x.heldout_pairs)]
-        write_pairs(r.folder / "rm_train.jsonl", all_train)
-        write_pairs(r.folder / "rm_heldout.jsonl", all_held)
+        write_pairs(r.rm_train, all_train)
+        write_pairs(r.rm_heldout, all_held)
         return len(all_train) + len(all_held), len(all_held)
 
     def _train_reward_model(self, r: Round) -> dict:
         cfg = self.cfg
         rm_cfg = RewardModelConfig(
-            preferences=str(r.folder / "rm_train.jsonl"), eval_file=str(r.folder / "rm_heldout.jsonl"),
+            preferences=str(r.rm_train), eval_file=str(r.rm_heldout),
             model=dataclasses.replace(cfg.reward_model, init=r.previous_rm), train=cfg.reward_model_train,
             ensemble=cfg.ensemble, seed=cfg.seed, **run_settings(cfg))
         return load_json(RunDir(run_stage(train_reward_model, rm_cfg, r.reward_model)).results)
@@ -315,7 +308,7 @@ class LoopJob:
 
     def _round(self, k: int) -> Round:
         """Round k's files, as a finished round reads them."""
-        return Round(self.run.dir.round(k), k, "", "")
+        return Round(self.run.dir.round(k).folder, k, "", "")
 
     # ---------------------------------------------------------------- the runner's side
     def save(self, folder: Path) -> dict:
@@ -347,7 +340,7 @@ class LoopJob:
                 f"KL {last['kl']:.2f} nats; policy {self.policy}; report {run.dir.report}")
 
     def _write_report(self) -> None:
-        atomic_write_text(self.run.dir.report, loop_report(self.cfg, self.rows, self.gold is not None))
+        loop_report(self.run.dir, self.cfg, self.rows, self.gold is not None)
 
 
 def _raise(error: BaseException | None) -> None:
@@ -360,27 +353,28 @@ def write_pairs(path: Path, pairs) -> None:
                                                ensure_ascii=False) + "\n" for p in pairs))
 
 
-def loop_report(cfg: LoopConfig, rows: list[dict], gold: bool) -> str:
+def loop_report(run_dir, cfg: LoopConfig, rows: list[dict], gold: bool) -> Path:
+    """report.md of a loop: how each round is scored, and a row per finished round."""
     key = "gold" if gold else "rm"
     what = "gold judge's reward" if gold else "round's reward model's reward (no gold judge)"
     scored = (f"held-out {loop_episodes.describe(cfg.env)} (one per held-out prompt, seeds 0..n-1), each scored "
               "whole") if cfg.env.name else "one response per held-out prompt"
-    lines = [f"# minirlhf loop: {cfg.method} from {md_cell(cfg.policy)}", "",
-             f"{cfg.labels} labels a round from `{md_cell(cfg.annotator)}`"
-             + (f" (beta {cfg.beta})" if cfg.annotator != "web" else "") + f"; pairs served {cfg.select} first after "
-             f"round 1; {cfg.steps} policy steps a round; the reference is the first policy throughout.", "",
-             f"Reward: the {what} of {scored} (the first policy: its `start` column). KL: per "
-             f"{'episode' if cfg.env.name else 'response'}, in nats, from the reference. Win rates: against the "
-             "reference and the previous round's policy, ties half.", "",
-             "| round | labels | RM held-out accuracy (pairs) | length baseline | reward (start) | KL | win vs previous "
-             "| win vs start | annotator agreement | seconds |", "|" + "---|" * 10]
-    for row in rows:
-        agreement = row.get("annotator/agreement")
-        lines.append(f"| {row['round']} | {row['labels']} | {row['rm/accuracy']:.3f} ({row['rm/heldout_pairs']}) | "
-                     f"{row['rm/length_baseline']:.3f} | {row[f'{key}/reward']:.3f} ({row[f'{key}/reward_start']:.3f}) | "
-                     f"{row['kl']:.2f} | {row['win_rate/vs_previous']:.2f} | {row['win_rate/vs_start']:.2f} | "
-                     f"{'' if agreement is None else f'{agreement:.2f}'} | {row['time/round_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+    header = ["round", "labels", "RM held-out accuracy (pairs)", "length baseline", "reward (start)", "KL",
+              "win vs previous", "win vs start", "annotator agreement", "seconds"]
+    table_rows = [[row["round"], row["labels"], f"{row['rm/accuracy']:.3f} ({row['rm/heldout_pairs']})",
+                   f"{row['rm/length_baseline']:.3f}", f"{row[f'{key}/reward']:.3f} ({row[f'{key}/reward_start']:.3f})",
+                   f"{row['kl']:.2f}", f"{row['win_rate/vs_previous']:.2f}", f"{row['win_rate/vs_start']:.2f}",
+                   "" if row.get("annotator/agreement") is None else f"{row['annotator/agreement']:.2f}",
+                   f"{row['time/round_s']:.0f}"] for row in rows]
+    return write_report(
+        run_dir, f"minirlhf loop: {cfg.method} from {md_cell(cfg.policy)}",
+        f"{cfg.labels} labels a round from `{md_cell(cfg.annotator)}`"
+        + (f" (beta {cfg.beta})" if cfg.annotator != "web" else "") + f"; pairs served {cfg.select} first after "
+        f"round 1; {cfg.steps} policy steps a round; the reference is the first policy throughout.",
+        f"Reward: the {what} of {scored} (the first policy: its `start` column). KL: per "
+        f"{'episode' if cfg.env.name else 'response'}, in nats, from the reference. Win rates: against the "
+        "reference and the previous round's policy, ties half.",
+        table(header, table_rows))
 
 
 def train(cfg: LoopConfig, resume: str | Path | None = None, overwrite: bool = False) -> Path:

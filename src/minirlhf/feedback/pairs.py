@@ -30,7 +30,7 @@ from minirlhf.data.prompts import PromptConfig, first_words, load_prompts, read_
 from minirlhf.data.sentiment import load_splits
 from minirlhf.feedback.purpose import purpose
 from minirlhf.models.load import load_policy, policy_folder, policy_kind
-from minirlhf.models.policy import SamplingConfig
+from minirlhf.models.policy import SamplingConfig, sample_with
 from minirlhf.models.pretrained import SMOLLM2
 from minirlhf.models.reward_model import RewardModel
 from minirlhf.rundir import RunDir
@@ -135,7 +135,7 @@ def default_db(policy: str, root: Path = Path("runs")) -> Path:
     runs/feedback/NAME.sqlite, NAME the policy as given (a path: relative to here where it is inside) made safe."""
     found = RunDir.find(policy)
     if found is not None and found.stage == "rl":
-        return found.path / "feedback.sqlite"
+        return found.feedback
     name = policy
     if Path(policy).exists():
         here, path = Path.cwd().resolve(), Path(policy).resolve()
@@ -229,10 +229,9 @@ class PairPool(threading.Thread):
 
     def _sample(self, model, prompts: list[str]) -> list[tuple[str, int]]:
         """(response, seed) per prompt; one generator per row, so each response depends on its seed alone."""
-        s = self.sampling
         seeds = [self.rng.randrange(2 ** 31) for _ in prompts]
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
-        rollout = model.sample(prompts, s.max_new_tokens, generators, s.temperature, s.top_k, s.top_p)
+        rollout = sample_with(model, prompts, self.sampling, generators)
         return list(zip(rollout.texts, seeds))
 
     def _provenance(self, role: str, seed: int) -> dict:

@@ -21,8 +21,9 @@ from minirlhf.rundir import RunDir
 
 @dataclass
 class PolicyOptions:
-    chat_template: bool = True
-    """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one)"""
+    chat_template: bool | None = None
+    """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one); None: as
+    the starting policy was trained (its policy.json), on for a model folder or name"""
     freeze_layers: int = setting(0, ge=0)
     """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs); the
     reference and a separate critic share them, and their output is computed once per rollout"""
@@ -57,20 +58,31 @@ def policy_folder(spec: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+def saved_options(folder: Path | None) -> dict:
+    """What a policy folder's policy.json records: its kind (`lstm` or `causal_lm`) and, for a causal LM, whether it
+    was trained on prompts in its chat template. A plain model folder or name: a causal LM with the template on."""
+    saved = {"kind": "causal_lm", "chat_template": True}
+    if folder is not None and (folder / "policy.json").is_file():
+        saved |= load_json(folder / "policy.json")
+    return saved
+
+
 def policy_kind(folder: Path | None) -> str:
     """`lstm` or `causal_lm`, as the folder's policy.json says (a plain model folder or name: `causal_lm`)."""
-    if folder is None or not (folder / "policy.json").is_file():
-        return "causal_lm"
-    return load_json(folder / "policy.json").get("kind", "causal_lm")
+    return saved_options(folder)["kind"]
 
 
 def load_policy(spec: str, device, value_head: bool = True, **lm_options):
     """A policy from a generator, RL or DPO run (its last checkpoint), a policy or causal LM folder, or a model name
-    (`smollm2` for the offline SmolLM2-135M-Instruct). `lm_options` go to CausalLMPolicy."""
+    (`smollm2` for the offline SmolLM2-135M-Instruct). `lm_options` go to CausalLMPolicy; a chat_template left None
+    is the saved policy's own, so a policy trained without its template is read back without it."""
     folder = policy_folder(spec)
-    if policy_kind(folder) == "lstm":
+    saved = saved_options(folder)
+    if saved["kind"] == "lstm":
         policy = LSTMPolicy(*load_generator(folder, device), value_head=value_head)
     else:
+        if lm_options.get("chat_template") is None:
+            lm_options["chat_template"] = saved["chat_template"]
         policy = CausalLMPolicy.load(str(folder) if folder is not None else spec, value_head=value_head, **lm_options)
     if folder is not None:
         load_value_head(policy, folder)

@@ -102,10 +102,11 @@ def draw(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model: LSTMLanguageModel, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+def decode(model: LSTMLanguageModel, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
            banned: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            generator: Generators = None) -> list[list[int]]:
-    """Continue each prompt (token ids, <bos> first) until <eos> or `max_new_tokens`.
+    """Continue each prompt (token ids, <bos> first) until <eos> or `max_new_tokens`: the LSTM's decoding loop
+    behind `LSTMPolicy.sample`, the one way anything samples from an LSTM.
 
     Prompts of different lengths are fed one by one through the recurrent state, so no padding
     ever enters the LSTM. Returns the new tokens of each prompt, <eos> included when reached.

@@ -27,7 +27,7 @@ from minirlhf import sharding
 from minirlhf.checkpoint import atomic_dir, load_weights, save_weights
 from minirlhf.config import setting
 from minirlhf.data.vocab import Vocab
-from minirlhf.models.lstm import Generators, LSTMLanguageModel, sample, save_generator
+from minirlhf.models.lstm import Generators, LSTMLanguageModel, decode, save_generator
 from minirlhf.ops import entropy_from_logits
 
 
@@ -44,6 +44,12 @@ class SamplingConfig:
     """nucleus sampling: the smallest set of tokens reaching this probability (1: all)"""
     top_k: int = setting(0, ge=0)
     """sample from the k most likely tokens only (0: all)"""
+
+
+def sample_with(policy, prompts: list[str], sampling: SamplingConfig, generator: Generators = None) -> "Rollout":
+    """`policy.sample` with a SamplingConfig's length and filters: how everything outside RL's rollouts samples."""
+    return policy.sample(prompts, sampling.max_new_tokens, generator, sampling.temperature, sampling.top_k,
+                         sampling.top_p)
 
 
 @dataclass
@@ -216,7 +222,7 @@ class LSTMPolicy(nn.Module):
         """Pure sampling by default (temperature 1, no top-k/top-p), so the KL estimates are honest."""
         v = self.vocab
         encoded = [v.encode(p, eos=False) for p in prompts]
-        outs = sample(self.lm, encoded, max_new_tokens, v.eos_id, banned=[v.pad_id, v.bos_id],
+        outs = decode(self.lm, encoded, max_new_tokens, v.eos_id, banned=[v.pad_id, v.bos_id],
                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         device = next(self.parameters()).device
         prompt_ids, prompt_mask = (t.to(device) for t in left_pad(encoded, v.pad_id))

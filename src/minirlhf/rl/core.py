@@ -91,7 +91,8 @@ class RLConfig(TrainingRunConfig):
     save_every: int = 20
     eval_every: int = setting(0, ge=0)
     """log `eval/reward`, the mean reward on the held-out prompts, before training and every this many steps,
-    with `time/train_s`, the training time so far (0: evaluate at the end only)"""
+    with `time/train_s`, the training time so far: wall time from the first step's start to this step's end, the
+    held-out evaluations left out (0: evaluate at the end only)"""
 
     algorithm: ClassVar[str] = ""
 

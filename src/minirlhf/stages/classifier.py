@@ -23,6 +23,7 @@ from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig, setting
 from minirlhf.data.sentiment import load_splits
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower, load_pretrained, set_dropout
 from minirlhf.models.trunk import FrozenCache, cached_forward, lower_hidden, start_at_layer
+from minirlhf.report import plot_links, table, write_report
 from minirlhf.runtime import release_freed_memory
 from minirlhf.training import EpochPlan, length_grouped, length_sorted_batches, make_optimizer, optimizer_step
 
@@ -295,6 +296,17 @@ class ClassifierJob(runner.ModelJob):
                 "estimated_seconds": round(self.estimate.seconds(), 1)}
 
     def report(self, run: runner.Run, results: dict) -> None:
+        nan, cfg = float("nan"), self.cfg
+        write_report(run.dir, f"Classifier run `{run.dir}`",
+                     f"Encoder `{cfg.model.name}` on `{cfg.data.source}`: {results['train_examples']} training and "
+                     f"{results['test_examples']} test texts; {results['trainable_params']:,} of "
+                     f"{results['total_params']:,} parameters trained.",
+                     table(["", "value"], [["best validation accuracy", f"{results['best_val_accuracy']:.4f}"],
+                                           ["test accuracy", f"{results.get('test_accuracy', nan):.4f}"],
+                                           ["test F1", f"{results.get('test_f1', nan):.4f}"],
+                                           ["seconds (training)", f"{results['train_seconds']:.0f}"],
+                                           ["peak memory, MB", f"{results['peak_memory_mb']}"]]),
+                     plot_links(run.dir, ("loss", "accuracy")))
         run.say(f"test accuracy {results.get('test_accuracy', float('nan')):.4f}  F1 "
                 f"{results.get('test_f1', float('nan')):.4f}  ({results['total_seconds']:.0f}s, peak memory "
                 f"{results['peak_memory_mb']} MB)")

@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from minirlhf import ConfigError, distributed, runner, sharding
-from minirlhf.stages.evaluate import md_cell, plot_links
-from minirlhf.checkpoint import atomic_write_text
+from minirlhf.report import md_cell, plot_links, section, table, write_report
 from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig, setting
 from minirlhf.data.preferences import Pair, length_baseline, load_split
-from minirlhf.models.load import PolicyOptions, load_policy, load_reference, restore_policy
+from minirlhf.models.load import PolicyOptions, load_policy, load_reference
+from minirlhf.stages.policy_job import PolicyJob
 from minirlhf.models.policy import Rollout
-from minirlhf.training import backward, clipped_step, make_optimizer, progress
-from minirlhf.rundir import RunDir
+from minirlhf.training import EpochPlan, backward, clipped_step, make_optimizer, progress, shuffled_batches
 
 
 @dataclass
@@ -195,8 +194,9 @@ def reference_eval(batches: list[PairBatch], cfg) -> dict[str, float]:
     return means(sums, "eval/")
 
 
-def plan(cfg, n_train: int) -> tuple[list[list[int]], int]:
-    """The step batches (pair indices, drawn once, sizes within one of each other) and the number of steps."""
+def plan(cfg, n_train: int) -> tuple[list[list[int]], EpochPlan]:
+    """The step batches (pair indices, drawn once, sizes within one of each other: a causal LM's frozen blocks run
+    once per pair) and which of them each step trains on: each epoch visits them all, in its own shuffled order."""
     order = list(range(n_train))
     random.Random(f"{cfg.seed}-dpo").shuffle(order)
     n = math.ceil(n_train / cfg.train.batch_size)
@@ -206,15 +206,8 @@ def plan(cfg, n_train: int) -> tuple[list[list[int]], int]:
     if min(len(b) for b in batches) < k:
         raise ConfigError(f"with {k} processes every step needs at least {k} pairs; raise train.batch_size (now "
                           f"{cfg.train.batch_size}) or give more training pairs (now {n_train})")
-    return batches, cfg.train.steps or cfg.train.epochs * n
-
-
-def batch_of_step(step: int, n_batches: int, seed: int) -> int:
-    """Which step batch a step (1, 2, ...) trains on: each epoch visits them all, in its own shuffled order."""
-    epoch, position = divmod(step - 1, n_batches)
-    order = list(range(n_batches))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[position]
+    stream = lambda epoch: random.Random(cfg.seed * 1_000_003 + epoch - 1)  # noqa: E731  (DPO runs' own, kept)
+    return batches, EpochPlan(shuffled_batches(n, 1), cfg.train.epochs, cfg.seed, cfg.train.steps, stream)
 
 
 def train_step(train_policy, batches: list[PairBatch], n_pairs: int, optimizer, scheduler, params, cfg) -> dict:
@@ -246,10 +239,10 @@ def load_pairs(cfg) -> tuple[list[Pair], list[Pair]]:
     return load_split(cfg)
 
 
-class DPOJob:
+class DPOJob(PolicyJob):
     """DPO as a job of the shared runner: the reference log-probs once in `begin`, then one step batch a step."""
 
-    stage, name, algorithm, scheduler = "dpo", "dpo", None, None
+    stage, name, scheduler, kept = "dpo", "dpo", None, ("train_s",)
     progress_keys = {"loss": "loss", "acc": "rewards/accuracy"}
 
     def __init__(self, cfg: DPOConfig):
@@ -258,7 +251,8 @@ class DPOJob:
     def setup(self, run: runner.Run) -> None:
         cfg, self.run = self.cfg, run
         self.train_pairs, self.eval_pairs = load_pairs(cfg)  # bad input fails here, on every process alike
-        self.step_rows, self.steps = plan(cfg, len(self.train_pairs))
+        self.step_rows, self.plan = plan(cfg, len(self.train_pairs))
+        self.steps = self.plan.steps
         self.policy = load_policy(cfg.policy, run.device, value_head=False, **cfg.policy_options.as_kwargs())
         self.ref = load_reference(cfg.ref_policy, run.device, **cfg.policy_options.as_kwargs()) if cfg.ref_policy \
             else self.policy.frozen_copy()
@@ -287,7 +281,7 @@ class DPOJob:
 
     def step(self, step: int) -> dict | None:
         cfg, t0 = self.cfg, time.time()
-        k = batch_of_step(step, len(self.batches), cfg.seed)
+        _, (k,), _ = self.plan.at(step)
         row = train_step(self.train_policy, self.batches[k], len(self.step_rows[k]), self.optimizer, self.scheduler,
                          self.params, cfg)
         row["time/step_s"] = time.time() - t0
@@ -300,14 +294,6 @@ class DPOJob:
             row["dist/param_spread"] = distributed.spread(self.params)
         logged = step % cfg.train.log_every == 0 or "eval/loss" in row
         return row if logged else None
-
-    def save(self, folder: Path) -> dict:
-        self.policy.save(folder / "policy")
-        return {"policy_from": self.cfg.policy, "train_s": self.train_s}
-
-    def load(self, folder: Path, state: dict) -> None:
-        restore_policy(self.policy, folder / "policy", self.run.device, **self.cfg.policy_options.as_kwargs())
-        self.train_s = float(state.get("train_s", 0.0))
 
     def end(self) -> None:
         self.train_policy = None  # DDP's reducer (in a reference cycle) must go before the process group
@@ -331,7 +317,7 @@ class DPOJob:
                 "samples": answer_samples(self.policy, self.ref, self.eval_pairs, cfg)}
 
     def report(self, run: runner.Run, results: dict) -> None:
-        write_report(run.dir, results, self.cfg)
+        dpo_report(run.dir, results, self.cfg)
         b, a = results["before"], results["after"]
         run.say(f"held-out pairs: implicit-reward accuracy {b['rewards/accuracy']:.3f} -> {a['rewards/accuracy']:.3f}, "
                 f"log-prob margin (chosen - rejected) {b['logps/margin']:.2f} -> {a['logps/margin']:.2f} nats")
@@ -355,16 +341,16 @@ def answer_samples(policy, ref, pairs: list[Pair], cfg) -> list[dict]:
     return [{"prompt": p, "reference": r, "policy": o} for p, r, o in zip(prompts, *answers)]
 
 
-def write_report(run_dir: Path, results: dict, cfg) -> None:
+def dpo_report(run_dir, results: dict, cfg) -> Path:
+    """report.md of a DPO run: the held-out pairs' figures before and after, plots, answers of both policies."""
     b, a = results["before"], results["after"]
-    lines = [f"# DPO run `{run_dir}`", "", f"Policy `{cfg.policy}`, preferences `{cfg.preferences}`: "
-             f"{results['pairs_train']} training and {results['pairs_eval']} held-out pairs; beta {cfg.beta}, "
-             f"{cfg.loss_type} loss.", "", "| held-out pairs | before (reference) | after (policy) |",
-             "| --- | --- | --- |"]
-    lines += [f"| {k} | {b[k]:.4f} | {a[k]:.4f} |" for k in STATS]
-    lines += ["", f"Longer-response-wins baseline on these pairs: {results['length_baseline']:.3f}.", ""]
-    lines += plot_links(run_dir, ("loss", "rewards", "logps"))
-    lines += ["", "## Samples", "", "| prompt | reference (before) | policy (after) |", "| --- | --- | --- |"]
-    lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['reference'])} | {md_cell(s['policy'])} |"
-              for s in results["samples"]]
-    atomic_write_text(RunDir(run_dir).report, "\n".join(lines) + "\n")
+    return write_report(
+        run_dir, f"DPO run `{run_dir}`",
+        f"Policy `{cfg.policy}`, preferences `{cfg.preferences}`: {results['pairs_train']} training and "
+        f"{results['pairs_eval']} held-out pairs; beta {cfg.beta}, {cfg.loss_type} loss.",
+        table(["held-out pairs", "before (reference)", "after (policy)"], [[k, f"{b[k]:.4f}", f"{a[k]:.4f}"] for k in STATS]),
+        f"Longer-response-wins baseline on these pairs: {results['length_baseline']:.3f}.",
+        plot_links(run_dir, ("loss", "rewards", "logps")),
+        section("Samples", table(["prompt", "reference (before)", "policy (after)"],
+                                 [[md_cell(s["prompt"]), md_cell(s["reference"]), md_cell(s["policy"])]
+                                  for s in results["samples"]])))

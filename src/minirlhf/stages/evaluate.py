@@ -15,7 +15,7 @@ import torch
 
 from minirlhf import RunError, ops
 from minirlhf.rl import registry
-from minirlhf.checkpoint import atomic_write_text, load_json, save_json
+from minirlhf.checkpoint import load_json, save_json
 from minirlhf.config import load_saved
 from minirlhf.data.prompts import load_prompts
 from minirlhf.data.vocab import tokenize
@@ -23,8 +23,9 @@ from minirlhf.envs.base import env_factory, env_prompts
 from minirlhf.models.episodes import sample_episodes
 from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.rewards import TERMS, Reward
-from minirlhf.ops import response_kl, turn_index, turn_sums
+from minirlhf.ops import response_kl, token_kl, turn_index, turn_sums
 from minirlhf.registry import noun
+from minirlhf.report import before_after, md_cell, plot_links, section, table, write_report
 from minirlhf.rundir import RunDir
 from minirlhf.runtime import pick_device
 
@@ -109,17 +110,6 @@ def evaluate_policy(policy, ref, reward, prompts: list[str], cfg, seed: int = 0,
                                                      ours["texts"], ours["reward"].tolist())][:n_samples]}
 
 
-def md_cell(text: str) -> str:
-    """Text safe inside a Markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|") or " "
-
-
-def plot_links(run_dir, names) -> list[str]:
-    """Markdown image links to those of the run's `NAME.png` plots that exist now, so a report never links a
-    missing one (PPO on the LSTM, say, trains no critic: no value.png). run_dir: a Path or a RunDir."""
-    return [f"![{name}]({name}.png)" for name in names if (run_dir / f"{name}.png").is_file()]
-
-
 HEALTH_CHECKS = ("responses ending", "group reward variance", "KL", "response length", "distinct-2",
                  "reward vs reference perplexity")
 """what the RL training guards watch, named in report.md when none of them fired"""
@@ -131,9 +121,9 @@ def health_section(health: list[dict] | None) -> list[str]:
     if health is None:
         return []
     if not health:
-        return ["## Health", "", f"No health check fired during training (checked: {', '.join(HEALTH_CHECKS)}).", ""]
-    return ["## Health", ""] + [f"- step {h['step']} - {h['guard']}: {' '.join(str(h['message']).split())}"
-                                for h in health] + [""]
+        return section("Health", [f"No health check fired during training (checked: {', '.join(HEALTH_CHECKS)})."])
+    return section("Health", [f"- step {h['step']} - {h['guard']}: {' '.join(str(h['message']).split())}"
+                              for h in health])
 
 
 def sample_table(step: int, rollout, terms: dict, n: int = 6) -> str:
@@ -154,32 +144,28 @@ def training_plots(metrics, run_dir, critic: bool) -> None:
         metrics.plot(run.plot("value"), ["value/loss", "value/explained_var"], "value head")
 
 
-def write_report(run_dir: Path, results: dict, cfg) -> Path:
-    """report.md: the figures, the training plots, and samples before (reference) and after (policy)."""
+def rl_report(run_dir, results: dict, cfg) -> Path:
+    """report.md of an RL run: the figures, the training plots, and samples before (reference) and after (policy)."""
     p, r = results["policy"], results["reference"]
-    lines = [f"# {cfg.algorithm.upper()} run `{run_dir}`", "",
-             f"Policy `{cfg.policy}`, reward: {_reward_text(cfg)}; {results['prompts']} held-out prompts.", "",
-             "| | reference (before) | policy (after) |", "| --- | --- | --- |",
-             f"| mean reward | {r['reward']:+.3f} | {p['reward']:+.3f} |",
-             f"| win rate of the policy | | {results['win_rate']:.3f} |",
-             f"| KL(policy \\|\\| reference) per response, nats | 0 | {results['kl']:.3f} |",
-             f"| distinct-1 / distinct-2 | {r['distinct_1']:.3f} / {r['distinct_2']:.3f} | "
-             f"{p['distinct_1']:.3f} / {p['distinct_2']:.3f} |",
-             f"| perplexity under the reference | {r['ref_perplexity']:.2f} | {p['ref_perplexity']:.2f} |",
-             f"| mean response tokens | {r['mean_tokens']:.1f} | {p['mean_tokens']:.1f} |", ""]
-    memory = results.get("memory")
-    if memory:  # written by training (evaluate alone does not train)
-        lines += ["Memory, MiB: " + ", ".join(f"{k.split('/')[1].replace('_mb', '')} {v:,.1f}" for k, v in memory.items())
-                  + " (parameters shared by policy, reference and critic counted once)", ""]
-    lines += health_section(results.get("health"))
-    lines += plot_links(run_dir, ("reward", "kl", "policy", "value"))
-    lines += ["", "## Samples", "", "| prompt | reference (before) | reward | policy (after) | reward |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['reference'])} | {s['reference_reward']:+.2f} | "
-              f"{md_cell(s['policy'])} | {s['policy_reward']:+.2f} |" for s in results["samples"]]
-    report = RunDir(run_dir).report
-    atomic_write_text(report, "\n".join(lines) + "\n")
-    return report
+    figures = before_after([
+        ("mean reward", f"{r['reward']:+.3f}", f"{p['reward']:+.3f}"),
+        ("win rate of the policy", "", f"{results['win_rate']:.3f}"),
+        ("KL(policy \\|\\| reference) per response, nats", "0", f"{results['kl']:.3f}"),
+        ("distinct-1 / distinct-2", f"{r['distinct_1']:.3f} / {r['distinct_2']:.3f}",
+         f"{p['distinct_1']:.3f} / {p['distinct_2']:.3f}"),
+        ("perplexity under the reference", f"{r['ref_perplexity']:.2f}", f"{p['ref_perplexity']:.2f}"),
+        ("mean response tokens", f"{r['mean_tokens']:.1f}", f"{p['mean_tokens']:.1f}")],
+        "reference (before)", "policy (after)")
+    memory = results.get("memory")  # written by training (evaluate alone does not train)
+    memory = ["Memory, MiB: " + ", ".join(f"{k.split('/')[1].replace('_mb', '')} {v:,.1f}" for k, v in memory.items())
+              + " (parameters shared by policy, reference and critic counted once)"] if memory else []
+    samples = table(["prompt", "reference (before)", "reward", "policy (after)", "reward"],
+                    [[md_cell(s["prompt"]), md_cell(s["reference"]), f"{s['reference_reward']:+.2f}",
+                      md_cell(s["policy"]), f"{s['policy_reward']:+.2f}"] for s in results["samples"]])
+    return write_report(run_dir, f"{cfg.algorithm.upper()} run `{run_dir}`",
+                        f"Policy `{cfg.policy}`, reward: {_reward_text(cfg)}; {results['prompts']} held-out prompts.",
+                        figures, memory, health_section(results.get("health")),
+                        plot_links(run_dir, ("reward", "kl", "policy", "value")), section("Samples", samples))
 
 
 def in_minibatches(fn, rollout, size: int) -> torch.Tensor:
@@ -203,7 +189,7 @@ def _side(policy, ref, make_env, cfg, seeds: list[int], seed: int) -> dict:
         r = episodes.rollout
         ref_logprobs = in_minibatches(lambda x: ref(x, entropy=False)[0], r, 4)  # the logits are the peak memory
         turns = turn_index(r.response_mask, r.turn_ids)
-        kl = torch.where(r.response_mask.bool(), r.logprobs - ref_logprobs, 0.0)  # (B, T) k1 per token
+        kl = token_kl(r.logprobs, ref_logprobs, r.response_mask)  # (B, T)
         r.frozen_hidden = None  # (B, P+T, H), kept by a split trunk's sampler for the pass above: not kept 128 times
         out["episodes"].append(episodes)
         out["kl"].append(turn_sums(kl, turns, K).cpu())
@@ -262,34 +248,35 @@ def conversation_md(messages: list[dict]) -> str:
     return "\n".join(f"> **{m['role']}**: {md_cell(m['content'])}  " for m in messages)
 
 
-def write_episode_report(run_dir, results: dict, cfg) -> None:
+def episode_report(run_dir, results: dict, cfg) -> Path:
     """report.md of an episode run: per-turn figures of reference and policy, compliance by kind, conversations."""
     p, r = results["policy"], results["reference"]
     turns = range(len(p["reward_per_turn"]))
-    row = lambda name, key, fmt: (f"| {name} | " + " / ".join(format(v, fmt) for v in r[key]) + " | "  # noqa: E731
-                                  + " / ".join(format(v, fmt) for v in p[key]) + " |")
-    lines = [f"# {cfg.algorithm.upper()} on `{cfg.env.name}` episodes, run `{run_dir}`", "",
-             f"Policy `{cfg.policy}`; {results['episodes']} held-out episodes of at most {cfg.env.turns} assistant "
-             f"turns (seeds 0..{results['episodes'] - 1}); per turn: " + ", ".join(f"turn {k + 1}" for k in turns), "",
-             "| | reference (before) | policy (after) |", "| --- | --- | --- |",
-             f"| episode reward ({cfg.env.reward} of turns) | {r['reward']:.3f} | {p['reward']:.3f} |",
-             row("reward per turn", "reward_per_turn", ".3f"),
-             f"| win rate of the policy | | {results['win_rate']:.3f} |",
-             f"| KL(policy \\|\\| reference) per episode, nats | 0 | {results['kl']:.3f} |",
-             row("KL per turn, nats", "kl_per_turn", ".2f"),
-             f"| perplexity of the replies under the reference | {r['ref_perplexity']:.2f} | {p['ref_perplexity']:.2f} |",
-             row("perplexity per turn", "ref_perplexity_per_turn", ".2f"),
-             row("reply tokens per turn", "mean_tokens_per_turn", ".1f")]
+    row = lambda name, key, fmt: (name, " / ".join(format(v, fmt) for v in r[key]),  # noqa: E731
+                                  " / ".join(format(v, fmt) for v in p[key]))
+    rows = [(f"episode reward ({cfg.env.reward} of turns)", f"{r['reward']:.3f}", f"{p['reward']:.3f}"),
+            row("reward per turn", "reward_per_turn", ".3f"),
+            ("win rate of the policy", "", f"{results['win_rate']:.3f}"),
+            ("KL(policy \\|\\| reference) per episode, nats", "0", f"{results['kl']:.3f}"),
+            row("KL per turn, nats", "kl_per_turn", ".2f"),
+            ("perplexity of the replies under the reference", f"{r['ref_perplexity']:.2f}", f"{p['ref_perplexity']:.2f}"),
+            row("perplexity per turn", "ref_perplexity_per_turn", ".2f"),
+            row("reply tokens per turn", "mean_tokens_per_turn", ".1f")]
     if "all_turns" in p:
-        lines += [f"| every instruction held at every turn | {r['all_turns']:.3f} | {p['all_turns']:.3f} |",
-                  row("every instruction held, per turn", "all_held_per_turn", ".3f")]
-        lines += [f"| instruction `{k}` held | {r['kinds'].get(k, float('nan')):.3f} | {v:.3f} |"
-                  for k, v in p["kinds"].items()]
-    lines += ["", *plot_links(run_dir, ("reward", "kl", "policy", "value")), "", "## Sample conversations", ""]
-    for s in results["samples"]:
-        lines += [f"### episode {s['seed']}: reference (before)", "", conversation_md(s["reference"]), "",
-                  f"### episode {s['seed']}: policy (after)", "", conversation_md(s["policy"]), ""]
-    atomic_write_text(RunDir(run_dir).report, "\n".join(lines) + "\n")
+        rows += [("every instruction held at every turn", f"{r['all_turns']:.3f}", f"{p['all_turns']:.3f}"),
+                 row("every instruction held, per turn", "all_held_per_turn", ".3f")]
+        rows += [(f"instruction `{k}` held", f"{r['kinds'].get(k, float('nan')):.3f}", f"{v:.3f}")
+                 for k, v in p["kinds"].items()]
+    conversations = [[f"### episode {s['seed']}: {who}", "", conversation_md(s[side])]
+                     for s in results["samples"] for who, side in (("reference (before)", "reference"),
+                                                                   ("policy (after)", "policy"))]
+    return write_report(run_dir, f"{cfg.algorithm.upper()} on `{cfg.env.name}` episodes, run `{run_dir}`",
+                        f"Policy `{cfg.policy}`; {results['episodes']} held-out episodes of at most {cfg.env.turns} "
+                        f"assistant turns (seeds 0..{results['episodes'] - 1}); per turn: "
+                        + ", ".join(f"turn {k + 1}" for k in turns),
+                        before_after(rows, "reference (before)", "policy (after)"),
+                        plot_links(run_dir, ("reward", "kl", "policy", "value")),
+                        section("Sample conversations", *conversations))
 
 
 def _reward_text(cfg) -> str:
@@ -317,9 +304,8 @@ def evaluate_run(run_dir: str, prompts_file: str | None, n: int | None, seed: in
     if n is not None:
         cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, max_eval=n))
     device, _ = pick_device(device_name)
-    options = {"chat_template": cfg.policy_options.chat_template}
-    policy = load_policy(str(run.path), device, value_head=False, **options)
-    ref = load_reference(cfg.ref_policy or cfg.policy, device, **options)
+    policy = load_policy(str(run.path), device, value_head=False)  # as it was trained: its policy.json says how
+    ref = load_reference(cfg.ref_policy or cfg.policy, device, chat_template=cfg.policy_options.chat_template)
     if cfg.env.name:
         make_env = env_factory(cfg.env, env_prompts(cfg.env, cfg.prompts, cfg.data)[1], cfg.seed, device)
         results = evaluate_episodes(policy, ref, make_env, cfg, cfg.prompts.max_eval, seed=seed)
@@ -329,7 +315,7 @@ def evaluate_run(run_dir: str, prompts_file: str | None, n: int | None, seed: in
         results = evaluate_policy(policy, ref, reward, prompts, cfg, seed=seed)
     save_json(results, run.eval)
     trained = load_json(run.results) if run.results.is_file() else {}
-    report = write_episode_report if cfg.env.name else write_report
+    report = episode_report if cfg.env.name else rl_report
     report(run, results | {k: trained[k] for k in ("health",) if k in trained}, cfg)  # what training found
     print(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2))
     print(f"report: {run.report}")

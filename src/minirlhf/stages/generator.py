@@ -20,8 +20,9 @@ from minirlhf.checkpoint import atomic_write_text
 from minirlhf.config import DataConfig, OptimConfig, TrainingRunConfig, setting
 from minirlhf.data.sentiment import load_splits
 from minirlhf.data.vocab import Vocab
-from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, lm_loss, load_generator, sample, save_generator
-from minirlhf.models.policy import SamplingConfig
+from minirlhf.models.lstm import LSTMConfig, LSTMLanguageModel, lm_loss, load_generator, save_generator
+from minirlhf.models.policy import LSTMPolicy, SamplingConfig, sample_with
+from minirlhf.report import md_cell, plot_links, section, table, write_report
 from minirlhf.training import EpochPlan, length_grouped, length_sorted_batches, make_optimizer, optimizer_step
 
 __all__ = ["GeneratorConfig", "train", "load_generator", "generate_texts", "perplexity", "unigram_perplexity"]
@@ -102,15 +103,14 @@ def unigram_perplexity(train: list[list[int]], val: list[list[int]], vocab: Voca
     return math.exp(nll / max(len(targets), 1))
 
 
-def generate_texts(model, vocab: Vocab, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> list[tuple[str, str]]:
-    """n samples per prompt as (prompt, continuation) pairs, batched."""
+def generate_texts(model, vocab: Vocab, prompts: list[str], n: int, sampling: SamplingConfig,
+                   seed: int | None = None) -> list[tuple[str, str]]:
+    """n samples per prompt as (prompt, continuation) pairs, batched, through the policies' one sampling path."""
     device = next(model.parameters()).device
-    encoded = [vocab.encode(p, eos=False) for p in prompts for _ in range(n)]
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    outs = sample(model, encoded, max_new_tokens, vocab.eos_id, banned=[vocab.pad_id, vocab.bos_id],
-                  temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-    return [(p, vocab.decode(o)) for p, o in zip([p for p in prompts for _ in range(n)], outs)]
+    repeated = [p for p in prompts for _ in range(n)]
+    texts = sample_with(LSTMPolicy(model, vocab, value_head=False), repeated, sampling, gen).texts
+    return list(zip(repeated, texts))
 
 
 def _write_samples(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -172,8 +172,7 @@ class GeneratorJob(runner.ModelJob):
         """The best model's samples; plots and results."""
         s, train_s = self.cfg.samples, time.time() - self.t0
         model, vocab = load_generator(run.dir.path, run.device)
-        self.rows = generate_texts(model, vocab, s.prompts, s.n, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                                   seed=self.cfg.seed)
+        self.rows = generate_texts(model, vocab, s.prompts, s.n, s, seed=self.cfg.seed)
         _write_samples(run.dir.samples, self.rows)
         run.metrics.plot(run.dir.plot("loss"), ["train/loss"], "generator training loss")
         run.metrics.plot(run.dir.plot("perplexity"), ["val/perplexity", "val/unigram_perplexity"],
@@ -183,6 +182,14 @@ class GeneratorJob(runner.ModelJob):
                 "vocab_size": len(vocab), "train_seconds": round(train_s, 1)}
 
     def report(self, run: runner.Run, results: dict) -> None:
+        write_report(run.dir, f"Generator run `{run.dir}`",
+                     f"An LSTM of {results['params']:,} parameters over {results['vocab_size']:,} words of "
+                     f"`{self.cfg.data.source}`, trained with teacher forcing; the best epoch kept.",
+                     table(["validation perplexity", "unigram model's", "ratio"],
+                           [[f"{self.best:.1f}", f"{self.unigram:.1f}", f"{results['ratio_to_unigram']:.2f}"]]),
+                     plot_links(run.dir, ("loss", "perplexity")),
+                     section("Samples", table(["prompt", "continuation"],
+                                              [[md_cell(p), md_cell(c)] for p, c in self.rows])))
         run.say(f"best val perplexity {self.best:.1f} = {self.best / self.unigram:.2f} x unigram ({self.unigram:.1f}); "
                 f"{results['train_seconds']:.0f}s")
         for p, c in self.rows[:: self.cfg.samples.n]:

@@ -26,6 +26,7 @@ from minirlhf.data.preferences import Pair, length_baseline, load_split, read_pa
 from minirlhf.models.classifier import DEFAULT_ENCODER, Truncator, freeze_lower
 from minirlhf.models.reward_model import RewardModel, ScalarRewardModel, load_scalar_model, member_folder
 from minirlhf.models.trunk import FrozenCache, cached_forward, copy_sharing, find_trunk, split_works
+from minirlhf.report import plot_links, table, write_report
 from minirlhf.runtime import pick_device
 from minirlhf.training import EpochPlan, length_sorted_batches, make_optimizer, optimizer_step, shuffled_batches
 
@@ -252,6 +253,17 @@ class RewardModelJob(runner.ModelJob):
                 "total_params": self.total, **members, "total_seconds": round(time.time() - self.t0, 1)}
 
     def report(self, run: runner.Run, results: dict) -> None:
+        members = results.get("eval_member_accuracy")
+        write_report(run.dir, f"Reward model run `{run.dir}`",
+                     f"`{self.cfg.model.name}` with a scalar head, Bradley-Terry loss on `{self.cfg.preferences}`: "
+                     f"{results['train_pairs']} training and {results['eval_pairs']} held-out pairs.",
+                     table(["held-out pairs", "before training", "after"],
+                           [["accuracy (chosen scores higher)", f"{results['eval_accuracy_step0']:.4f}",
+                             f"{results['eval_accuracy']:.4f}"],
+                            ["longer-response-wins baseline", "", f"{results['length_baseline']:.4f}"],
+                            ["mean margin (chosen - rejected)", "", f"{results['eval_margin']:.3f}"]]),
+                     f"Each member's held-out accuracy: {', '.join(f'{a:.4f}' for a in members)}." if members else "",
+                     plot_links(run.dir, ("loss", "accuracy")))
         run.say(f"held-out accuracy {results['eval_accuracy']:.4f} (longer-response baseline "
                 f"{results['length_baseline']:.4f}), margin {results['eval_margin']:.3f}  "
                 f"({results['total_seconds']:.0f}s, peak memory {results['peak_memory_mb']} MB)")

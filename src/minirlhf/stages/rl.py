@@ -23,7 +23,7 @@ from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
 from minirlhf.envs.base import env_prompts
-from minirlhf.models.load import load_policy, load_reference, restore_policy
+from minirlhf.models.load import load_policy, load_reference
 from minirlhf.models.policy import Rollout, distinct_rows
 from minirlhf.models import rewards
 from minirlhf.models.rewards import Reward, RunningMoments
@@ -34,9 +34,9 @@ from minirlhf.rl.core import (AdaptiveKLController, Algorithm, Batch, RLConfig, 
 from minirlhf.rl.guards import Guards
 from minirlhf.rundir import RunDir
 from minirlhf.stages import rl_episodes
+from minirlhf.stages.policy_job import PolicyJob
 from minirlhf.stages.evaluate import (distinct_n, evaluate_episodes, evaluate_policy, held_out_reward, in_minibatches,
-                                      perplexity, response_nll, sample_table, training_plots, write_episode_report,
-                                      write_report)
+                                      perplexity, response_nll, sample_table, training_plots, episode_report, rl_report)
 from minirlhf.runtime import memory_report, release_freed_memory
 from minirlhf.training import optimizer_step
 
@@ -208,11 +208,10 @@ def samples_so_far(run_dir: RunDir, cfg, last_step: int) -> str:
     return text
 
 
-class RLJob:
+class RLJob(PolicyJob):
     """RL as a job of the shared runner: the models, reward and prompts; one iteration per step."""
 
-    stage = "rl"
-    scheduler = None
+    stage, scheduler, kept = "rl", None, ("train_s",)
     progress_keys = {"reward": "reward/mean", "kl": "objective/kl"}
 
     def __init__(self, cfg: RLConfig):
@@ -220,7 +219,7 @@ class RLJob:
         self.name = self.algorithm = cfg.algorithm
         self.title = self.algo.title  # the model card's method
         self.base, self.steps = cfg.policy, cfg.steps
-        self.train_s, self.samples = 0.0, ""
+        self.train_s, self.samples, self.clock = 0.0, "", None
 
     def setup(self, run: runner.Run) -> None:
         cfg, algo, device = self.cfg, self.algo, run.device
@@ -268,6 +267,7 @@ class RLJob:
 
     def step(self, step: int) -> dict | None:
         cfg, models, t0 = self.cfg, self.models, time.time()
+        self.clock = self.clock or time.perf_counter()  # a run's (or a resumed run's) first step starts it
         release_freed_memory()  # the last update's
         rollout, terms, ref_logprobs, rng, sample_s = _experience(cfg, self.algo, step, models, self.source,
                                                                   self.run.device)
@@ -292,30 +292,28 @@ class RLJob:
 
     def _logged(self, step: int, row: dict, rollout: Rollout, terms: dict) -> dict:
         """The row as logged (the main process): memory, held-out reward, and the samples table."""
-        self.train_s += row["time/rollout_s"] + row["time/update_s"]
+        now = time.perf_counter()  # wall time between step ends, as benchmarks time TRL's trainer (its callbacks)
+        self.train_s, self.clock = self.train_s + now - self.clock, now
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
             row |= {"eval/reward": self._held_out(), "time/train_s": self.train_s}
+            self.clock += time.perf_counter() - now  # held-out evaluation is not training time
         if step == 1 or step % self.cfg.sample_every == 0:
             table = rl_episodes.sample_conversations if self.cfg.env.name else sample_table
             self.samples += table(step, rollout, terms)
             atomic_write_text(self.run.dir.samples, self.samples)
         return row | memory_report(self.modules(), self.optimizer)
 
+    def policies(self) -> dict:
+        return {"policy": self.models.policy, "value_model": self.models.value_model}
+
     def save(self, folder: Path) -> dict:
-        self.models.policy.save(folder / "policy")
-        if self.models.value_model is not None:
-            self.models.value_model.save(folder / "value_model")
         moments = self.reward.moments.state() if self.reward is not None and self.reward.moments else None
-        return {"policy_from": self.cfg.policy, "kl_coef": self.kl_ctl.value, "reward_moments": moments,
-                "train_s": self.train_s, "guards": self.guards.state()}
+        return super().save(folder) | {"kl_coef": self.kl_ctl.value, "reward_moments": moments,
+                                       "guards": self.guards.state()}
 
     def load(self, folder: Path, state: dict) -> None:
-        """The policy (and critic) of the checkpoint; the reference stays the starting policy, never saved."""
-        options = self.cfg.policy_options.as_kwargs()
-        for model, name in ((self.models.policy, "policy"), (self.models.value_model, "value_model")):
-            if model is not None:
-                restore_policy(model, folder / name, self.run.device, **options)
-        self.kl_ctl.value, self.train_s = float(state["kl_coef"]), float(state.get("train_s", 0.0))
+        super().load(folder, state)
+        self.kl_ctl.value = float(state["kl_coef"])
         self.guards.load(state.get("guards"))
         if self.reward is not None and self.reward.moments is not None and state.get("reward_moments"):
             self.reward.moments = RunningMoments(**state["reward_moments"])
@@ -342,7 +340,7 @@ class RLJob:
         return results | ({"health": self.guards.fired} if self.cfg.guards != "off" else {})
 
     def report(self, run: runner.Run, results: dict) -> None:
-        (write_episode_report if self.cfg.env.name else write_report)(run.dir, results, self.cfg)
+        (episode_report if self.cfg.env.name else rl_report)(run.dir, results, self.cfg)
         run.say(f"held-out reward: reference {results['reward_reference']:.3f} -> policy "
                 f"{results['reward_policy']:.3f}, win rate {results['win_rate']:.2f}, KL {results['kl']:.2f} nats; "
                 "memory: " + ", ".join(f"{k.split('/')[1]} {v:.1f} MB" for k, v in results["memory"].items()))

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from minirlhf import ConfigError, runner
-from minirlhf.stages.evaluate import md_cell, plot_links
-from minirlhf.checkpoint import atomic_write_text
+from minirlhf.report import before_after, md_cell, plot_links, section, table, write_report
 from minirlhf.config import MicroBatchOptimConfig, SplitConfig, TrainingRunConfig, setting
 from minirlhf.data.sft import Example, read_examples, split_examples
-from minirlhf.models.load import PolicyOptions, load_policy, restore_policy
+from minirlhf.models.load import PolicyOptions, load_policy
+from minirlhf.stages.policy_job import PolicyJob
 from minirlhf.training import EpochPlan, backward, clipped_step, make_optimizer, shuffled_batches
 
 
@@ -74,11 +74,11 @@ def load_examples(cfg: SFTConfig) -> tuple[list[Example], list[Example]]:
     return train[: cfg.max_train], held[: cfg.max_eval]
 
 
-class SFTJob:
+class SFTJob(PolicyJob):
     """SFT as a job of the shared runner: one step batch of examples per step, gradients accumulated over its
     micro-batches, the loss a mean over the step's response tokens."""
 
-    stage, name, algorithm = "sft", "sft", None
+    stage, name, kept = "sft", "sft", ("before",)
     progress_keys = {"loss": "loss"}
 
     def __init__(self, cfg: SFTConfig):
@@ -142,17 +142,6 @@ class SFTJob:
             row |= self.last
         return row if step % cfg.train.log_every == 0 or "eval/loss" in row else None
 
-    def save(self, folder: Path) -> dict:
-        self.policy.save(folder / "policy")
-        return {"policy_from": self.cfg.policy, "before": self.before}
-
-    def load(self, folder: Path, state: dict) -> None:
-        restore_policy(self.policy, folder / "policy", self.run.device, **self.cfg.policy_options.as_kwargs())
-        self.before = state.get("before")
-
-    def end(self) -> None:
-        return None
-
     def modules(self) -> list:
         return [self.policy]
 
@@ -168,14 +157,15 @@ class SFTJob:
 
     def report(self, run: runner.Run, results: dict) -> None:
         b, a = results["before"], results["after"]
-        lines = [f"# SFT run `{run.dir}`", "", f"Policy `{self.cfg.policy}`, data `{self.cfg.data}`: "
-                 f"{results['examples_train']} training and {results['examples_eval']} held-out examples.", "",
-                 "| held-out | before | after |", "| --- | --- | --- |",
-                 f"| loss per response token | {b['eval/loss']:.4f} | {a['eval/loss']:.4f} |",
-                 f"| perplexity | {b['eval/perplexity']:.2f} | {a['eval/perplexity']:.2f} |", "",
-                 *plot_links(run.dir, ["loss"]), "", "## Samples", "", "| prompt | policy (after) |", "| --- | --- |"]
-        lines += [f"| {md_cell(s['prompt'])} | {md_cell(s['policy'])} |" for s in results["samples"]]
-        atomic_write_text(run.dir.report, "\n".join(lines) + "\n")
+        write_report(run.dir, f"SFT run `{run.dir}`",
+                     f"Policy `{self.cfg.policy}`, data `{self.cfg.data}`: {results['examples_train']} training and "
+                     f"{results['examples_eval']} held-out examples.",
+                     before_after([("loss per response token", f"{b['eval/loss']:.4f}", f"{a['eval/loss']:.4f}"),
+                                   ("perplexity", f"{b['eval/perplexity']:.2f}", f"{a['eval/perplexity']:.2f}")],
+                                  "before", "after"),
+                     plot_links(run.dir, ["loss"]),
+                     section("Samples", table(["prompt", "policy (after)"],
+                                              [[md_cell(s["prompt"]), md_cell(s["policy"])] for s in results["samples"]])))
         run.say(f"held-out loss per response token {b['eval/loss']:.3f} -> {a['eval/loss']:.3f}, perplexity "
                 f"{b['eval/perplexity']:.1f} -> {a['eval/perplexity']:.1f}")
 
