@@ -9,8 +9,10 @@ STAMP  := $(VENV)/.minirlhf-installed
 demo: $(STAMP)
 	$(VENV)/bin/minirlhf demo
 
+# One test process per core (pytest-xdist), each test going to whichever is free; tests/conftest.py gives each one
+# thread, so the processes and the runs they start share the cores without oversubscribing them.
 test: $(STAMP) chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist worksteal $(PYTEST_ARGS)
 
 # The quick tier (tests/conftest.py FAST_FILES): units, math against naive loops, parsing, the package's shape.
 test-fast: $(STAMP)

@@ -5,9 +5,11 @@ samples 16 replies of 40 tokens, twice per precision, interleaved; the probe (`p
 A decode step multiplies a few rows by every weight, so under autocast (whose weight cast is not cached, see
 precision.py) it can cost more in bf16 than in fp32 even where bf16 matmuls are twice as fast.
 Run from the repository root: `.venv/bin/python -m benchmarks.decode_precision`; prints one JSON object and saves it
-to benchmarks/results/decode_precision.json.
+to benchmarks/results/decode_precision.json. Under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (what an
+AVX2-only CPU runs) it saves decode_precision-avx2.json instead.
 """
 
+import os
 import sys
 import time
 
@@ -40,8 +42,8 @@ def main() -> int:
     report = {"benchmark": "decode_precision", "cpu": cpu(), "threads": torch.get_num_threads(),
               "sample_s": {k: round(min(v), 2) for k, v in times.items()},
               "bf16_speed_vs_fp32": round(min(times["fp32"]) / min(times["bf16"]), 3),
-              "probe": probe(torch.device("cpu"))}
-    save_result("decode_precision", report)
+              "probe": probe(torch.device("cpu")), "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+    save_result("decode_precision" + ("-avx2" if report["isa_limit"] == "AVX2" else ""), report)
     return 0
 
 

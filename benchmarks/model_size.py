@@ -176,7 +176,9 @@ def run_cell(name: str, folder: Path, args: list[str], work: Path, prompts: tupl
             "prompt_tokens": last.get("sample/prompt_len"),
             "step_s": round(last["time/rollout_s"] + last["time/update_s"], 2),
             "warmup_step_s": round(first["time/rollout_s"] + first["time/update_s"], 2),
-            "peak_mb": round(last["memory/peak_rss_mb"]), "peak_wait4_mb": round(peak_mb), "wall_s": round(wall, 1)}
+            "peak_mb": round(last["memory/peak_rss_mb"]), "peak_wait4_mb": round(peak_mb), "wall_s": round(wall, 1),
+            "memory_mb": {k.split("/")[1].removesuffix("_mb"): round(v) for k, v in last.items()
+                          if k in ("memory/params_mb", "memory/grads_mb", "memory/optimizer_mb")}}
 
 
 def cell(size: str, mode: str, c: dict, work: Path, prompts: tuple[Path, Path], steps: int) -> dict:

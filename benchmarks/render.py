@@ -136,6 +136,24 @@ def _single_runs(folder: Path) -> dict[str, tuple[str, str, str]]:
     }
 
 
+def model_size_table(folder: Path) -> str:
+    """One row per size and mode of benchmarks.model_size: what trains, memory by kind, peak, seconds per step."""
+    r = result("model_size", folder)
+    rows = ["| model, mode | parameters (trained) | weights / gradients / Adam, MB | peak resident | s/step (rollout "
+            "+ update) |", "| --- | --- | --- | --- | --- |"]
+    for name, c in r["cells"].items():
+        trained = f"{c['params'] / 1e6:,.0f}M ({c['trainable_params'] / 1e6:,.1f}M)"
+        if "skipped" in c or "error" in c:
+            why = c.get("skipped") or c["error"]
+            rows.append(f"| {name} | {trained} | not run: {why.split(':')[0]} | | |")
+            continue
+        m = c.get("memory_mb", {})
+        memory = " / ".join(f"{m[k]:,}" for k in ("params", "grads", "optimizer")) if m else "not recorded"
+        rows.append(f"| {name} | {trained} | {memory} | {c['peak_mb'] / 1024:.1f} GB | {c['step_s']:.1f} "
+                    f"({c['rollout_s']:.1f} + {c['update_s']:.1f}) |")
+    return "\n".join(rows)
+
+
 def _bars(r: dict) -> str:
     """Each bar of the result, met or not, as the benchmark judged it."""
     return "; ".join(f"{name}: {'met' if ok else '**not met**'}" for name, ok in r.get("bar", {}).items())
@@ -174,6 +192,7 @@ BLOCKS = {
     "runs_table": runs_table,
     "gold_tables": lambda folder, name: gold_plot.tables(result(name, folder), f"benchmarks/results/{name}.json"),
     "machines": machines,
+    "model_size_table": model_size_table,
 }
 """block name -> function(results folder, *its arguments) -> markdown"""
 

@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # exist (the LSTM's bf16) are still measured; test_devices.py forces the other results.
 os.environ.setdefault("MINIRLHF_DTYPE_PROBE", '{"mlp": 1.0}')
 configure_process()  # the test session is an entry point: process-wide settings once, as the CLI makes them
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: a test process per core; one thread each, the runs it starts too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    __import__("torch").set_num_threads(1)
 
 FAST_FILES = {"test_ops.py", "test_structure.py", "test_config.py", "test_registry.py", "test_rundir.py",
               "test_checkpoint.py", "test_data.py", "test_prompts.py", "test_modelcard.py", "test_envs.py",

@@ -55,3 +55,11 @@ def test_save_result_adds_meta_with_commit_and_command_and_keeps_the_report(comm
     assert [p.name for p in tmp_path.iterdir()] == ["toy.json"]  # no temporary file left
     common.save_result("toy", {"meta": {"mine": True}}, [], folder=tmp_path, show=False)
     assert json.loads((tmp_path / "toy.json").read_text()) == {"meta": {"mine": True}}  # the caller's meta is kept
+
+
+def test_the_suite_benchmark_reads_pytests_closing_counts():
+    from benchmarks.suite import counts
+
+    assert counts("=== 712 passed, 3 skipped, 1 deselected in 901.25s (0:15:01) ===") == \
+        {"passed": 712, "skipped": 3, "deselected": 1}
+    assert counts("= 1 failed, 10 passed, 2 errors in 5.00s =") == {"failed": 1, "passed": 10, "error": 2}

@@ -49,10 +49,9 @@ def from_args(cls: type, args):
     try:
         return build(cls, values, prefix="")
     except ConfigError as e:
-        key, _, rest = str(e).partition(" ")
-        if key not in names:
+        if e.key not in names:
             raise
-        raise ConfigError(f"{flag_name(cls, key)} {rest}") from None
+        raise ConfigError("", flag_name(cls, e.key), e.problem) from None
 
 
 def describe(cfg, prefix: str = "", fixed: bool = False) -> list[tuple[str, Any, str]]:
