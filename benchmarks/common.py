@@ -194,14 +194,15 @@ def machine() -> dict:
 
 
 def commit() -> str:
-    """HEAD's short hash, "+dirty" when tracked files differ from it (the run's code was not that commit's)."""
+    """HEAD's short hash, "+dirty" when tracked files differ from it (the run's code was not that commit's); saved
+    results, which benchmarks run one after another rewrite, do not count."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         except OSError:
             return ""
     head = git("rev-parse", "--short", "HEAD")
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if head else "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else "") if head else "unknown"
 
 
 def _module() -> str:
