@@ -5,7 +5,8 @@ tool), reads pytest's closing counts and saves them with the wall time and the c
 benchmarks/results/suite.json.
 With --avx2 oneDNN and ATen are held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2: what an AVX2-only CPU
 runs, where bf16 matmuls are slow and there is no bf16 LSTM kernel, so `--dtype auto` must choose fp32), saved as
-suite-avx2.json. Exit code: pytest's. Extra arguments go to pytest (`-- -k name`); a run given any is not saved.
+suite-avx2.json. The render tests are left out: docs/platforms.md shows this result, so they could not pass before
+it exists. Exit code: pytest's. Extra arguments go to pytest (`-- -k name`); a run given any is not saved.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import tempfile
 from benchmarks.common import ROOT, run_child, save_result
 
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+RENDER_TESTS = "tests/test_benchmarks_render.py"
+"""left out: they check that the docs equal the render of the saved results, this run's own among them"""
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
@@ -34,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pytest_args", nargs="*", help="passed to pytest (after --); a run given any is not saved")
     args = ap.parse_args(argv)
     env = {**os.environ, "CI": "true", **(AVX2 if args.avx2 else {})}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "auto", "--dist", "worksteal",
-           *args.pytest_args]  # as `make test`
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "auto", "--dist", "worksteal",  # as
+           f"--ignore={RENDER_TESTS}", *args.pytest_args]  # `make test`, but for the render tests (see above)
     with tempfile.TemporaryFile("w+") as log:
         code, _, wall, peak_mb = run_child(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.seek(0)
