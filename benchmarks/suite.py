@@ -39,12 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "CI": "true", **(AVX2 if args.avx2 else {})}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "auto", "--dist", "worksteal",  # as
            f"--ignore={RENDER_TESTS}", *args.pytest_args]  # `make test`, but for the render tests (see above)
-    with tempfile.TemporaryFile("w+") as log:
-        code, _, wall, peak_mb = run_child(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with tempfile.NamedTemporaryFile("w+") as log, open(log.name) as tail:
+        def show() -> bool:  # pytest's progress as it comes (run_child polls this), never a reason to stop
+            sys.stdout.write(tail.read())
+            sys.stdout.flush()
+            return False
+
+        code, _, wall, peak_mb = run_child(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           until=show, poll_s=2.0)
+        show()
         log.seek(0)
         lines = log.read().splitlines()
     summary = next((line for line in reversed(lines) if COUNT.search(line) and " in " in line), "")
-    print("\n".join(lines[-15:]), flush=True)
     report = {"benchmark": "suite", "isa_limit": AVX2 if args.avx2 else None, "exit_code": code,
               "counts": counts(summary), "summary": summary.strip("= "), "wall_seconds": round(wall, 1),
               "peak_memory_mb": round(peak_mb)}
