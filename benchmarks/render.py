@@ -1,4 +1,4 @@
-"""docs/benchmarks.md and docs/gold-frontier.md from the saved results: `.venv/bin/python -m benchmarks.render
+"""The pages of docs/ that show measurements, from the saved results: `.venv/bin/python -m benchmarks.render
 [--check] [--figures]`.
 
 Each page docs/NAME.md is benchmarks/templates/NAME.md with every figure taken from benchmarks/results/*.json, so
@@ -20,6 +20,8 @@ from pathlib import Path
 
 from benchmarks import gold_plot, multiturn_table
 from benchmarks.common import RESULTS, ROOT
+
+from minirlhf.report import table
 
 TEMPLATES = ROOT / "benchmarks" / "templates"
 PAGES = {template: ROOT / "docs" / template.name for template in sorted(TEMPLATES.glob("*.md"))}
@@ -87,13 +89,9 @@ def multiturn_kl(folder: Path) -> str:
 
 def runs_table(folder: Path) -> str:
     """One row per single-run benchmark: what it measured, its time, its peak memory, its bars and its source."""
-    rows = ["| benchmark | result | time | peak memory | bars | command, commit |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for name, (what, measured, time) in _single_runs(folder).items():
-        r = result(name, folder)
-        rows.append(f"| {what} | {measured} | {time} | {r['peak_memory_mb'] / 1024:.1f} GB | {_bars(r)} | "
-                    f"{_source(r)} |")
-    return "\n".join(rows)
+    rows = [[what, measured, time, f"{r['peak_memory_mb'] / 1024:.1f} GB", _bars(r), _source(r)]
+            for name, (what, measured, time) in _single_runs(folder).items() for r in [result(name, folder)]]
+    return "\n".join(table(["benchmark", "result", "time", "peak memory", "bars", "command, commit"], rows))
 
 
 def _single_runs(folder: Path) -> dict[str, tuple[str, str, str]]:
@@ -138,20 +136,18 @@ def _single_runs(folder: Path) -> dict[str, tuple[str, str, str]]:
 
 def model_size_table(folder: Path) -> str:
     """One row per size and mode of benchmarks.model_size: what trains, memory by kind, peak, seconds per step."""
-    r = result("model_size", folder)
-    rows = ["| model, mode | parameters (trained) | weights / gradients / Adam, MB | peak resident | s/step (rollout "
-            "+ update) |", "| --- | --- | --- | --- | --- |"]
-    for name, c in r["cells"].items():
+    rows = []
+    for name, c in result("model_size", folder)["cells"].items():
         trained = f"{c['params'] / 1e6:,.0f}M ({c['trainable_params'] / 1e6:,.1f}M)"
         if "skipped" in c or "error" in c:
-            why = c.get("skipped") or c["error"]
-            rows.append(f"| {name} | {trained} | not run: {why.split(':')[0]} | | |")
+            rows.append([name, trained, f"not run: {(c.get('skipped') or c['error']).split(':')[0]}", "", ""])
             continue
         m = c.get("memory_mb", {})
         memory = " / ".join(f"{m[k]:,}" for k in ("params", "grads", "optimizer")) if m else "not recorded"
-        rows.append(f"| {name} | {trained} | {memory} | {c['peak_mb'] / 1024:.1f} GB | {c['step_s']:.1f} "
-                    f"({c['rollout_s']:.1f} + {c['update_s']:.1f}) |")
-    return "\n".join(rows)
+        rows.append([name, trained, memory, f"{c['peak_mb'] / 1024:.1f} GB",
+                     f"{c['step_s']:.1f} ({c['rollout_s']:.1f} + {c['update_s']:.1f})"])
+    return "\n".join(table(["model, mode", "parameters (trained)", "weights / gradients / Adam, MB", "peak resident",
+                            "s/step (rollout + update)"], rows))
 
 
 def _bars(r: dict) -> str:
@@ -166,17 +162,17 @@ def _source(r: dict) -> str:
 
 def machines(folder: Path) -> str:
     """Which CPU each saved result came from."""
-    rows = ["| result | CPU | cores | AVX-512 BF16 | commit | command |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for f in sorted(folder.glob("*.json")):
         r = json.loads(f.read_text())
         meta = r.get("meta") or {"machine": r.get("cpu", {}), "commit": r.get("commit"), "command": r.get("command")}
         m = meta.get("machine") or {}
         bf16 = m.get("avx512_bf16")
         command = clean_command(meta.get("command") or "not recorded")
-        rows.append(f"| `{f.name}` | {m.get('cpu') or m.get('model') or 'not recorded'} | {m.get('cores', '?')} | "
-                    f"{'yes' if bf16 else 'no' if bf16 is False else '?'} | {meta.get('commit') or 'not recorded'} | "
-                    f"`{command}` |")
-    return "\n".join(rows)
+        rows.append([f"`{f.name}`", m.get("cpu") or m.get("model") or "not recorded", m.get("cores", "?"),
+                     "yes" if bf16 else "no" if bf16 is False else "?", meta.get("commit") or "not recorded",
+                     f"`{command}`"])
+    return "\n".join(table(["result", "CPU", "cores", "AVX-512 BF16", "commit", "command"], rows))
 
 
 def clean_command(command: str) -> str:

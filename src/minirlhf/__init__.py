@@ -24,7 +24,7 @@ class ConfigError(UserError):
     """A config key, value or file that cannot be used. A bad value's error knows its `key` and says `key problem`;
     a command whose keys are flags (flags.py) names the flag instead."""
 
-    def __init__(self, message: str, key: str | None = None, problem: str | None = None):
+    def __init__(self, message: str = "", key: str | None = None, problem: str | None = None):
         super().__init__(message if key is None else f"{key} {problem}")
         self.key, self.problem = key, problem
 

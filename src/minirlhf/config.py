@@ -267,7 +267,7 @@ def _coerce(value: Any, hint: Any, key: str):
             return None
         if t is float and (number := _number(value)) is not None:
             if not math.isfinite(number):  # inf and nan pass every "> 0"-style range check
-                raise ConfigError("", key, f"must be a finite number, got {value}")
+                raise ConfigError(key=key, problem=f"must be a finite number, got {value}")
             return number
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -276,7 +276,7 @@ def _coerce(value: Any, hint: Any, key: str):
         if typing.get_origin(t) is list and isinstance(value, list):
             return list(value)
     want = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
-    raise ConfigError("", key, f"must be {want}, got {value!r}")
+    raise ConfigError(key=key, problem=f"must be {want}, got {value!r}")
 
 
 def _choose(value: Any, options: tuple, nullable: bool, key: str):
@@ -285,7 +285,7 @@ def _choose(value: Any, options: tuple, nullable: bool, key: str):
         return None
     if value in options:
         return str(value) if isinstance(value, Raw) else value
-    raise ConfigError("", key, f"must be one of {', '.join(map(str, options))}, got {str(value)!r}")
+    raise ConfigError(key=key, problem=f"must be one of {', '.join(map(str, options))}, got {str(value)!r}")
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -343,7 +343,7 @@ def _check(obj, prefix: str) -> None:
     for name, meta in rules_of(type(obj)).items():
         value = getattr(obj, name)
         if value is not None and not _within(value, meta):
-            raise ConfigError("", prefix + name, f"must be {rule_text(meta)}, got {value!r}")
+            raise ConfigError(key=prefix + name, problem=f"must be {rule_text(meta)}, got {value!r}")
 
 
 def fixed_on_resume(cls: type, key: str) -> bool:

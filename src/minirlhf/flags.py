@@ -51,7 +51,7 @@ def from_args(cls: type, args):
     except ConfigError as e:
         if e.key not in names:
             raise
-        raise ConfigError("", flag_name(cls, e.key), e.problem) from None
+        raise ConfigError(key=flag_name(cls, e.key), problem=e.problem) from None
 
 
 def describe(cfg, prefix: str = "", fixed: bool = False) -> list[tuple[str, Any, str]]:

@@ -15,6 +15,7 @@ import yaml
 
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.registry import method as method_title
+from minirlhf.report import table
 
 KNOWN_MODELS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 """the offline aliases and the hub models they are copies of"""
@@ -94,7 +95,7 @@ def results_table(results: dict) -> list[str]:
     if not keys:
         return ["No numeric results were recorded."]
     fmt = lambda v: str(v) if isinstance(v, int) else f"{v:.4g}"  # noqa: E731
-    return ["| result | value |", "| --- | --- |"] + [f"| {k.replace('|', '/')} | {fmt(scalars[k])} |" for k in keys]
+    return table(["result", "value"], [[k.replace("|", "/"), fmt(scalars[k])] for k in keys])
 
 
 def _run_dir(folder: Path) -> str:

@@ -128,10 +128,9 @@ def health_section(health: list[dict] | None) -> list[str]:
 
 def sample_table(step: int, rollout, terms: dict, n: int = 6) -> str:
     """A Markdown table of the step's first n prompts, responses and rewards, for samples.md."""
-    rows = [f"\n## step {step}\n", "| prompt | response | reward |", "| --- | --- | --- |"]
-    rows += [f"| {md_cell(p)} | {md_cell(r)} | {s:+.2f} |"
-             for p, r, s in zip(rollout.prompts[:n], rollout.texts[:n], terms["total"][:n].tolist())]
-    return "\n".join(rows) + "\n"
+    rows = [[md_cell(p), md_cell(r), f"{s:+.2f}"]
+            for p, r, s in zip(rollout.prompts[:n], rollout.texts[:n], terms["total"][:n].tolist())]
+    return "\n".join([f"\n## step {step}\n", *table(["prompt", "response", "reward"], rows)]) + "\n"
 
 
 def training_plots(metrics, run_dir, critic: bool) -> None:

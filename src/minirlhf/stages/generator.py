@@ -114,9 +114,8 @@ def generate_texts(model, vocab: Vocab, prompts: list[str], n: int, sampling: Sa
 
 
 def _write_samples(path: Path, rows: list[tuple[str, str]]) -> None:
-    lines = ["| prompt | continuation |", "| --- | --- |"]
-    lines += [f"| {p} | {c.replace('|', '/')} |" for p, c in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(table(["prompt", "continuation"], [[p, c.replace("|", "/")] for p, c in rows]))
+                      + "\n")
 
 
 class GeneratorJob(runner.ModelJob):
