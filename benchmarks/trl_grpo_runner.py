@@ -3,8 +3,9 @@
 Needs TRL, installed only for the benchmark, as an optional extra:
     .venv/bin/pip install trl==1.16.0      (adds trl only; torch/transformers/accelerate/datasets unchanged)
 
-Settings kept equal to minirlhf: fp32, no vLLM, temperature 1.0, a generation batch of --per-step completions
-(prompts x --num-generations) per step, used for --iterations passes of --minibatch completions per optimizer
+Settings kept equal to minirlhf: fp32, or with --bf16 bf16 autocast (TRL's own default; the benchmark measures both
+and takes the faster), no vLLM, temperature 1.0, a generation batch of --per-step completions (prompts x
+--num-generations) per step, used for --iterations passes of --minibatch completions per optimizer
 step (default one optimizer step per batch), DAPO token-mean loss, k3 KL with weight --beta,
 Adam (no weight decay) at a constant learning rate, gradient norm clipped to 1, chat template applied.
 
@@ -136,6 +137,7 @@ def main():
     ap.add_argument("--eval-prompts")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out reward before training and every N steps")
     ap.add_argument("--stop-at", type=float, help="stop once a held-out check reaches this reward")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights), as TRL's default")
     a = ap.parse_args()
     minibatch = a.minibatch or a.per_step
     updates = a.iterations * (a.per_step // minibatch)  # optimizer steps per generation batch
@@ -152,7 +154,7 @@ def main():
         per_device_train_batch_size=minibatch, gradient_accumulation_steps=1,
         steps_per_generation=a.per_step // minibatch, num_iterations=a.iterations, num_generations=a.num_generations, max_completion_length=a.max_completion_length,
         temperature=1.0, top_p=1.0, top_k=0, beta=a.beta, loss_type="dapo", max_grad_norm=1.0,
-        use_vllm=False, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_vllm=False, use_cpu=True, bf16=a.bf16, fp16=False, gradient_checkpointing=False,
         model_init_kwargs={"dtype": torch.float32}, seed=a.seed, data_seed=a.seed,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0)
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -168,7 +170,7 @@ def main():
     total = time.perf_counter() - t0
 
     gaps = [b - t for t, b in zip(timer.times, timer.times[1:])]
-    result = {"trl_version": trl.__version__, "steps": len(timer.times),
+    result = {"trl_version": trl.__version__, "precision": "bf16 autocast" if a.bf16 else "fp32", "steps": len(timer.times),
               "seconds_per_step": sum(gaps) / len(gaps) if gaps else timer.times[0],
               "total_seconds": total, "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "rewards": timer.rewards, "evals": timer.evals}

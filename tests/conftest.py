@@ -11,9 +11,10 @@ from minirlhf.runtime import configure_process
 
 ROOT = Path(__file__).resolve().parents[1]
 # `--dtype auto` takes bf16 where this machine's probe measured it faster (precision.py); the suite pins the speed part
-# of the probe below the margin, so every machine runs the same fp32 arithmetic and the same figures. The kernels that
-# exist (the LSTM's bf16) are still measured; test_devices.py forces the other results.
-os.environ.setdefault("MINIRLHF_DTYPE_PROBE", '{"mlp": 1.0}')
+# of the probe below the margin (bf16 passes, and frozen layers in bf16 or int8), so every machine runs the same fp32
+# arithmetic and the same figures. The kernels that exist (the LSTM's bf16) are still measured; test_devices.py and
+# test_frozen_form.py force the other results.
+os.environ.setdefault("MINIRLHF_DTYPE_PROBE", '{"mlp": 1.0, "frozen_bf16": 1.0, "frozen_int8": 1.0}')
 configure_process()  # the test session is an entry point: process-wide settings once, as the CLI makes them
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: a test process per core; one thread each, the runs it starts too
     os.environ["OMP_NUM_THREADS"] = "1"

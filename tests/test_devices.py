@@ -173,12 +173,13 @@ def test_the_probe_measures_once_per_machine_and_finds_what_an_avx2_cpu_lacks(tm
         seen[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = seen[name]
         assert r["first"] == r["again"] and r["cached_s"] < r["measure_s"] / 10, r
-        assert set(r["first"]) == {"mlp", "lstm", "decode"} and r["first"]["mlp"] > 0, r
+        assert set(r["first"]) == {"mlp", "lstm", "decode", "frozen_bf16", "frozen_int8"} and r["first"]["mlp"] > 0, r
         assert r["auto"] == ("bf16" if r["first"]["mlp"] >= 1.25 else "fp32"), r
     cache = json.loads((tmp_path / "precision.json").read_text())
     assert len(cache) == len(runs)  # one entry per machine (here, and the AVX2-limited one)
     if "avx2" in seen:
         assert seen["avx2"]["first"]["lstm"] is None and seen["avx2"]["first"]["mlp"] < 0.5
+        assert seen["avx2"]["first"]["frozen_bf16"] < 1.0  # so `frozen_form auto` never takes bf16 there
         assert seen["avx2"]["auto"] == "fp32"
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,11 @@ from minirlhf.runtime import cache_root
 
 BF16_MARGIN = 1.25
 """bf16 must run the probe's MLP this many times faster than fp32 to be chosen: it also changes the results"""
-PROBE_OPS = ("mlp", "lstm", "decode")
+PROBE_OPS = ("mlp", "lstm", "decode", "frozen_bf16", "frozen_int8")
+FORMS = ("fp32", "bf16", "int8")
+"""the forms a frozen linear layer's weights can run in (`frozen_linear`); the probe's `frozen_*` ops time them"""
+FORM_MARGIN = 1.25
+"""a cheaper form of frozen weights must run the probe's decode step this many times faster to be chosen"""
 
 
 @dataclass
@@ -92,7 +97,7 @@ def set_precision(device: torch.device, name: str = "auto", agree=None) -> Preci
     else:
         why = f"--dtype {name}" + (f" (bf16 ran the probe {_ratio(speedup)} here; --dtype auto would take "
                                    f"{'bf16' if (speedup or 0) >= BF16_MARGIN else 'fp32'})" if probe else "")
-    slow = frozenset(op for op in PROBE_OPS if name == "bf16" and (probe.get(op) or 0) < 1.0) - {"mlp"}
+    slow = frozenset(op for op in ("lstm", "decode") if name == "bf16" and (probe.get(op) or 0) < 1.0)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     _precision = Precision(name, device.type, dtype, fp32_ops=slow, why=why)
     return _precision
@@ -168,7 +173,8 @@ def _cpu() -> str:
 def probe(device: torch.device) -> dict:
     """bf16's speed as a multiple of fp32's, per op, timed here: an MLP block's forward and backward (256 tokens,
     512 -> 1024 -> 512, as in a small transformer), a 2-layer LSTM's (16 x 20 tokens, 256 -> 448), and a decode step
-    (16 rows through 12 layers of 1024 x 1024 weights, 48 MB, more than a CPU's caches hold, without gradients)."""
+    (16 rows through 12 layers of 1024 x 1024 weights, 48 MB, more than a CPU's caches hold, without gradients)
+    under autocast; and that decode step with its weights kept in bf16 and in int8 (`frozen_linear`) instead."""
     torch.manual_seed(0)  # the probe's inputs; the run seeds its own generators after
     mlp = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512)).to(device)
     lstm = torch.nn.LSTM(256, 448, 2, batch_first=True).to(device)
@@ -179,7 +185,82 @@ def probe(device: torch.device) -> dict:
            "decode": lambda: _no_grad(stack, x_step)}
     for fn in ops.values():  # a process's first passes also grow its heap and start its threads
         fn()
-    return {name: _speedup(fn, device) for name, fn in ops.items()}
+    speeds = {name: _speedup(fn, device) for name, fn in ops.items()}
+    return speeds | {f"frozen_{form}": _form_speedup(stack, x_step, form) for form in FORMS[1:]}
+
+
+def _form_speedup(stack: torch.nn.Sequential, x: torch.Tensor, form: str) -> float | None:
+    """fp32 time / `form`'s time of the decode step with every weight in `form`, the best of five each, interleaved;
+    None where this machine has no kernel for it (int8 off the CPU)."""
+    try:
+        forwards = [frozen_linear(layer, form) for layer in stack]
+        _no_grad(lambda h: _chain(forwards, h), x)
+    except (RuntimeError, NotImplementedError):
+        return None
+    def timed(layers) -> float:
+        t = time.perf_counter()
+        _no_grad(lambda h: _chain(layers, h), x)
+        if x.device.type in ("cuda", "mps"):
+            getattr(torch, x.device.type).synchronize()
+        return time.perf_counter() - t
+    fp32, cheap = [], []
+    for _ in range(5):
+        fp32.append(timed(list(stack)))
+        cheap.append(timed(forwards))
+    return round(min(fp32) / min(cheap), 3)
+
+
+# ---------------------------------------------------------------------------- frozen weights in a cheaper form
+
+
+class _Int8Linear(torch.autograd.Function):
+    """y = x W^T + b by the dynamic int8 kernel (activations quantised per call); the gradient to x is the fp32
+    weight's, straight through the rounding, so a frozen int8 layer can sit below trainable ones."""
+
+    @staticmethod
+    def forward(ctx, x, weight, packed, reduce_range):
+        ctx.save_for_backward(weight)
+        return torch.ops.quantized.linear_dynamic(x.float(), packed, reduce_range).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None, None
+
+
+def frozen_linear(linear: torch.nn.Linear, form: str):
+    """A forward for a linear layer that does not train while it is used, with its weights in `form`: fp32 (its own),
+    bf16 (a bf16 copy; the input cast to bf16 and the output back, or kept bf16 under autocast, which then computes
+    exactly what autocast's own cast of the weight at every call would), or int8 (per-output-channel weights and per-call activations,
+    fbgemm's or oneDNN's dynamic kernel; CPU only). The layer's own fp32 weights are left as they are: they are
+    what a checkpoint saves."""
+    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    if form == "fp32":
+        return linear.forward
+    if form == "bf16":
+        w16, b16 = weight.bfloat16(), None if bias is None else bias.bfloat16()
+
+        def bf16(x: torch.Tensor) -> torch.Tensor:  # under bf16 autocast: autocast's own arithmetic, bf16 out
+            y = torch.nn.functional.linear(x.bfloat16(), w16, b16)
+            return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return bf16
+    if form != "int8":
+        raise ConfigError(f"unknown form {form!r} for frozen weights; use one of {', '.join(FORMS)}")
+    if weight.device.type != "cpu":
+        raise NotImplementedError("int8 frozen weights run on the CPU only")
+    scale = (weight.float().abs().amax(1).clamp(min=1e-8) / 127).double()  # (out,) per output channel
+    with warnings.catch_warnings():  # torch marks its quantised tensors deprecated (torchao's successor)
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(weight.float(), scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float())
+    reduce_range = torch.backends.quantized.engine in ("fbgemm", "x86")  # 7-bit activations: no overflow on AVX2
+    return lambda x: _Int8Linear.apply(x, weight, packed, reduce_range)
+
+
+def _chain(layers, x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
 
 
 def _no_grad(module, x) -> None:

@@ -3,7 +3,6 @@ KV-cached sampling, a shared frozen trunk, and prompts read once per group."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +11,8 @@ import torch.nn as nn
 from minirlhf import ModelError, sharding
 from minirlhf.checkpoint import atomic_dir, save_json, save_weights
 from minirlhf.data.dialogue import to_messages
-from minirlhf.models.kv_cache import sampling_cache
+from minirlhf.models.frozen_form import cast_once, choose_form
+from minirlhf.models.kv_cache import KVState, sampling_cache
 from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
 from minirlhf.models.lstm import Generators, draw, filter_logits
 from minirlhf.models.policy import Rollout, distinct_rows, left_pad, make_value_head, teacher_forcing
@@ -25,23 +25,6 @@ from minirlhf.precision import keep_fp32
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids (B, L) counted over real tokens only, so left padding shifts nothing."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@dataclass
-class KVState:
-    """A batch of conversations' KV cache, kept between the turns of an episode: the attention mask over every
-    cached column (B, L) and the real tokens each row has in it (B,). Rows go with `keep`."""
-
-    cache: object = None
-    mask: torch.Tensor | None = None
-    counts: torch.Tensor | None = None
-
-    def keep(self, rows: list[int]) -> None:
-        """Only these rows (of the current ones) go on, in this order."""
-        if self.cache is not None:
-            index = torch.tensor(rows, device=self.mask.device)
-            self.cache.reorder_cache(index)
-            self.mask, self.counts = self.mask[index], self.counts[index]
 
 
 class CausalLMPolicy(nn.Module):
@@ -89,6 +72,8 @@ class CausalLMPolicy(nn.Module):
         if lora_rank > 0:  # peft wraps the model but adapts the same block modules, so the trunk stays valid
             self.model = with_lora(model, self.trunk.blocks, lora_rank, lora_alpha, freeze_layers)
         self.lora = hasattr(self.model, "peft_config")
+        self.form, self.form_why = "fp32", ""  # the frozen layers' form (use_frozen_form)
+        self.cast_once = True  # bf16 runs: sample from bf16 copies of the trainable weights made once per call
 
     def _untie_head(self) -> None:
         """Give the LM head weights of its own, a copy of the input embeddings it was tied to, and train them; the
@@ -101,6 +86,17 @@ class CausalLMPolicy(nn.Module):
     def frozen_modules(self) -> list[nn.Module]:
         """The input embeddings and the lowest `freeze_layers` blocks: never trained, so shared by every copy."""
         return self.trunk.frozen_modules(self.freeze_layers) if self.trunk is not None else []
+
+    def frozen_linears(self) -> list[nn.Linear]:
+        """The linear layers that never train: the frozen blocks' and a frozen LM head (tied to frozen embeddings)."""
+        linears = [m for module in self.frozen_modules() for m in module.modules() if isinstance(m, nn.Linear)]
+        return linears + ([self.head] if not self.head.weight.requires_grad else [])
+
+    def use_frozen_form(self, requested: str) -> str:
+        """Run the frozen linear layers in `requested` form, or the measured winner (models/frozen_form.py); the
+        form taken. Once, on the device the policy runs on, before copies (the reference) are made."""
+        self.form, self.form_why = choose_form(self.model, self.tokenizer, self.frozen_linears(), requested)
+        return self.form
 
     @classmethod
     def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
@@ -150,7 +146,7 @@ class CausalLMPolicy(nn.Module):
         other = CausalLMPolicy(copy_sharing(self.model, self.frozen_modules()), self.tokenizer, value_head=value_head,
                                chat_template=self.chat, freeze_layers=self.freeze_layers,
                                gradient_checkpointing=self.checkpointing, train_head=self.train_head)
-        other.split = self.split
+        other.split, other.form, other.form_why = self.split, self.form, self.form_why  # the frozen layers: shared
         return other
 
     def frozen_copy(self) -> nn.Module:
@@ -248,8 +244,14 @@ class CausalLMPolicy(nn.Module):
         prompts' token ids where the caller holds them (an episode's conversation so far, never re-tokenised);
         `state`: the KV cache of an earlier turn of the same conversations, kept across turns, so only the tokens
         it lacks are read (an episode's next user turn), not the whole conversation again."""
-        with keep_fp32("decode"):  # bf16 runs: fp32 where this machine decodes faster in fp32 (the probe's)
+        device = next(self.parameters()).device
+        with keep_fp32("decode"), cast_once(self._trainable_linears() if self.cast_once else [], device):
+            # bf16 runs: fp32 where this machine decodes faster in fp32 (the probe's), else bf16 weights cast once
             return self._sample(prompts, max_new_tokens, generator, (temperature, top_k, top_p), ids, state)
+
+    def _trainable_linears(self) -> list[nn.Linear]:
+        frozen = {id(m) for m in self.frozen_linears()}
+        return [m for m in self.model.modules() if isinstance(m, nn.Linear) and id(m) not in frozen]
 
     def _sample(self, prompts, max_new_tokens, generator, sampling, ids, state) -> Rollout:
         device = next(self.parameters()).device

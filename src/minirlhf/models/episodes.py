@@ -19,7 +19,7 @@ import torch
 
 from minirlhf import ModelError
 from minirlhf.data.dialogue import from_messages
-from minirlhf.models.causal_lm import KVState
+from minirlhf.models.kv_cache import KVState
 from minirlhf.models.policy import Rollout, left_pad, right_pad
 
 

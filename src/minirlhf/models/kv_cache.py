@@ -13,6 +13,7 @@ an earlier pass's saved view shares, so with grad enabled the layer concatenates
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -84,3 +85,20 @@ def sampling_cache(config):
     cache = DynamicCache(config=config)
     cache.layers = [_block_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+@dataclass
+class KVState:
+    """A batch of conversations' KV cache, kept between the turns of an episode: the attention mask over every
+    cached column (B, L) and the real tokens each row has in it (B,). Rows go with `keep`."""
+
+    cache: object = None
+    mask: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows (of the current ones) go on, in this order."""
+        if self.cache is not None:
+            index = torch.tensor(rows, device=self.mask.device)
+            self.cache.reorder_cache(index)
+            self.mask, self.counts = self.mask[index], self.counts[index]

@@ -23,7 +23,7 @@ from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
 from minirlhf.envs.base import env_prompts
-from minirlhf.models.load import load_policy, load_reference
+from minirlhf.models.load import load_policy, load_reference, record_form
 from minirlhf.models.policy import Rollout, distinct_rows
 from minirlhf.models import rewards
 from minirlhf.models.rewards import Reward, RunningMoments
@@ -230,6 +230,7 @@ class RLJob(PolicyJob):
         ref = load_reference(cfg.ref_policy, device, **cfg.policy_options.as_kwargs()) if cfg.ref_policy \
             else policy.frozen_copy()
         self.models = Models(policy, ref, value_model)
+        record_form(policy, cfg.policy_options, run.say)
         if cfg.train.lr is None:  # recorded in config.yaml, which is written after this
             cfg.train.lr = default_lr(policy.kind, algo)
         self.guards = Guards(cfg.guards, cfg.kl_target, algo.group_size(cfg))
