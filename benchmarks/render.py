@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks import gold_plot, multiturn_table
+from benchmarks import gold_plot, multiturn_table, sentiment_table
 from benchmarks.common import RESULTS, ROOT
 
 from minirlhf.report import table
@@ -189,6 +189,10 @@ BLOCKS = {
     "gold_tables": lambda folder, name: gold_plot.tables(result(name, folder), f"benchmarks/results/{name}.json"),
     "machines": machines,
     "model_size_table": model_size_table,
+    "trl_systems_table": lambda folder: sentiment_table.systems_table(result("sentiment_rlhf", folder)),
+    "trl_sampler_table": lambda folder: sentiment_table.sampler_table(result("sentiment_rlhf", folder)),
+    "trl_precision": lambda folder: sentiment_table.precision_text(result("sentiment_rlhf", folder)),
+    "trl_bars": lambda folder: sentiment_table.bars_text(result("sentiment_rlhf", folder)),
 }
 """block name -> function(results folder, *its arguments) -> markdown"""
 

@@ -115,12 +115,15 @@ def test_two_reward_model_processes_step_as_one_under_the_strict_mode(tmp_path):
     assert json.loads((tmp_path / "two" / "results.json").read_text())["train_pairs"] == 16
 
 
-AVX2 = {"mlp": 0.03, "lstm": None, "decode": 0.02}  # an AVX2-only CPU: bf16 matmuls ~30x slower, no bf16 LSTM kernel
-AVX512_BF16 = {"mlp": 2.0, "lstm": None, "decode": 0.8}  # bf16 twice as fast, decoding slower (the weights' casts)
+AVX2 = {"mlp": 0.03, "lstm": None, "decode": 0.02, "frozen_bf16": 0.03, "frozen_int8": 1.5}  # an AVX2-only CPU:
+# bf16 matmuls ~30x slower, no bf16 LSTM kernel
+AVX512_BF16 = {"mlp": 2.0, "lstm": None, "decode": 0.8, "frozen_bf16": 0.9, "frozen_int8": 4.0}  # bf16 twice as fast,
+# decoding slower (a CPU whose few-row bf16 matmuls lose)
 
 
 @pytest.mark.parametrize("forced, auto", [(AVX2, "fp32"), (AVX512_BF16, "bf16"),
-                                          ({"mlp": 1.1, "lstm": 1.0, "decode": 1.0}, "fp32")])
+                                          ({"mlp": 1.1, "lstm": 1.0, "decode": 1.0, "frozen_bf16": 1.0,
+                                            "frozen_int8": 1.0}, "fp32")])
 def test_auto_takes_bf16_only_where_the_probe_measured_it_faster(forced, auto, monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("MINIRLHF_DTYPE_PROBE", json.dumps(forced))
@@ -129,7 +132,8 @@ def test_auto_takes_bf16_only_where_the_probe_measured_it_faster(forced, auto, m
         assert chosen.name == auto and (chosen.dtype is None) == (auto == "fp32"), chosen
         assert chosen.why.startswith("auto: bf16 ran the probe")
         asked = set_precision(cpu, "bf16")  # as asked, its missing or slower ops in fp32
-        slow = {op for op, v in forced.items() if op != "mlp" and (v is None or v < 1.0)}
+        timing = {"lstm": forced["lstm"], "decode": forced["frozen_bf16"]}  # sampling: weights cast once a call
+        slow = {op for op, v in timing.items() if v is None or v < 1.0}
         assert asked.dtype == torch.bfloat16 and asked.fp32_ops == slow
         assert ("--dtype auto would take " + auto) in asked.why
         with asked.autocast():
@@ -259,13 +263,14 @@ def test_one_autocast_context_over_many_steps_uses_each_step_s_weights():
 
 @pytest.mark.parametrize("decode", [0.5, 2.0])
 def test_sampling_runs_in_fp32_inside_a_bf16_run_where_the_probe_found_decoding_slower(decode, monkeypatch):
-    """A decode step casts every weight to bf16 at every call, which a CPU can spend more on than bf16 saves: where
-    the probe measured that, a bf16 run samples in fp32 (the same tokens and log-probs as an fp32 run), else in bf16."""
+    """A decode step on bf16 weights (cast once a sampling call) can run slower than fp32 on a CPU: where the probe
+    measured that, a bf16 run samples in fp32 (the same tokens and log-probs as an fp32 run), else in bf16."""
     from minirlhf.models.load import load_policy
 
     cpu = torch.device("cpu")
     policy = load_policy("smollm2", cpu, value_head=False)
-    monkeypatch.setenv("MINIRLHF_DTYPE_PROBE", json.dumps({"mlp": 2.0, "lstm": 1.0, "decode": decode}))
+    monkeypatch.setenv("MINIRLHF_DTYPE_PROBE", json.dumps({"mlp": 2.0, "lstm": 1.0, "decode": 1.0, "frozen_bf16": decode,
+                                                           "frozen_int8": 1.0}))
     try:
         runs = {}
         for name in ("fp32", "bf16"):

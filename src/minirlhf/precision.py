@@ -3,9 +3,11 @@
 The same bf16 matmul runs about twice as fast as fp32 on a CPU with AVX-512 BF16 and a hundred times slower on one
 with AVX2 only, where oneDNN has no bf16 LSTM at all. So `auto` runs a short probe on this machine: a transformer
 MLP's forward and backward, an LSTM's, and a decode step's matmuls (a few rows against many weights, without
-gradients, where autocast's cast of every weight at every call costs more than the bf16 arithmetic saves), in fp32
-and under bf16 autocast. bf16 is taken where the MLP ran at least BF16_MARGIN times faster; inside a bf16 run an op
-the probe found missing or slower in bf16 (the LSTM; sampling, on a CPU) runs in fp32 (`keep_fp32`). The result is cached per machine (CPU model and flags, torch version, device, oneDNN/ATen limits) in
+gradients) in fp32 and under bf16 autocast; and the decode step again with its weights kept in bf16 and in int8
+(`frozen_linear`: the forms of frozen layers, and how sampling in a bf16 run holds its weights, cast once a call).
+bf16 is taken where the MLP ran at least BF16_MARGIN times faster; inside a bf16 run an op the probe found missing
+or slower in bf16 (the LSTM where it has no kernel; sampling where bf16 weights decode slower) runs in fp32
+(`keep_fp32`). The result is cached per machine (CPU model and flags, torch version, device, oneDNN/ATen limits) in
 cache_root()/precision.json, so only a machine's first run pays the second or so it takes.
 
 Weights and optimizer state stay fp32 whatever the setting; fp16 adds gradient scaling and needs a GPU.
@@ -97,7 +99,9 @@ def set_precision(device: torch.device, name: str = "auto", agree=None) -> Preci
     else:
         why = f"--dtype {name}" + (f" (bf16 ran the probe {_ratio(speedup)} here; --dtype auto would take "
                                    f"{'bf16' if (speedup or 0) >= BF16_MARGIN else 'fp32'})" if probe else "")
-    slow = frozenset(op for op in ("lstm", "decode") if name == "bf16" and (probe.get(op) or 0) < 1.0)
+    # sampling casts its weights to bf16 once a call (models/frozen_form.cast_once): the frozen_bf16 timing is its own
+    timing = {"lstm": probe.get("lstm"), "decode": probe.get("frozen_bf16")}
+    slow = frozenset(op for op, x in timing.items() if name == "bf16" and (x or 0) < 1.0)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     _precision = Precision(name, device.type, dtype, fp32_ops=slow, why=why)
     return _precision
