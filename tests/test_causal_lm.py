@@ -80,6 +80,7 @@ def test_two_steps_on_smollm2_train_only_the_unfrozen_layers(cls, lora, tiny_cla
     run = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["policy/loss"]) for r in rows)
+    assert "frozen_form: fp32" in (run / "config.yaml").read_text()  # auto, resolved (the suite pins the probe)
     start = load_policy("smollm2", "cpu", value_head=False).model.state_dict()
     if lora:  # adapters only; peft loads them onto the base model
         assert (run / "checkpoint" / "policy" / "adapter_config.json").is_file()
