@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from minirlhf.models.frozen_form import apply_form, choose_form
+from minirlhf.models.causal_lm import _positions
+from minirlhf.models.frozen_form import apply_form, choose_form, kl_rows
 from minirlhf.models.load import load_policy
 from minirlhf.precision import FORMS, set_precision
 
@@ -17,10 +18,8 @@ from minirlhf.precision import FORMS, set_precision
 def response_logprobs(policy, rollout) -> torch.Tensor:
     """Next-token log-probs (B, T, V) at the response positions, in one plain pass of the model over prompt + response
     (position ids counted over real tokens, as sampling counts them)."""
-    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)  # (B, P+T)
-    mask = torch.cat([rollout.prompt_mask, rollout.response_mask.long()], 1)  # (B, P+T)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # (B, P+T, V)
+    ids, mask = policy._sequence(rollout)  # (B, P+T) each, as the policy's own training pass lays them out
+    logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits  # (B, P+T, V)
     P = rollout.prompt_ids.size(1)
     return logits[:, P - 1: -1].float().log_softmax(-1)  # (B, T, V)
 
@@ -63,7 +62,7 @@ def compare_forms(prompts: list[str], freeze_layers: int = 15, group: int = 4, r
             cheap = response_logprobs(policy, rollouts[name])
         apply_form(linears, "fp32")
         exact = response_logprobs(policy, rollouts[name])
-        kl = (exact.exp() * (exact - cheap)).sum(-1)[rollouts[name].response_mask.bool()]
+        kl = kl_rows(exact, cheap)[rollouts[name].response_mask.bool()]  # (N,) over the sampled tokens
         out[name] = {"responses_per_s": round(rows / min(seconds[name][1:]), 3),
                      "seconds": [round(x, 3) for x in seconds[name][1:]], "kl_per_token": round(float(kl.mean()), 6),
                      "kl_per_token_max": round(float(kl.max()), 5)}

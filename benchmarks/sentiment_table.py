@@ -70,7 +70,7 @@ def precision_text(r: dict) -> str:
     measured speeds."""
     lines = []
     for system, runs in r["systems"].items():
-        said = runs[0].get("precision", "") if isinstance(runs, list) and runs and "sample_seconds_per_step" in runs[0] else ""
+        said = runs[0].get("precision", "") if system.startswith("minirlhf") and isinstance(runs, list) and runs else ""
         if said:
             lines.append(f"- {name(system)}: {said}.")
     trl = r["trl_precision"]

@@ -201,16 +201,10 @@ def _form_speedup(stack: torch.nn.Sequential, x: torch.Tensor, form: str) -> flo
         _no_grad(lambda h: _chain(forwards, h), x)
     except (RuntimeError, NotImplementedError):
         return None
-    def timed(layers) -> float:
-        t = time.perf_counter()
-        _no_grad(lambda h: _chain(layers, h), x)
-        if x.device.type in ("cuda", "mps"):
-            getattr(torch, x.device.type).synchronize()
-        return time.perf_counter() - t
     fp32, cheap = [], []
     for _ in range(5):
-        fp32.append(timed(list(stack)))
-        cheap.append(timed(forwards))
+        fp32.append(_seconds(lambda: _no_grad(lambda h: _chain(stack, h), x), x.device))
+        cheap.append(_seconds(lambda: _no_grad(lambda h: _chain(forwards, h), x), x.device))
     return round(min(fp32) / min(cheap), 3)
 
 
@@ -273,17 +267,22 @@ def _no_grad(module, x) -> None:
             module(x)
 
 
+def _seconds(fn, device: torch.device) -> float:
+    """Wall seconds of one call of `fn`, its kernels finished (an accelerator returns before they are)."""
+    t = time.perf_counter()
+    fn()
+    if device.type in ("cuda", "mps"):
+        getattr(torch, device.type).synchronize()
+    return time.perf_counter() - t
+
+
 def _speedup(fn, device: torch.device) -> float | None:
     """fp32 time / bf16 time of `fn`, the best of five each, interleaved, after warm-up passes; None when bf16 fails.
     A first bf16 pass over 4x slower than fp32's ends it at once (on an AVX2 CPU a bf16 pass takes half a second)."""
     def timed(dtype) -> float:
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
                             cache_enabled=False):
-            t = time.perf_counter()
-            fn()
-            if device.type in ("cuda", "mps"):  # an accelerator returns before its kernels finish
-                getattr(torch, device.type).synchronize()
-            return time.perf_counter() - t
+            return _seconds(fn, device)
     first = timed(None)
     try:
         slow = timed(torch.bfloat16) > 4 * first

@@ -247,14 +247,13 @@ class CausalLMPolicy(nn.Module):
         device = next(self.parameters()).device
         with keep_fp32("decode"), cast_once(self._trainable_linears() if self.cast_once else [], device):
             # bf16 runs: fp32 where this machine decodes faster in fp32 (the probe's), else bf16 weights cast once
-            return self._sample(prompts, max_new_tokens, generator, (temperature, top_k, top_p), ids, state)
+            return self._sample(prompts, max_new_tokens, generator, (temperature, top_k, top_p), ids, state, device)
 
     def _trainable_linears(self) -> list[nn.Linear]:
         frozen = {id(m) for m in self.frozen_linears()}
         return [m for m in self.model.modules() if isinstance(m, nn.Linear) and id(m) not in frozen]
 
-    def _sample(self, prompts, max_new_tokens, generator, sampling, ids, state) -> Rollout:
-        device = next(self.parameters()).device
+    def _sample(self, prompts, max_new_tokens, generator, sampling, ids, state, device) -> Rollout:
         seqs = ids if ids is not None else [self.encode(p) for p in prompts]
         prompt_ids, prompt_mask = (t.to(device) for t in left_pad(seqs, self.pad_id))
         if state is not None and state.cache is not None:

@@ -48,9 +48,14 @@ def check_logprobs(model, tokenizer) -> torch.Tensor:
     return model(input_ids=ids).logits[0].float().log_softmax(-1)
 
 
+def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) in nats at each position, for log-probs (..., V) -> (...)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
 def kl_per_token(logp: torch.Tensor, logq: torch.Tensor) -> float:
     """Mean over positions of KL(p || q) in nats, for log-probs (T, V)."""
-    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+    return float(kl_rows(logp, logq).mean())
 
 
 def candidates(requested: str, device: torch.device) -> tuple[list[str], str]:
