@@ -136,7 +136,8 @@ def write_prompts(work: Path) -> tuple[Path, Path]:
 
 
 def mode_args(mode: str, c: dict) -> list[str]:
-    return {"full": [], "trunk": [f"--policy_options.freeze_layers={c['freeze_layers']}"],
+    return {"full": ["--policy_options.freeze_layers=0"],  # RL's default freezes a third
+            "trunk": [f"--policy_options.freeze_layers={c['freeze_layers']}"],
             "lora": [f"--policy_options.lora_rank={LORA_RANK}"]}[mode]
 
 

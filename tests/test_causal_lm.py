@@ -135,6 +135,29 @@ def test_models_whose_logits_are_not_the_head_of_the_trunk_are_refused(smol, tmp
         load_policy(str(tmp_path / "capped"), "cpu")
 
 
+def test_rl_freezes_a_third_of_the_blocks_by_default_and_records_it_lora_and_dpo_none(tiny_classifier, tmp_path,
+                                                                                      capsys):
+    import yaml
+
+    from minirlhf.models.load import PolicyOptions, record_frozen
+
+    cfg = load_config(GRPOConfig, overrides=[
+        "--policy=smollm2", f"--reward.classifier={tiny_classifier}", f"--out={tmp_path / 'run'}", "--device=cpu",
+        "--steps=1", "--batch_size=2", "--group_size=2", "--minibatch_size=2", "--response_len=4",
+        "--prompts.max_eval=2", "--data.max_train=50", "--data.max_eval=20"])
+    assert cfg.policy_options.freeze_layers is None
+    run = train(cfg)
+    saved = yaml.safe_load((run / "config.yaml").read_text())["policy_options"]
+    assert saved["freeze_layers"] == 10  # round(30 / 3): a resumed run sets up the same policy
+    assert "frozen: the embeddings and 10 of 30 blocks, this stage's default" in capsys.readouterr().out
+    lora = load_policy("smollm2", "cpu", value_head=False, frozen_fraction=1 / 3, freeze_layers=None, lora_rank=4)
+    assert lora.freeze_layers == 0 and lora.lora  # LoRA adapts every block unless told otherwise
+    options = PolicyOptions()  # DPO and SFT: no share of the blocks
+    dpo = load_policy("smollm2", "cpu", value_head=False, **options.as_kwargs())
+    record_frozen(dpo, options, print)
+    assert dpo.freeze_layers == 0 and options.freeze_layers == 0 and not dpo.frozen_linears()
+
+
 def test_frozen_blocks_are_shared_with_the_reference_and_run_once_per_rollout():
     from minirlhf.runtime import memory_report
 

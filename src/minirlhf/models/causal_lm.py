@@ -99,18 +99,21 @@ class CausalLMPolicy(nn.Module):
         return self.form
 
     @classmethod
-    def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int = 0,
+    def load(cls, name: str, value_head: bool = True, chat_template: bool = True, freeze_layers: int | None = 0,
              lora_rank: int = 0, lora_alpha: float = 16.0, keep_adapters: bool = False,
-             gradient_checkpointing: bool = False, train_head: bool = False):
+             gradient_checkpointing: bool = False, train_head: bool = False, frozen_fraction: float = 0.0):
         """From a hub name, a model folder, or a folder of LoRA adapters (a LoRA run's policy). Adapters are
         merged into the weights (the policy a new run starts from, and its reference, is the adapted model)
-        unless `keep_adapters` (resuming the run that trains them)."""
+        unless `keep_adapters` (resuming the run that trains them). `freeze_layers` None: `frozen_fraction` of the
+        blocks, rounded (none under LoRA)."""
         adapters = Path(name) / "adapter_config.json"
         if adapters.is_file():
             model, tokenizer = load_adapters(Path(name), keep_adapters)
             lora_rank = 0 if keep_adapters else lora_rank
         else:
             model, tokenizer = load_causal_lm(name)
+        if freeze_layers is None:
+            freeze_layers = 0 if lora_rank else round(frozen_fraction * model.config.num_hidden_layers)
         policy = cls(model, tokenizer, value_head, chat_template, freeze_layers, lora_rank, lora_alpha,
                      gradient_checkpointing, train_head)
         policy._check_logits()

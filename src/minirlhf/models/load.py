@@ -25,9 +25,11 @@ class PolicyOptions:
     chat_template: bool | None = None
     """put each prompt to an instruct model as a user turn of its chat template (causal LMs that have one); None: as
     the starting policy was trained (its policy.json), on for a model folder or name"""
-    freeze_layers: int = setting(0, ge=0)
+    freeze_layers: int | None = setting(None, ge=0)
     """freeze the embeddings (and a tied LM head) and this many lowest transformer layers (causal LMs); the
-    reference and a separate critic share them, and their output is computed once per rollout"""
+    reference and a separate critic share them, and their output is computed once per rollout. None: the stage's
+    default, recorded in the run's config: RL freezes the lowest third of the blocks (the sweep's winner,
+    docs/scaling.md) unless LoRA trains the model; DPO and SFT freeze none"""
     lora_rank: int = setting(0, ge=0)
     """train LoRA adapters of this rank (peft) instead of the weights; the reference is the model with its
     adapters off, so no second copy (causal LMs; 0: off)"""
@@ -81,8 +83,9 @@ def load_policy(spec: str, device, value_head: bool = True, **lm_options):
     """A policy from a generator, RL or DPO run (its last checkpoint), a policy or causal LM folder, or a model name
     (`smollm2` for the offline SmolLM2-135M-Instruct). `lm_options` go to CausalLMPolicy; a chat_template left None
     is the saved policy's own, so a policy trained without its template is read back without it; `frozen_form` (fp32
-    unless given) is the form of its frozen layers (`CausalLMPolicy.use_frozen_form`)."""
-    form = lm_options.pop("frozen_form", "fp32")
+    unless given) is the form of its frozen layers (`CausalLMPolicy.use_frozen_form`); `freeze_layers` None freezes
+    `frozen_fraction` of a causal LM's blocks (none under LoRA)."""
+    form, fraction = lm_options.pop("frozen_form", "fp32"), lm_options.pop("frozen_fraction", 0.0)
     folder = policy_folder(spec)
     saved = saved_options(folder)
     if saved["kind"] == "lstm":
@@ -90,7 +93,8 @@ def load_policy(spec: str, device, value_head: bool = True, **lm_options):
     else:
         if lm_options.get("chat_template") is None:
             lm_options["chat_template"] = saved["chat_template"]
-        policy = CausalLMPolicy.load(str(folder) if folder is not None else spec, value_head=value_head, **lm_options)
+        policy = CausalLMPolicy.load(str(folder) if folder is not None else spec, value_head=value_head,
+                                     frozen_fraction=fraction, **lm_options)
     if folder is not None:
         load_value_head(policy, folder)
     policy = policy.to(device).eval()
@@ -99,10 +103,17 @@ def load_policy(spec: str, device, value_head: bool = True, **lm_options):
     return policy
 
 
-def record_form(policy, options: PolicyOptions, say) -> None:
-    """The form a causal-LM policy's frozen layers took, said once and written into the run's config in place of
-    `auto` (config.yaml is written after setup), so a resumed run takes the same form."""
-    if isinstance(policy, CausalLMPolicy) and policy.frozen_linears():
+def record_frozen(policy, options: PolicyOptions, say) -> None:
+    """How many blocks a causal-LM policy froze and the form its frozen layers took, said once and written into the
+    run's config in place of the defaults (config.yaml is written after setup), so a resumed run, and a reference
+    loaded after this, set up the same policy."""
+    if not isinstance(policy, CausalLMPolicy):
+        return
+    if options.freeze_layers is None:
+        n, options.freeze_layers = policy.model.config.num_hidden_layers, policy.freeze_layers
+        frozen = f"the embeddings and {policy.freeze_layers}" if policy.freeze_layers else "none"
+        say(f"frozen: {frozen} of {n} blocks, this stage's default (--policy_options.freeze_layers sets it)")
+    if policy.frozen_linears():
         options.frozen_form = policy.form
         say(f"frozen layers in {policy.form} ({policy.form_why})")
 

@@ -37,6 +37,12 @@ left its reference by 27 nats in 6 GRPO steps (SmolLM2), and 3e-5 is what the Sm
 (benchmarks/sentiment_rlhf.py), for every algorithm."""
 
 
+FROZEN_FRACTION = 1 / 3
+"""The share of a causal LM's blocks (the lowest, with the embeddings) an RL run freezes when its config sets no
+`policy_options.freeze_layers`: in the sweep of benchmarks/sentiment_rlhf.py (SmolLM2, GRPO, 2 seeds; 0, 5, 10, 15 of
+30 blocks) 10 reached the target soonest by its slower seed; none was the slowest (docs/scaling.md)."""
+
+
 def default_lr(kind: str, algo: Algorithm) -> float:
     """The learning rate of an RL run that sets none: the algorithm's own for this policy kind, else its kind's."""
     return DEFAULT_LR.get((kind, algo.name), DEFAULT_LR[kind, algo.grouped])

@@ -28,7 +28,7 @@ from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.report import md_cell, plot_links, section, table, write_report
 from minirlhf.config import MicroBatchOptimConfig, PreferenceDataConfig, TrainingRunConfig, setting
 from minirlhf.data.preferences import Pair, length_baseline, load_split
-from minirlhf.models.load import PolicyOptions, load_policy, load_reference, record_form
+from minirlhf.models.load import PolicyOptions, load_policy, load_reference, record_frozen
 from minirlhf.stages.policy_job import PolicyJob
 from minirlhf.models.policy import Rollout
 from minirlhf.training import EpochPlan, backward, clipped_step, make_optimizer, progress, shuffled_batches
@@ -256,7 +256,7 @@ class DPOJob(PolicyJob):
         self.policy = load_policy(cfg.policy, run.device, value_head=False, **cfg.policy_options.as_kwargs())
         self.ref = load_reference(cfg.ref_policy, run.device, **cfg.policy_options.as_kwargs()) if cfg.ref_policy \
             else self.policy.frozen_copy()
-        record_form(self.policy, cfg.policy_options, run.say)
+        record_frozen(self.policy, cfg.policy_options, run.say)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the policy has no trainable parameters; lower policy_options.freeze_layers")

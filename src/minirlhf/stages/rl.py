@@ -23,14 +23,14 @@ from minirlhf import ConfigError, distributed, runner, sharding
 from minirlhf.checkpoint import atomic_write_text
 from minirlhf.data.prompts import load_prompts
 from minirlhf.envs.base import env_prompts
-from minirlhf.models.load import load_policy, load_reference, record_form
+from minirlhf.models.load import load_policy, load_reference, record_frozen
 from minirlhf.models.policy import Rollout, distinct_rows
 from minirlhf.models import rewards
 from minirlhf.models.rewards import Reward, RunningMoments
 from minirlhf.ops import masked_mean
 from minirlhf.rl import registry
-from minirlhf.rl.core import (AdaptiveKLController, Algorithm, Batch, RLConfig, default_lr, explained_variance,
-                              kl_terms, policy_loss, value_loss)
+from minirlhf.rl.core import (FROZEN_FRACTION, AdaptiveKLController, Algorithm, Batch, RLConfig, default_lr,
+                              explained_variance, kl_terms, policy_loss, value_loss)
 from minirlhf.rl.guards import Guards
 from minirlhf.rundir import RunDir
 from minirlhf.stages import rl_episodes
@@ -225,12 +225,12 @@ class RLJob(PolicyJob):
         cfg, algo, device = self.cfg, self.algo, run.device
         check(cfg, algo, cfg.batch_size)
         policy = load_policy(cfg.policy, device, value_head=algo.critic and cfg.critic == "head",
-                             **cfg.policy_options.as_kwargs())
+                             frozen_fraction=FROZEN_FRACTION, **cfg.policy_options.as_kwargs())
+        record_frozen(policy, cfg.policy_options, run.say)  # before the reference, which takes the same blocks
         value_model = policy.critic_copy() if algo.critic and cfg.critic == "separate" else None
         ref = load_reference(cfg.ref_policy, device, **cfg.policy_options.as_kwargs()) if cfg.ref_policy \
             else policy.frozen_copy()
         self.models = Models(policy, ref, value_model)
-        record_form(policy, cfg.policy_options, run.say)
         if cfg.train.lr is None:  # recorded in config.yaml, which is written after this
             cfg.train.lr = default_lr(policy.kind, algo)
         self.guards = Guards(cfg.guards, cfg.kl_target, algo.group_size(cfg))

@@ -20,7 +20,7 @@ from minirlhf import ConfigError, runner
 from minirlhf.report import before_after, md_cell, plot_links, section, table, write_report
 from minirlhf.config import MicroBatchOptimConfig, SplitConfig, TrainingRunConfig, setting
 from minirlhf.data.sft import Example, read_examples, split_examples
-from minirlhf.models.load import PolicyOptions, load_policy, record_form
+from minirlhf.models.load import PolicyOptions, load_policy, record_frozen
 from minirlhf.stages.policy_job import PolicyJob
 from minirlhf.training import EpochPlan, backward, clipped_step, make_optimizer, shuffled_batches
 
@@ -89,7 +89,7 @@ class SFTJob(PolicyJob):
         cfg, self.run = self.cfg, run
         self.train_set, self.eval_set = load_examples(cfg)
         self.policy = load_policy(cfg.policy, run.device, value_head=False, **cfg.policy_options.as_kwargs())
-        record_form(self.policy, cfg.policy_options, run.say)
+        record_frozen(self.policy, cfg.policy_options, run.say)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the policy has no trainable parameters; lower policy_options.freeze_layers")
