@@ -41,10 +41,11 @@ def test_appends_and_reorders_match_the_dynamic_cache():
 def test_decoding_allocates_once_per_block():
     cache = sampling_cache(CONFIG)
     cache.update(*kv(4, 5, 0), 0)
-    buffers = {cache.layers[0].buffers[0].data_ptr()}
+    buffers = [cache.layers[0].buffers[0]]  # each held, so a freed one's address cannot come back as a "new" one
     for t in range(3 * BLOCK):
         keys, _ = cache.update(*kv(4, 1, t + 1), 0)
-        buffers.add(cache.layers[0].buffers[0].data_ptr())
+        if cache.layers[0].buffers[0] is not buffers[-1]:
+            buffers.append(cache.layers[0].buffers[0])
         assert keys.data_ptr() == cache.layers[0].buffers[0].data_ptr()  # a view, not a copy
     assert len(buffers) == 3  # 5 + 64 columns, then two more blocks
 
