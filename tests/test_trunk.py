@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minirlhf import UserError
-from minirlhf.models.trunk import DecoderTrunk, EncoderTrunk, GPT2Trunk, find_trunk
+from minirlhf.models.trunk import DecoderTrunk, EncoderTrunk, GPT2Trunk, find_trunk, frozen_share
 
 
 def _positions(mask):
@@ -128,3 +128,15 @@ def test_other_families_loop_is_their_forward(name, family, prompts):
 def test_an_unknown_model_is_a_user_error_naming_the_setting():
     with pytest.raises(UserError, match=r"not supported; .*--policy_options.freeze_layers=0"):
         find_trunk(torch.nn.Linear(2, 2), "--policy_options.freeze_layers")
+
+
+def test_the_default_share_of_blocks_to_freeze_is_none_for_a_family_that_cannot_be_split(capsys):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    assert frozen_share(llama, 1 / 3) == 1 and frozen_share(llama, 0.0) == 0  # round(4 / 3)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                            num_attention_heads=2))  # no trunk adapter: a number given is refused
+    assert frozen_share(neox, 1 / 3) == 0
+    assert "GPTNeoXModel cannot be split between its layers; no blocks frozen" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from minirlhf.models.lora import AdaptersOff, load_adapters, with_lora
 from minirlhf.models.lstm import Generators, draw, filter_logits
 from minirlhf.models.policy import Rollout, distinct_rows, left_pad, make_value_head, teacher_forcing
 from minirlhf.models.pretrained import load_causal_lm
-from minirlhf.models.trunk import copy_sharing, find_trunk
+from minirlhf.models.trunk import copy_sharing, find_trunk, frozen_share
 from minirlhf.ops import entropy_from_logits
 from minirlhf.precision import keep_fp32
 
@@ -113,7 +113,7 @@ class CausalLMPolicy(nn.Module):
         else:
             model, tokenizer = load_causal_lm(name)
         if freeze_layers is None:
-            freeze_layers = 0 if lora_rank else round(frozen_fraction * model.config.num_hidden_layers)
+            freeze_layers = 0 if lora_rank else frozen_share(model, frozen_fraction)
         policy = cls(model, tokenizer, value_head, chat_template, freeze_layers, lora_rank, lora_alpha,
                      gradient_checkpointing, train_head)
         policy._check_logits()

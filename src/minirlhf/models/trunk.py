@@ -212,6 +212,19 @@ def find_trunk(model: nn.Module, option: str = "--model.freeze_layers") -> Trunk
     raise ModelError(f"splitting {type(base).__name__} between its layers is not supported; use {SUPPORTED}, or {option}=0")
 
 
+def frozen_share(model: nn.Module, fraction: float) -> int:
+    """`fraction` of the model's blocks, rounded: how many to freeze where a config sets no number; none for a family
+    the trunk cannot split (where a number given is refused)."""
+    n = round(fraction * model.config.num_hidden_layers)
+    if n:
+        try:
+            find_trunk(model)
+        except ModelError:
+            print(f"note: {type(base_model(model)).__name__} cannot be split between its layers; no blocks frozen")
+            return 0
+    return n
+
+
 @torch.no_grad()
 def lower_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
     """Hidden states after the embeddings and the lowest n blocks, (B, T, H); the upper blocks never run."""
