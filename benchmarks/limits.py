@@ -111,7 +111,7 @@ def update_flops(rows: list[dict], cfg: dict, shape: dict) -> float:
     """Model FLOPs of the update (forward 2N + backward 4N per position through the trainable blocks; the LM head
     at response positions, 4N when frozen: its input's gradient only) per second of update."""
     options = cfg.get("policy_options", {})
-    freeze = options.get("freeze_layers", 0)
+    freeze = options.get("freeze_layers") or 0  # null: a run that kept the default for a policy with no blocks
     blocks = sum(n for i, n in shape["block_params"].items() if i >= freeze)
     head_trains = freeze == 0 or options.get("train_head")  # tied, the head is frozen with the embeddings
     flops = seconds = 0.0

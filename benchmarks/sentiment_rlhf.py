@@ -69,9 +69,9 @@ PPO = ["--ppo_epochs=2", "--minibatch_size=8", "--train.lr=3e-5", "--kl_coef=0.1
 GRPO = ["--group_size=4", "--ppo_epochs=1", "--minibatch_size=16", "--train.lr=3e-5", "--kl_coef=0.04"]  # as TRL's run
 FOUR_UPDATES = ["--ppo_epochs=2", "--minibatch_size=8"]  # 2 passes of 2 minibatches per batch, as TRL's 4-update run
 SYSTEMS = {
-    "minirlhf_ppo_full": ["ppo", *PPO],
+    "minirlhf_ppo_full": ["ppo", *PPO, "--policy_options.freeze_layers=0"],  # RL's default freezes a third
     "minirlhf_ppo_shared_trunk": ["ppo", *PPO, "--policy_options.freeze_layers=15"],
-    "minirlhf_grpo": ["grpo", *GRPO],
+    "minirlhf_grpo": ["grpo", *GRPO, "--policy_options.freeze_layers=0"],
     "minirlhf_grpo_shared_trunk": ["grpo", *GRPO, "--policy_options.freeze_layers=15"],
     "minirlhf_grpo_shared_trunk_head_4_updates": ["grpo", *GRPO, *FOUR_UPDATES, "--policy_options.freeze_layers=15",
                                                   "--policy_options.train_head"],
