@@ -85,7 +85,7 @@ def load_policy(spec: str, device, value_head: bool = True, **lm_options):
     is the saved policy's own, so a policy trained without its template is read back without it; `frozen_form` (fp32
     unless given) is the form of its frozen layers (`CausalLMPolicy.use_frozen_form`); `freeze_layers` None freezes
     `frozen_fraction` of a causal LM's blocks (none under LoRA)."""
-    form, fraction = lm_options.pop("frozen_form", "fp32"), lm_options.pop("frozen_fraction", 0.0)
+    form = lm_options.pop("frozen_form", "fp32")
     folder = policy_folder(spec)
     saved = saved_options(folder)
     if saved["kind"] == "lstm":
@@ -93,8 +93,7 @@ def load_policy(spec: str, device, value_head: bool = True, **lm_options):
     else:
         if lm_options.get("chat_template") is None:
             lm_options["chat_template"] = saved["chat_template"]
-        policy = CausalLMPolicy.load(str(folder) if folder is not None else spec, value_head=value_head,
-                                     frozen_fraction=fraction, **lm_options)
+        policy = CausalLMPolicy.load(str(folder) if folder is not None else spec, value_head=value_head, **lm_options)
     if folder is not None:
         load_value_head(policy, folder)
     policy = policy.to(device).eval()
